@@ -1,0 +1,130 @@
+//! The admin listener: health, readiness, metrics, config and reload.
+//!
+//! It gets small handles from the gateway at start-up (the metrics handle, the
+//! config status, a reload handle, the readiness flag) and never imports the
+//! gateway itself. Mutating calls are protected: with `admin.token` set they need
+//! `Authorization: Bearer <token>`; without one they are accepted from loopback
+//! only.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::json;
+
+use crate::body::{self, Body};
+use crate::config::reload::{ConfigStatus, ReloadHandle};
+use crate::listener::{ConnInfo, ConnLimits, Handler};
+use crate::stack::BoxFuture;
+
+/// What the admin API reads and triggers; handed over by the gateway.
+pub struct AdminContext {
+    pub metrics: PrometheusHandle,
+    pub status: Arc<ConfigStatus>,
+    pub reload: ReloadHandle,
+    pub ready: Arc<AtomicBool>,
+}
+
+pub struct Admin {
+    ctx: AdminContext,
+}
+
+impl Admin {
+    pub fn new(ctx: AdminContext) -> Self {
+        Admin { ctx }
+    }
+
+    async fn serve(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
+        let path = req.uri().path().to_string();
+        match (req.method(), path.as_str()) {
+            (&Method::GET, "/healthz") => json_response(StatusCode::OK, json!({"status": "ok"})),
+            (&Method::GET, "/readyz") => self.readyz(),
+            (&Method::GET, "/metrics") => {
+                let mut rsp = Response::new(body::full(self.ctx.metrics.render()));
+                rsp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+                rsp
+            }
+            (&Method::GET, "/api/v1/config") => json_response(StatusCode::OK, json!(self.ctx.status.info())),
+            (&Method::POST, "/api/v1/reload") => {
+                if let Err(rsp) = self.authorize(&req, conn) {
+                    return *rsp;
+                }
+                match self.ctx.reload.reload().await {
+                    Ok(hash) => json_response(StatusCode::OK, json!({"result": "applied", "hash": hash})),
+                    Err(error) => json_response(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        json!({"result": "rejected", "error": error}),
+                    ),
+                }
+            }
+            (_, "/healthz" | "/readyz" | "/metrics" | "/api/v1/config" | "/api/v1/reload") => {
+                json_response(StatusCode::METHOD_NOT_ALLOWED, json!({"error": "method_not_allowed"}))
+            }
+            _ => json_response(StatusCode::NOT_FOUND, json!({"error": "not_found", "path": path})),
+        }
+    }
+
+    fn readyz(&self) -> Response<Body> {
+        let ready = self.ctx.ready.load(Ordering::Relaxed);
+        let degraded: Vec<serde_json::Value> = Vec::new();
+        let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+        json_response(
+            status,
+            json!({"ready": ready, "config": self.ctx.status.info().hash, "degraded": degraded}),
+        )
+    }
+
+    /// The guard of mutating calls. The admin listener is the one place levee
+    /// answers 401: it faces operators, not devices, and a wrong token must say so.
+    fn authorize<B>(&self, req: &Request<B>, conn: ConnInfo) -> Result<(), Box<Response<Body>>> {
+        match self.ctx.status.admin_token() {
+            None if conn.peer.ip().is_loopback() => Ok(()),
+            None => Err(Box::new(json_response(
+                StatusCode::FORBIDDEN,
+                json!({"error": "forbidden", "detail": "admin.token is empty: mutating calls are accepted from loopback only"}),
+            ))),
+            Some(token) => {
+                let given = req
+                    .headers()
+                    .get(AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .unwrap_or("");
+                if constant_time_eq(given.as_bytes(), token.as_bytes()) {
+                    Ok(())
+                } else {
+                    let mut rsp = json_response(
+                        StatusCode::UNAUTHORIZED,
+                        json!({"error": "unauthorized", "detail": "send Authorization: Bearer <admin.token>"}),
+                    );
+                    rsp.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                    Err(Box::new(rsp))
+                }
+            }
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+pub fn json_response(status: StatusCode, value: serde_json::Value) -> Response<Body> {
+    let mut rsp = Response::new(body::full(value.to_string()));
+    *rsp.status_mut() = status;
+    rsp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    rsp
+}
+
+impl Handler for Admin {
+    fn limits(&self) -> ConnLimits {
+        ConnLimits { header_read_timeout: std::time::Duration::from_secs(10), max_header_bytes: 16 * 1024 }
+    }
+
+    fn handle(self: Arc<Self>, req: Request<Incoming>, conn: ConnInfo) -> BoxFuture<Response<Body>> {
+        Box::pin(async move { self.serve(req, conn).await })
+    }
+}

@@ -1,0 +1,190 @@
+//! `levee run | check | --version`: the command line of the contract.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{self, Config};
+use crate::gateway::{Gateway, Listeners};
+
+const DEFAULT_CONFIG: &str = "config/levee.toml";
+
+#[derive(Debug, Parser)]
+#[command(name = "levee", version, about = "A rate-limiting resilience gateway")]
+pub struct Cli {
+    /// The config file (for the default `run`).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve (the default).
+    Run,
+    /// Validate the config, print a summary of listeners, routes and upstreams; exit 0 or 1.
+    Check,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let path = cli.config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Check => check(&path),
+        Command::Run => run(&path),
+    }
+}
+
+fn check(path: &Path) -> ExitCode {
+    match config::load(path) {
+        Ok(config) => {
+            print!("{}", summary(path, &config));
+            println!("ok: {} is valid", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            eprintln!("{} is not valid", path.display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The human summary `levee check` prints.
+pub fn summary(path: &Path, c: &Config) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(s, "config {} (version {})", path.display(), c.hash);
+    let _ = writeln!(s, "listeners:");
+    let _ = writeln!(s, "  http   {}  (HTTP/1.1, h2c)", c.server.listen);
+    if let Some(t) = &c.tls {
+        let _ = writeln!(
+            s,
+            "  https  {}  (HTTP/1.1, h2; {} certificate(s); plain_http = {:?})",
+            t.listen,
+            t.chain.len(),
+            t.plain_http
+        );
+    }
+    let _ = writeln!(
+        s,
+        "  admin  {}  ({})",
+        c.admin.listen,
+        if c.admin.token.is_some() { "token" } else { "loopback-only mutations" }
+    );
+    let _ = writeln!(
+        s,
+        "store: {:?}, max_clients {}, on_failure {:?}",
+        c.store.kind, c.store.max_clients, c.store.on_failure
+    );
+    let _ = writeln!(s, "upstreams:");
+    for u in &c.upstreams {
+        let eps: Vec<String> = u.endpoints.iter().map(|e| e.authority.to_string()).collect();
+        let _ = writeln!(
+            s,
+            "  {:<16} {:?} [{}] timeout {:?}, max_concurrency {}",
+            u.name,
+            u.balance,
+            eps.join(", "),
+            u.timeout,
+            u.max_concurrency
+        );
+    }
+    let _ = writeln!(s, "routes:");
+    for r in &c.routes {
+        let limits: Vec<String> = r.limits.iter().map(|l| format!("{} burst {}", l.rate, l.burst)).collect();
+        let _ = writeln!(
+            s,
+            "  {:<16} {}{} -> {}  key {}  priority {:?}{}{}",
+            r.name,
+            r.host.as_deref().unwrap_or("*"),
+            r.path_prefix,
+            c.upstreams[r.upstream].name,
+            r.client_key,
+            r.priority,
+            if limits.is_empty() { String::new() } else { format!("  limits [{}]", limits.join(", ")) },
+            if r.tls_only { "  tls_only" } else { "" },
+        );
+    }
+    s
+}
+
+fn run(path: &Path) -> ExitCode {
+    let _log = init_logging();
+    let config = match config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            eprintln!(
+                "levee did not start: fix {} (`levee check --config {}` validates it)",
+                path.display(),
+                path.display()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        let listeners = Listeners::bind(&config).await?;
+        eprintln!(
+            "levee {} serving http on {}, admin on {}",
+            env!("CARGO_PKG_VERSION"),
+            listeners.http_addr().map_or("?".into(), |a| a.to_string()),
+            listeners.admin_addr().map_or("?".into(), |a| a.to_string()),
+        );
+        let gateway = Gateway::new(config, Some(path.to_path_buf()))?;
+        let reload = gateway.reload_handle();
+        tokio::spawn(async move {
+            let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+                return;
+            };
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading the config");
+                let _ = reload.reload().await;
+            }
+        });
+        gateway.run(listeners, shutdown_signal()).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+/// Logs go to stderr through a bounded, lossy queue: a stalled or closed log
+/// sink drops lines rather than blocking a request.
+fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(64 * 1024)
+        .finish(std::io::stderr());
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LEVEE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(writer).try_init();
+    guard
+}

@@ -1,0 +1,257 @@
+//! Assembles a running gateway from a validated [`Config`], swaps it on reload,
+//! and runs the listeners until shutdown.
+//!
+//! A reload builds a whole new [`Runtime`] (router, route stacks, upstreams)
+//! and swaps it in with one atomic store; requests in flight finish on the
+//! runtime they started with. A config that fails validation is never
+//! half-applied: the running one keeps serving and the failure is reported in
+//! the log, in `GET /api/v1/config` and in `levee_config_reloads_total`.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::admin::{Admin, AdminContext};
+use crate::config::reload::{ConfigStatus, ReloadHandle, ReloadResult};
+use crate::config::{self, Config, RouteConfig};
+use crate::listener::{self, tls::CertResolver};
+use crate::proxy::{Proxy, Route};
+use crate::router::Router;
+use crate::stack;
+use crate::upstream::Upstream;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
+    #[error("server.tls: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// Everything one config version serves with.
+pub struct Runtime {
+    pub config: Config,
+    pub router: Router<Route>,
+    pub upstreams: Vec<Arc<Upstream>>,
+}
+
+impl Runtime {
+    pub fn build(config: Config) -> Runtime {
+        let upstreams: Vec<Arc<Upstream>> =
+            config.upstreams.iter().cloned().map(|u| Arc::new(Upstream::new(u))).collect();
+        let router = Router::new(config.routes.iter().map(|r: &RouteConfig| {
+            let service = stack::build(r, upstreams[r.upstream].clone());
+            (r.host.clone(), r.path_prefix.clone(), Route::new(r.clone(), service))
+        }));
+        Runtime { config, router, upstreams }
+    }
+}
+
+/// The sockets a gateway serves on, bound before it starts (so tests can bind
+/// `127.0.0.1:0` and read the ports).
+pub struct Listeners {
+    pub http: TcpListener,
+    pub https: Option<TcpListener>,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    pub async fn bind(config: &Config) -> Result<Self, GatewayError> {
+        async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, GatewayError> {
+            TcpListener::bind(addr).await.map_err(|source| GatewayError::Bind { what, addr, source })
+        }
+        Ok(Listeners {
+            http: bind("server.listen", config.server.listen).await?,
+            https: match &config.tls {
+                Some(t) => Some(bind("server.tls.listen", t.listen).await?),
+                None => None,
+            },
+            admin: bind("admin.listen", config.admin.listen).await?,
+        })
+    }
+
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.local_addr().ok()
+    }
+    pub fn https_addr(&self) -> Option<SocketAddr> {
+        self.https.as_ref().and_then(|l| l.local_addr().ok())
+    }
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.local_addr().ok()
+    }
+}
+
+/// A gateway: the live runtime plus what outlives a reload.
+pub struct Gateway {
+    runtime: Arc<ArcSwap<Runtime>>,
+    config_path: Option<PathBuf>,
+    status: Arc<ConfigStatus>,
+    metrics: PrometheusHandle,
+    certs: Option<Arc<CertResolver>>,
+    ready: Arc<AtomicBool>,
+    reload: ReloadHandle,
+    reload_rx: mpsc::Receiver<oneshot::Sender<ReloadResult>>,
+}
+
+impl Gateway {
+    /// Builds a gateway from a validated config. `config_path` is what reloads re-read.
+    pub fn new(config: Config, config_path: Option<PathBuf>) -> Result<Self, GatewayError> {
+        let metrics = crate::metrics::install();
+        let certs = match &config.tls {
+            Some(t) => Some(Arc::new(CertResolver::new(t)?)),
+            None => None,
+        };
+        let status = Arc::new(ConfigStatus::new(config.hash.clone(), config.admin.token.clone()));
+        let (reload, reload_rx) = ReloadHandle::channel();
+        Ok(Gateway {
+            runtime: Arc::new(ArcSwap::from_pointee(Runtime::build(config))),
+            config_path,
+            status,
+            metrics,
+            certs,
+            ready: Arc::new(AtomicBool::new(false)),
+            reload,
+            reload_rx,
+        })
+    }
+
+    /// Asks for a reload of the config file (what SIGHUP and the admin API do).
+    pub fn reload_handle(&self) -> ReloadHandle {
+        self.reload.clone()
+    }
+
+    /// Serves on `listeners` until `shutdown` completes, then drains within
+    /// `server.shutdown_grace`.
+    pub async fn run(
+        self,
+        listeners: Listeners,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), GatewayError> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (grace, max_connections) = {
+            let rt = self.runtime.load();
+            (rt.config.server.shutdown_grace, rt.config.server.max_connections)
+        };
+        let tls = match (&self.certs, listeners.https) {
+            (Some(certs), Some(l)) => Some((l, listener::tls::acceptor(certs.clone())?)),
+            _ => None,
+        };
+
+        let proxy = Arc::new(Proxy::new(self.runtime.clone()));
+        let admin = Arc::new(Admin::new(AdminContext {
+            metrics: self.metrics.clone(),
+            status: self.status.clone(),
+            reload: self.reload.clone(),
+            ready: self.ready.clone(),
+        }));
+
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(listener::serve(
+            listeners.http,
+            None,
+            proxy.clone(),
+            max_connections,
+            stop_rx.clone(),
+            grace,
+        ));
+        if let Some((l, acceptor)) = tls {
+            tasks.spawn(listener::serve(
+                l,
+                Some(acceptor),
+                proxy.clone(),
+                max_connections,
+                stop_rx.clone(),
+                grace,
+            ));
+        }
+        // The admin listener keeps its own small bound: it must answer while the proxy is saturated.
+        tasks.spawn(listener::serve(listeners.admin, None, admin, 256, stop_rx.clone(), grace));
+
+        let reloader = Reloader {
+            runtime: self.runtime.clone(),
+            config_path: self.config_path.clone(),
+            status: self.status.clone(),
+            certs: self.certs.clone(),
+        };
+        let mut reload_rx = self.reload_rx;
+        let reload_task = tokio::spawn(async move {
+            while let Some(reply) = reload_rx.recv().await {
+                let _ = reply.send(reloader.reload());
+            }
+        });
+
+        self.ready.store(true, Ordering::Relaxed);
+        tracing::info!(config = %self.status.info().hash, "levee is serving");
+        shutdown.await;
+        self.ready.store(false, Ordering::Relaxed);
+        tracing::info!(?grace, "shutting down: no new connections; draining in-flight requests");
+        let _ = stop_tx.send(true);
+        while tasks.join_next().await.is_some() {}
+        reload_task.abort();
+        tracing::info!("levee stopped");
+        Ok(())
+    }
+}
+
+/// Re-reads, validates and swaps the config.
+struct Reloader {
+    runtime: Arc<ArcSwap<Runtime>>,
+    config_path: Option<PathBuf>,
+    status: Arc<ConfigStatus>,
+    certs: Option<Arc<CertResolver>>,
+}
+
+impl Reloader {
+    fn reload(&self) -> ReloadResult {
+        let result = self.try_reload();
+        match &result {
+            Ok(hash) => {
+                tracing::info!(config = %hash, "config reloaded");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "config reload rejected; the running config keeps serving");
+                self.status.rejected(e.clone());
+            }
+        }
+        result
+    }
+
+    fn try_reload(&self) -> ReloadResult {
+        let path = self.config_path.as_ref().ok_or("this gateway was started without a config file")?;
+        let config = config::load(path).map_err(|e| e.to_string())?;
+        let current = self.runtime.load();
+        check_restart_only(&current.config, &config);
+        if let (Some(certs), Some(tls)) = (&self.certs, &config.tls) {
+            certs.update(tls).map_err(|e| format!("server.tls: {e}"))?;
+        }
+        let hash = config.hash.clone();
+        let token = config.admin.token.clone();
+        self.runtime.store(Arc::new(Runtime::build(config)));
+        self.status.applied(hash.clone(), token);
+        Ok(hash)
+    }
+}
+
+/// Warns about settings that a reload cannot change on open sockets.
+fn check_restart_only(old: &Config, new: &Config) {
+    let restart = |what: &str| tracing::warn!("{what} changed: it applies after a restart");
+    if old.server.listen != new.server.listen {
+        restart("server.listen");
+    }
+    if old.admin.listen != new.admin.listen {
+        restart("admin.listen");
+    }
+    if old.server.max_connections != new.server.max_connections {
+        restart("server.max_connections");
+    }
+    if old.tls.as_ref().map(|t| t.listen) != new.tls.as_ref().map(|t| t.listen) {
+        restart("server.tls.listen");
+    }
+}

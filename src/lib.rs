@@ -1,0 +1,40 @@
+//! levee: a rate-limiting resilience gateway.
+//!
+//! # Layout
+//!
+//! Folders follow the path of a request:
+//!
+//! ```text
+//! accept ─ listener/ ─────────────────────────────────────► 400/413/431/426
+//!   └► proxy.rs      bounds, routing, answer, metrics
+//!     └► router.rs ───────────────────────────────────────► 404 no_route
+//!       └► stack/  (outer → inner, order written once in stack/mod.rs)
+//!           client_id      key, tenant, priority ──────────► 400 (client_key_fallback = reject)
+//!           admission      concurrency, fair share ────────► 503 overloaded
+//!           storm          growth, duplicates ─────────────► 429 callback_bomb | retry_storm
+//!           rate_limit     all limits via store/ ──────────► 429 rate_limited | 503 store_unavailable
+//!           circuit_breaker ───────────────────────────────► 503 circuit_open
+//!           retry          budget, backoff ────────────────► 503 retry_budget
+//!           └► upstream/   balance, forward ───────────────► 502 | 504
+//!   ◄─ respond.rs          Reason → status, headers, JSON
+//! ```
+//!
+//! - `config/`: the TOML contract, raw → validated once; reload status.
+//! - `gateway.rs`: assembles a runtime from a config, swaps it on reload, runs listeners.
+//! - `admin/`: health, readiness, metrics, config and reload.
+//! - `metrics.rs`: every Prometheus name, once.
+//! - `body.rs`, `context.rs`: the body type and the per-request context.
+
+pub mod admin;
+pub mod body;
+pub mod cli;
+pub mod config;
+pub mod context;
+pub mod gateway;
+pub mod listener;
+pub mod metrics;
+pub mod proxy;
+pub mod respond;
+pub mod router;
+pub mod stack;
+pub mod upstream;

@@ -1,0 +1,88 @@
+//! What the plain listener does with a request for a `tls_only` route
+//! (`server.tls.plain_http`): `serve` it, `redirect` it (308), or `reject` it
+//! with 426 and a body that names the https URL.
+//!
+//! `reject` exists because machine clients do not follow redirects: in the
+//! outage behind it, devices took a 308 for a failure and kept sending plain
+//! HTTP for 17 hours. A 426 with a readable body is an error someone sees.
+
+use http::header::{HeaderValue, CONNECTION, LOCATION, UPGRADE};
+use http::{Request, Response, StatusCode};
+
+use crate::body::{self, Body};
+use crate::config::PlainHttp;
+use crate::respond::{Reason, Shed};
+
+/// `None` when the request may be served over plain HTTP; else the redirect,
+/// or the refusal for `respond.rs` to answer.
+pub fn decide<B>(
+    policy: PlainHttp,
+    req: &Request<B>,
+    host: Option<&str>,
+    https_port: u16,
+) -> Option<Result<Response<Body>, Shed>> {
+    if policy == PlainHttp::Serve {
+        return None;
+    }
+    let url = https_url(req, host, https_port);
+    match policy {
+        PlainHttp::Serve => None,
+        PlainHttp::Redirect => {
+            let mut rsp = Response::new(body::empty());
+            *rsp.status_mut() = StatusCode::PERMANENT_REDIRECT;
+            if let Ok(v) = HeaderValue::from_str(&url) {
+                rsp.headers_mut().insert(LOCATION, v);
+            }
+            Some(Ok(rsp))
+        }
+        PlainHttp::Reject => Some(Err(Shed::new(Reason::TlsRequired)
+            .detail(format!("this route is served over HTTPS only: use {url}"))
+            .header(UPGRADE, HeaderValue::from_static("TLS/1.2, HTTP/1.1"))
+            .header(CONNECTION, HeaderValue::from_static("Upgrade")))),
+    }
+}
+
+fn https_url<B>(req: &Request<B>, host: Option<&str>, port: u16) -> String {
+    let host = host.unwrap_or("localhost");
+    let bare = if host.starts_with('[') {
+        host.split_once(']').map_or(host, |(h, _)| &host[..h.len() + 1])
+    } else {
+        host.rsplit_once(':').map_or(host, |(h, _)| h)
+    };
+    let pq = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    if port == 443 {
+        format!("https://{bare}{pq}")
+    } else {
+        format!("https://{bare}:{port}{pq}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_keep_path_and_query_and_swap_the_port() {
+        let req = Request::get("/v1/x?a=1").body(()).unwrap();
+        assert_eq!(
+            https_url(&req, Some("dev.example.com:8080"), 8443),
+            "https://dev.example.com:8443/v1/x?a=1"
+        );
+        assert_eq!(https_url(&req, Some("dev.example.com"), 443), "https://dev.example.com/v1/x?a=1");
+    }
+
+    #[test]
+    fn reject_names_the_url() {
+        let req = Request::get("/p").body(()).unwrap();
+        let rsp = decide(PlainHttp::Reject, &req, Some("h:80"), 8443)
+            .unwrap()
+            .unwrap_err()
+            .into_response(Some("r"));
+        assert_eq!(rsp.status(), 426);
+        assert_eq!(rsp.headers()[UPGRADE], "TLS/1.2, HTTP/1.1");
+        assert!(decide(PlainHttp::Serve, &req, Some("h"), 8443).is_none());
+        let redirect = decide(PlainHttp::Redirect, &req, Some("h"), 8443).unwrap().unwrap();
+        assert_eq!(redirect.status(), 308);
+        assert_eq!(redirect.headers()[LOCATION], "https://h:8443/p");
+    }
+}

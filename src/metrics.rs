@@ -1,0 +1,100 @@
+//! Every Prometheus name of the contract, once.
+//!
+//! Recording goes through the `metrics` facade into an in-memory recorder that
+//! `/metrics` renders; recording never blocks and never fails, so a broken
+//! scraper cannot slow traffic. Labels are routes, upstreams, endpoints, reasons
+//! and status codes, all bounded by the config: never a client key.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const REQUESTS_TOTAL: &str = "levee_requests_total";
+pub const SHED_TOTAL: &str = "levee_shed_total";
+pub const REQUEST_DURATION: &str = "levee_request_duration_seconds";
+pub const UPSTREAM_REQUESTS_TOTAL: &str = "levee_upstream_requests_total";
+pub const UPSTREAM_DURATION: &str = "levee_upstream_duration_seconds";
+pub const CIRCUIT_STATE: &str = "levee_circuit_state";
+pub const ENDPOINT_EJECTED: &str = "levee_endpoint_ejected";
+pub const RETRIES_TOTAL: &str = "levee_retries_total";
+pub const RETRY_BUDGET_EXHAUSTED_TOTAL: &str = "levee_retry_budget_exhausted_total";
+pub const TRACKED_CLIENTS: &str = "levee_tracked_clients";
+pub const STORE_UP: &str = "levee_store_up";
+pub const STORM_QUARANTINED: &str = "levee_storm_quarantined_clients";
+pub const AUTH_GUARD_TRIPPED: &str = "levee_auth_guard_tripped";
+pub const ROUTE_LAST_SUCCESS: &str = "levee_route_last_success_timestamp_seconds";
+pub const ROUTE_STALE: &str = "levee_route_stale";
+pub const CONFIG_RELOADS_TOTAL: &str = "levee_config_reloads_total";
+pub const CONFIG_LAST_RELOAD_SUCCESS: &str = "levee_config_last_reload_success_timestamp_seconds";
+pub const TLS_CERT_NOT_AFTER: &str = "levee_tls_cert_not_after_timestamp_seconds";
+pub const BUILD_INFO: &str = "levee_build_info";
+
+/// Latency buckets from 100µs to 30s: a gateway's own overhead and a slow backend
+/// both land in a bucket of their own.
+const DURATION_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    30.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide recorder once and returns the handle `/metrics`
+/// renders from. Several gateways in one process (the tests, `levee demo`)
+/// share it.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_duration_seconds".into()), DURATION_BUCKETS)
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Fails only when another recorder is installed already (an embedding
+            // program's); levee then records into that one and renders its own, empty.
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
+            }
+            describe();
+            metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        REQUESTS_TOTAL,
+        "Requests answered, by route, status and outcome (forwarded, shed, error)."
+    );
+    describe_counter!(SHED_TOTAL, "Requests levee refused to forward, by route and reason.");
+    describe_histogram!(
+        REQUEST_DURATION,
+        Unit::Seconds,
+        "Time from request head to response head, by route."
+    );
+    describe_counter!(
+        UPSTREAM_REQUESTS_TOTAL,
+        "Requests sent to upstream endpoints, by status (or error kind)."
+    );
+    describe_histogram!(UPSTREAM_DURATION, Unit::Seconds, "Upstream time to response head, by upstream.");
+    describe_gauge!(CIRCUIT_STATE, "Circuit breaker state per upstream: 0 closed, 1 half-open, 2 open.");
+    describe_gauge!(ENDPOINT_EJECTED, "1 while an endpoint is ejected by outlier detection.");
+    describe_counter!(RETRIES_TOTAL, "Retries levee sent, by upstream.");
+    describe_counter!(RETRY_BUDGET_EXHAUSTED_TOTAL, "Retries refused by the retry budget, by upstream.");
+    describe_gauge!(TRACKED_CLIENTS, "Client states held in this node's memory store.");
+    describe_gauge!(STORE_UP, "1 when the rate-limit store answers, 0 while on_failure applies.");
+    describe_gauge!(STORM_QUARANTINED, "Clients quarantined by the storm detector, by route and kind.");
+    describe_gauge!(AUTH_GUARD_TRIPPED, "1 while the auth guard rewrites upstream 401s to 503 on a route.");
+    describe_gauge!(ROUTE_LAST_SUCCESS, "Unix time of the route's last 2xx/3xx answer.");
+    describe_gauge!(ROUTE_STALE, "1 when a route saw no success within expect_traffic_within.");
+    describe_counter!(CONFIG_RELOADS_TOTAL, "Config reloads, by result (applied, rejected).");
+    describe_gauge!(CONFIG_LAST_RELOAD_SUCCESS, "Unix time of the last applied config.");
+    describe_gauge!(TLS_CERT_NOT_AFTER, "notAfter of every certificate of every served chain.");
+    describe_gauge!(BUILD_INFO, "Always 1; the version label says which levee runs.");
+}
+
+/// Seconds since the Unix epoch, for timestamp gauges.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}

@@ -1,0 +1,234 @@
+//! The entry of every proxied request: request bounds, routing, the plain-HTTP
+//! policy, the route's stack, and levee's answer and metrics. This is the
+//! outermost frame of the request path drawn in `lib.rs`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use dashmap::DashMap;
+use http::header::{HeaderValue, CONTENT_LENGTH, HOST};
+use http::{Request, Response};
+use hyper::body::Incoming;
+use metrics::{Counter, Histogram, SharedString};
+use tokio::time::Instant;
+use tower::Service;
+
+use crate::body::{self, Body, Limited};
+use crate::config::RouteConfig;
+use crate::context::{new_request_id, RequestContext, Scheme};
+use crate::gateway::Runtime;
+use crate::listener::{plain_http, ConnInfo, ConnLimits, Handler};
+use crate::metrics as m;
+use crate::respond::{Reason, Shed};
+use crate::stack::{BoxFuture, RouteService};
+use crate::upstream::forward::X_REQUEST_ID;
+
+/// A route of the live runtime: its config, its stack and its metric handles.
+pub struct Route {
+    pub config: RouteConfig,
+    pub name: Arc<str>,
+    service: RouteService,
+    duration: Histogram,
+    /// `levee_requests_total` handles by (status, outcome): registered once per
+    /// combination seen, so the hot path does one map lookup, not a label hash.
+    requests: DashMap<(u16, Outcome), Counter>,
+}
+
+/// The `outcome` label of `levee_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// The upstream's response, relayed.
+    Forwarded,
+    /// A defence refused the request (429, 503).
+    Shed,
+    /// Something failed on the way (4xx for bad requests, 502, 504).
+    Error,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Forwarded => "forwarded",
+            Outcome::Shed => "shed",
+            Outcome::Error => "error",
+        }
+    }
+}
+
+impl Route {
+    pub fn new(config: RouteConfig, service: RouteService) -> Self {
+        let name: Arc<str> = Arc::from(config.name.as_str());
+        Route {
+            duration: metrics::histogram!(m::REQUEST_DURATION, "route" => SharedString::from(name.clone())),
+            name,
+            config,
+            service,
+            requests: DashMap::new(),
+        }
+    }
+
+    fn count(&self, status: u16, outcome: Outcome) {
+        record(&self.requests, &self.name, status, outcome);
+    }
+}
+
+fn record(cache: &DashMap<(u16, Outcome), Counter>, route: &Arc<str>, status: u16, outcome: Outcome) {
+    if let Some(c) = cache.get(&(status, outcome)) {
+        c.increment(1);
+        return;
+    }
+    let c = metrics::counter!(m::REQUESTS_TOTAL,
+        "route" => SharedString::from(route.clone()),
+        "status" => status.to_string(),
+        "outcome" => outcome.as_str());
+    c.increment(1);
+    cache.insert((status, outcome), c);
+}
+
+/// The proxy listener's handler.
+pub struct Proxy {
+    runtime: Arc<ArcSwap<Runtime>>,
+    /// Requests that matched no route, or failed before routing.
+    unrouted: DashMap<(u16, Outcome), Counter>,
+    unrouted_name: Arc<str>,
+}
+
+impl Proxy {
+    pub fn new(runtime: Arc<ArcSwap<Runtime>>) -> Self {
+        Proxy { runtime, unrouted: DashMap::new(), unrouted_name: Arc::from("none") }
+    }
+
+    async fn serve(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
+        let started = Instant::now();
+        let rt = self.runtime.load_full();
+        let request_id = req
+            .headers()
+            .get(&X_REQUEST_ID)
+            .filter(|v| !v.is_empty() && v.len() <= 128)
+            .cloned()
+            .unwrap_or_else(new_request_id);
+
+        let mut rsp = match self.dispatch(&rt, req, conn, request_id.clone(), started).await {
+            Ok((route, rsp)) => {
+                route.count(rsp.status().as_u16(), Outcome::Forwarded);
+                route.duration.record(started.elapsed().as_secs_f64());
+                rsp
+            }
+            Err((route, shed)) => {
+                let reason = shed.reason;
+                let outcome = if reason.is_shed() { Outcome::Shed } else { Outcome::Error };
+                let rsp = shed.into_response(route.map(|r| &*r.name));
+                match route {
+                    Some(r) => {
+                        r.count(rsp.status().as_u16(), outcome);
+                        r.duration.record(started.elapsed().as_secs_f64());
+                        if reason.is_shed() {
+                            metrics::counter!(m::SHED_TOTAL, "route" => SharedString::from(r.name.clone()), "reason" => reason.as_str()).increment(1);
+                        }
+                    }
+                    None => record(&self.unrouted, &self.unrouted_name, rsp.status().as_u16(), outcome),
+                }
+                rsp
+            }
+        };
+        rsp.headers_mut().insert(X_REQUEST_ID, request_id);
+        rsp
+    }
+
+    /// Routes and runs the request; `Err` carries levee's own answer and the
+    /// route it concerns, if one matched.
+    async fn dispatch<'r>(
+        &self,
+        rt: &'r Runtime,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+        request_id: HeaderValue,
+        started: Instant,
+    ) -> Result<(&'r Route, Response<Body>), (Option<&'r Route>, Shed)> {
+        let server = &rt.config.server;
+        if header_bytes(&req) > server.max_header_bytes {
+            return Err((
+                None,
+                Shed::new(Reason::HeadersTooLarge)
+                    .detail(format!("request head exceeds {} bytes", server.max_header_bytes)),
+            ));
+        }
+        let host = req.uri().host().or_else(|| req.headers().get(HOST).and_then(|h| h.to_str().ok()));
+        let Some(route) = rt.router.find(host, req.uri().path()) else {
+            return Err((None, Shed::new(Reason::NoRoute)));
+        };
+        let declared =
+            req.headers().get(CONTENT_LENGTH).map(|v| v.to_str().ok().and_then(|s| s.parse::<u64>().ok()));
+        match declared {
+            Some(None) => {
+                return Err((Some(route), Shed::new(Reason::BadRequest).detail("invalid Content-Length")))
+            }
+            Some(Some(n)) if n > server.max_body_bytes => {
+                return Err((Some(route), body_too_large(server.max_body_bytes)));
+            }
+            _ => {}
+        }
+        if route.config.tls_only && conn.scheme == Scheme::Http {
+            if let Some(tls) = &rt.config.tls {
+                match plain_http::decide(tls.plain_http, &req, host, tls.listen.port()) {
+                    None => {}
+                    Some(Ok(redirect)) => return Ok((route, redirect)),
+                    Some(Err(refusal)) => return Err((Some(route), refusal)),
+                }
+            }
+        }
+
+        let too_large = Arc::new(AtomicBool::new(false));
+        let (mut parts, incoming) = req.into_parts();
+        parts.extensions.insert(RequestContext {
+            peer: conn.peer,
+            scheme: conn.scheme,
+            request_id,
+            route: route.name.clone(),
+            started,
+            body_too_large: too_large.clone(),
+        });
+        let body = body::boxed(Limited::new(body::boxed(incoming), server.max_body_bytes, too_large.clone()));
+        let req = Request::from_parts(parts, body);
+
+        // Called directly rather than through `oneshot`: the stack's future is a
+        // concrete boxed type, which keeps this async fn's `Send` proof simple.
+        let mut service = route.service.clone();
+        if let Err(shed) = std::future::poll_fn(|cx| service.poll_ready(cx)).await {
+            return Err((Some(route), shed));
+        }
+        match service.call(req).await {
+            Ok(rsp) => Ok((route, rsp)),
+            // The upstream try failed because the client's body outgrew the limit.
+            Err(_) if too_large.load(Ordering::Relaxed) => {
+                Err((Some(route), body_too_large(server.max_body_bytes)))
+            }
+            Err(shed) => Err((Some(route), shed)),
+        }
+    }
+}
+
+fn body_too_large(limit: u64) -> Shed {
+    Shed::new(Reason::BodyTooLarge).detail(format!("request body exceeds {limit} bytes"))
+}
+
+/// The size of the request head as sent on the wire (approximately, for HTTP/2).
+fn header_bytes<B>(req: &Request<B>) -> usize {
+    let line = req.method().as_str().len() + req.uri().path_and_query().map_or(1, |p| p.as_str().len()) + 12;
+    req.headers().iter().fold(line, |n, (k, v)| n + k.as_str().len() + v.len() + 4)
+}
+
+impl Handler for Proxy {
+    fn limits(&self) -> ConnLimits {
+        let server = &self.runtime.load().config.server;
+        ConnLimits {
+            header_read_timeout: server.header_read_timeout,
+            max_header_bytes: server.max_header_bytes,
+        }
+    }
+
+    fn handle(self: Arc<Self>, req: Request<Incoming>, conn: ConnInfo) -> BoxFuture<Response<Body>> {
+        Box::pin(async move { self.serve(req, conn).await })
+    }
+}

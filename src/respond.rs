@@ -1,0 +1,213 @@
+//! levee's own answers. One table, [`Reason`], owns every status code, reason
+//! string and `Retry-After` rule that levee generates; stages return a [`Shed`]
+//! value and this module turns it into a response. Adding a defence means adding
+//! a variant here, and the compiler checks that every answer is covered.
+//!
+//! Whose fault decides the status (pingora's `ErrorSource`): the client's → 4xx
+//! (429 for going too fast), the upstream's or levee's → 5xx. Nothing here can
+//! produce 401 or 403: a device that sees 401 drops its credentials.
+
+use std::time::Duration;
+
+use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use http::{Response, StatusCode};
+
+use crate::body::{self, Body};
+
+pub const X_LEVEE_REASON: HeaderName = HeaderName::from_static("x-levee-reason");
+
+/// Why levee answered itself. One variant per row of the SPEC's answer table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    RateLimited,
+    CallbackBomb,
+    RetryStorm,
+    CircuitOpen,
+    Overloaded,
+    RetryBudget,
+    UpstreamAuthAnomaly,
+    StoreUnavailable,
+    UpstreamUnreachable,
+    BadUpstreamResponse,
+    UpstreamTimeout,
+    NoRoute,
+    BadRequest,
+    BodyTooLarge,
+    HeadersTooLarge,
+    TlsRequired,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 16] = [
+        Reason::RateLimited,
+        Reason::CallbackBomb,
+        Reason::RetryStorm,
+        Reason::CircuitOpen,
+        Reason::Overloaded,
+        Reason::RetryBudget,
+        Reason::UpstreamAuthAnomaly,
+        Reason::StoreUnavailable,
+        Reason::UpstreamUnreachable,
+        Reason::BadUpstreamResponse,
+        Reason::UpstreamTimeout,
+        Reason::NoRoute,
+        Reason::BadRequest,
+        Reason::BodyTooLarge,
+        Reason::HeadersTooLarge,
+        Reason::TlsRequired,
+    ];
+
+    pub fn status(self) -> StatusCode {
+        use Reason::*;
+        match self {
+            RateLimited | CallbackBomb | RetryStorm => StatusCode::TOO_MANY_REQUESTS,
+            CircuitOpen | Overloaded | RetryBudget | UpstreamAuthAnomaly | StoreUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            UpstreamUnreachable | BadUpstreamResponse => StatusCode::BAD_GATEWAY,
+            UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            NoRoute => StatusCode::NOT_FOUND,
+            BadRequest => StatusCode::BAD_REQUEST,
+            BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            TlsRequired => StatusCode::UPGRADE_REQUIRED,
+        }
+    }
+
+    /// The `x-levee-reason` value, the JSON `error` and the `reason` metric label.
+    pub fn as_str(self) -> &'static str {
+        use Reason::*;
+        match self {
+            RateLimited => "rate_limited",
+            CallbackBomb => "callback_bomb",
+            RetryStorm => "retry_storm",
+            CircuitOpen => "circuit_open",
+            Overloaded => "overloaded",
+            RetryBudget => "retry_budget",
+            UpstreamAuthAnomaly => "upstream_auth_anomaly",
+            StoreUnavailable => "store_unavailable",
+            UpstreamUnreachable => "upstream_unreachable",
+            BadUpstreamResponse => "bad_upstream_response",
+            UpstreamTimeout => "upstream_timeout",
+            NoRoute => "no_route",
+            BadRequest => "bad_request",
+            BodyTooLarge => "body_too_large",
+            HeadersTooLarge => "headers_too_large",
+            TlsRequired => "tls_required",
+        }
+    }
+
+    /// Whether the answer carries `Retry-After`: every 429 and 503, whose whole
+    /// point is to tell the client when to come back.
+    pub fn has_retry_after(self) -> bool {
+        matches!(self.status(), StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE)
+    }
+
+    /// A defence decided not to forward (counted in `levee_shed_total`), as
+    /// opposed to an error on the way.
+    pub fn is_shed(self) -> bool {
+        self.has_retry_after()
+    }
+}
+
+/// A decision not to forward, or a failure on the way: a value, not an error.
+#[derive(Debug, Clone)]
+pub struct Shed {
+    pub reason: Reason,
+    /// When the client may come back; rounded up to whole seconds, at least 1.
+    pub retry_after: Option<Duration>,
+    /// A short human explanation for the JSON body (never a client key or secret).
+    pub detail: Option<String>,
+    /// Extra headers, such as `RateLimit-Policy` on a 429.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl Shed {
+    pub fn new(reason: Reason) -> Self {
+        Shed { reason, retry_after: None, detail: None, headers: Vec::new() }
+    }
+
+    pub fn retry_after(mut self, d: Duration) -> Self {
+        self.retry_after = Some(d);
+        self
+    }
+
+    pub fn detail(mut self, d: impl Into<String>) -> Self {
+        self.detail = Some(d.into());
+        self
+    }
+
+    pub fn header(mut self, name: HeaderName, value: HeaderValue) -> Self {
+        self.headers.push((name, value));
+        self
+    }
+
+    /// Builds the response: status, `x-levee-reason`, `Retry-After` and the JSON body.
+    pub fn into_response(self, route: Option<&str>) -> Response<Body> {
+        let retry_after_s = self.reason.has_retry_after().then(|| retry_after_secs(self.retry_after));
+        let mut json = serde_json::json!({
+            "error": self.reason.as_str(),
+            "route": route,
+            "retry_after_s": retry_after_s,
+        });
+        if let Some(detail) = &self.detail {
+            json["detail"] = serde_json::Value::String(detail.clone());
+        }
+        let mut rsp = Response::new(body::full(json.to_string()));
+        *rsp.status_mut() = self.reason.status();
+        let h = rsp.headers_mut();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(X_LEVEE_REASON, HeaderValue::from_static(self.reason.as_str()));
+        if let Some(secs) = retry_after_s {
+            h.insert(RETRY_AFTER, HeaderValue::from(secs));
+        }
+        for (name, value) in self.headers {
+            h.append(name, value);
+        }
+        rsp
+    }
+}
+
+/// `Retry-After` in whole seconds: rounded up, at least 1.
+pub fn retry_after_secs(d: Option<Duration>) -> u64 {
+    let d = d.unwrap_or(Duration::from_secs(1));
+    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    secs.max(1)
+}
+
+/// Adds up to `max_share` of `d` at random, so that clients told to come back
+/// do not all come back in the same second.
+pub fn jitter(d: Duration, max_share: f64) -> Duration {
+    d + d.mul_f64(fastrand::f64() * max_share)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn never_401_or_403() {
+        for r in Reason::ALL {
+            assert!(![401, 403].contains(&r.status().as_u16()), "{r:?}");
+        }
+    }
+
+    #[test]
+    fn refusals_always_say_when_to_come_back() {
+        for r in Reason::ALL {
+            let rsp = Shed::new(r).into_response(Some("api"));
+            assert_eq!(rsp.headers()[X_LEVEE_REASON], r.as_str());
+            let code = rsp.status().as_u16();
+            assert_eq!(rsp.headers().contains_key(RETRY_AFTER), code == 429 || code == 503, "{r:?}");
+        }
+    }
+
+    #[test]
+    fn retry_after_rounds_up_to_whole_seconds() {
+        assert_eq!(retry_after_secs(Some(Duration::from_millis(1))), 1);
+        assert_eq!(retry_after_secs(Some(Duration::from_millis(1500))), 2);
+        assert_eq!(retry_after_secs(Some(Duration::from_secs(3))), 3);
+        assert_eq!(retry_after_secs(Some(Duration::ZERO)), 1);
+        assert_eq!(retry_after_secs(None), 1);
+    }
+}

@@ -1,0 +1,223 @@
+//! Stage 3a: who is asking. Extracts the client key (and tenant) the route
+//! configures, so that every later stage keys its state by the same identity.
+//!
+//! Keys are bounded whatever the client sends: a value longer than
+//! [`MAX_KEY_BYTES`], or not printable ASCII, is replaced by a hash of itself;
+//! a bearer token is always hashed, so the token never lives in levee's memory,
+//! logs, admin API or Redis.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::Request;
+use sha2::{Digest, Sha256};
+
+use crate::body::Body;
+use crate::config::units::KeySource;
+use crate::config::{KeyFallback, Priority, RouteConfig};
+use crate::respond::{Reason, Shed};
+
+/// Longer keys are hashed: state and logs stay small whatever the client sends.
+pub const MAX_KEY_BYTES: usize = 128;
+
+/// A client's identity on a route, as extracted; what the admin API shows.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientKey(Arc<str>);
+
+impl ClientKey {
+    /// A key from raw bytes: kept as is when short printable ASCII, else hashed.
+    pub fn from_bytes(raw: &[u8]) -> Self {
+        let printable = raw.iter().all(|b| (0x21..0x7f).contains(b));
+        if printable && raw.len() <= MAX_KEY_BYTES {
+            // Printable ASCII is valid UTF-8.
+            ClientKey(Arc::from(std::str::from_utf8(raw).unwrap_or_default()))
+        } else {
+            ClientKey::hashed("h", raw)
+        }
+    }
+
+    fn hashed(prefix: &str, raw: &[u8]) -> Self {
+        let digest = Sha256::digest(raw);
+        let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+        ClientKey(Arc::from(format!("{prefix}:{hex}")))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ClientKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for ClientKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ClientKey({})", self.0)
+    }
+}
+
+/// What stage 3a learned; later stages read it from the request's extensions.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub client: ClientKey,
+    pub tenant: Option<ClientKey>,
+    pub priority: Priority,
+}
+
+/// The route's identification rules.
+#[derive(Debug, Clone)]
+pub struct ClientId {
+    source: KeySource,
+    fallback: KeyFallback,
+    tenant: Option<KeySource>,
+    priority: Priority,
+}
+
+impl ClientId {
+    pub fn new(route: &RouteConfig) -> Self {
+        ClientId {
+            source: route.client_key.clone(),
+            fallback: route.client_key_fallback,
+            tenant: route.tenant_key.clone(),
+            priority: route.priority,
+        }
+    }
+
+    /// Decides the identity of `req` from `peer`; `Err` when the key is missing
+    /// and the route says `client_key_fallback = "reject"`.
+    pub fn identify<B>(&self, req: &Request<B>, peer: SocketAddr) -> Result<Identity, Shed> {
+        let client = match extract(&self.source, req, peer) {
+            Some(k) => k,
+            None => match self.fallback {
+                KeyFallback::Ip => ip_key(peer),
+                KeyFallback::Reject => {
+                    return Err(Shed::new(Reason::BadRequest).detail(format!(
+                        "this route identifies clients by {}, which the request lacks",
+                        describe(&self.source)
+                    )))
+                }
+            },
+        };
+        let tenant = self.tenant.as_ref().and_then(|t| extract(t, req, peer));
+        Ok(Identity { client, tenant, priority: self.priority })
+    }
+}
+
+impl super::Check for ClientId {
+    fn check(&self, req: &mut Request<Body>) -> Result<(), Shed> {
+        let peer = super::context(req)?.peer;
+        let identity = self.identify(req, peer)?;
+        req.extensions_mut().insert(identity);
+        Ok(())
+    }
+}
+
+fn describe(source: &KeySource) -> String {
+    match source {
+        KeySource::Header(h) => format!("the {h} header"),
+        KeySource::Query(q) => format!("the {q} query parameter"),
+        KeySource::Ip => "its address".into(),
+        KeySource::Bearer => "a bearer token".into(),
+    }
+}
+
+fn ip_key(peer: SocketAddr) -> ClientKey {
+    ClientKey(Arc::from(peer.ip().to_string()))
+}
+
+/// The key from `source`, or `None` when the request does not carry it (or it is empty).
+fn extract<B>(source: &KeySource, req: &Request<B>, peer: SocketAddr) -> Option<ClientKey> {
+    match source {
+        KeySource::Ip => Some(ip_key(peer)),
+        KeySource::Header(name) => {
+            let v = req.headers().get(name)?.as_bytes();
+            (!v.is_empty()).then(|| ClientKey::from_bytes(v))
+        }
+        KeySource::Query(name) => {
+            let q = req.uri().query()?;
+            let raw = form_pair(q, name)?;
+            let decoded: Vec<u8> = percent_encoding::percent_decode(raw.as_bytes()).collect();
+            (!decoded.is_empty()).then(|| ClientKey::from_bytes(&decoded))
+        }
+        KeySource::Bearer => {
+            let v = req.headers().get(http::header::AUTHORIZATION)?.as_bytes();
+            let token = v.get(..7).filter(|p| p.eq_ignore_ascii_case(b"bearer ")).map(|_| &v[7..])?;
+            let token = token.trim_ascii();
+            (!token.is_empty()).then(|| ClientKey::hashed("bearer", token))
+        }
+    }
+}
+
+fn form_pair<'q>(query: &'q str, name: &str) -> Option<&'q str> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then_some(v)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer() -> SocketAddr {
+        "10.1.2.3:5555".parse().unwrap()
+    }
+
+    fn req(uri: &str, headers: &[(&str, &[u8])]) -> Request<()> {
+        let mut b = Request::builder().uri(uri);
+        for (k, v) in headers {
+            b = b.header(*k, http::HeaderValue::from_bytes(v).unwrap());
+        }
+        b.body(()).unwrap()
+    }
+
+    #[test]
+    fn header_query_ip() {
+        let h = KeySource::Header(http::HeaderName::from_static("x-device-id"));
+        assert_eq!(extract(&h, &req("/", &[("x-device-id", b"dev-1")]), peer()).unwrap().as_str(), "dev-1");
+        assert!(extract(&h, &req("/", &[("x-device-id", b"")]), peer()).is_none());
+        let q = KeySource::Query("device".into());
+        // A space is not printable ASCII: the key is hashed, the same way every time.
+        let spaced = extract(&q, &req("/?a=1&device=d%207", &[]), peer()).unwrap();
+        assert!(spaced.as_str().starts_with("h:"));
+        assert_eq!(spaced, extract(&q, &req("/?device=d%207", &[]), peer()).unwrap());
+        assert_eq!(extract(&q, &req("/?device=abc", &[]), peer()).unwrap().as_str(), "abc");
+        assert_eq!(extract(&KeySource::Ip, &req("/", &[]), peer()).unwrap().as_str(), "10.1.2.3");
+    }
+
+    #[test]
+    fn bearer_tokens_are_never_kept() {
+        let k = extract(&KeySource::Bearer, &req("/", &[("authorization", b"Bearer s3cret-token")]), peer())
+            .unwrap();
+        assert!(k.as_str().starts_with("bearer:"));
+        assert!(!k.as_str().contains("s3cret"));
+        assert!(extract(&KeySource::Bearer, &req("/", &[("authorization", b"Basic abc")]), peer()).is_none());
+    }
+
+    #[test]
+    fn hostile_keys_are_hashed_and_bounded() {
+        let long = vec![b'a'; 65536];
+        let k = ClientKey::from_bytes(&long);
+        assert!(k.as_str().len() <= MAX_KEY_BYTES);
+        let invalid_utf8 = ClientKey::from_bytes(&[0xff, 0xfe, b'x']);
+        assert!(invalid_utf8.as_str().starts_with("h:"));
+        assert_ne!(ClientKey::from_bytes(b"a"), ClientKey::from_bytes(b"b"));
+    }
+
+    #[test]
+    fn missing_key_follows_fallback() {
+        let mut route_id = ClientId {
+            source: KeySource::Header(http::HeaderName::from_static("x-device-id")),
+            fallback: KeyFallback::Ip,
+            tenant: None,
+            priority: Priority::Normal,
+        };
+        assert_eq!(route_id.identify(&req("/", &[]), peer()).unwrap().client.as_str(), "10.1.2.3");
+        route_id.fallback = KeyFallback::Reject;
+        assert_eq!(route_id.identify(&req("/", &[]), peer()).unwrap_err().reason, Reason::BadRequest);
+    }
+}

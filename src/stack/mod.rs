@@ -1,0 +1,113 @@
+//! The per-route stack, outer → inner. The order is written here once; a stage
+//! never knows what comes before or after it.
+//!
+//! ```text
+//!   request ─► client_id        who is asking (key, tenant, priority)   ─► 400 bad_request
+//!              admission        upstream concurrency, fair share         ─► 503 overloaded        (issue 4)
+//!              storm            callback bombs, retry storms             ─► 429                   (issue 5)
+//!              rate_limit       every [[routes.limits]] via the store    ─► 429 rate_limited / 503 store_unavailable
+//!              circuit_breaker  per upstream                             ─► 503 circuit_open      (issue 4)
+//!              retry            budget, backoff                          ─► 503 retry_budget      (issue 4)
+//!              upstream         balance, forward                         ─► 502 / 504
+//! ```
+//!
+//! A stage that is not configured for a route is absent from its stack, not a
+//! no-op in it. Every stage's error is a [`Shed`]: the outermost caller turns it
+//! into levee's answer through `respond.rs`.
+
+pub mod client_id;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use tower::util::BoxCloneSyncService;
+use tower::{Layer, Service, ServiceBuilder};
+
+use crate::body::Body;
+use crate::config::RouteConfig;
+use crate::context::RequestContext;
+use crate::respond::{Reason, Shed};
+use crate::upstream::{Upstream, UpstreamService};
+
+/// A route's whole stack, type-erased so `Route` is one concrete type.
+pub type RouteService = BoxCloneSyncService<Request<Body>, Response<Body>, Shed>;
+
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// Builds the stack of one route.
+pub fn build(route: &RouteConfig, upstream: Arc<Upstream>) -> RouteService {
+    let svc = ServiceBuilder::new()
+        // 3a: every later stage keys its state by this identity.
+        .layer(CheckLayer::new(client_id::ClientId::new(route)))
+        // 4: the upstream pool: balance, forward, time out.
+        .service(UpstreamService(upstream));
+    BoxCloneSyncService::new(svc)
+}
+
+/// The request's context, which the listener always sets.
+pub fn context<B>(req: &Request<B>) -> Result<&RequestContext, Shed> {
+    req.extensions()
+        .get::<RequestContext>()
+        .ok_or_else(|| Shed::new(Reason::BadRequest).detail("request without context"))
+}
+
+// === Check: a stage that only says yes or no ===
+
+/// A synchronous decision taken before the request goes further. It may add
+/// what it learned to the request's extensions.
+pub trait Check: Send + Sync + 'static {
+    fn check(&self, req: &mut Request<Body>) -> Result<(), Shed>;
+}
+
+/// The thin tower adapter around a [`Check`], so the decision itself is tested
+/// without tower.
+pub struct CheckLayer<C>(Arc<C>);
+
+impl<C> CheckLayer<C> {
+    pub fn new(check: C) -> Self {
+        CheckLayer(Arc::new(check))
+    }
+}
+
+impl<C, S> Layer<S> for CheckLayer<C> {
+    type Service = CheckService<C, S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        CheckService { check: self.0.clone(), inner }
+    }
+}
+
+pub struct CheckService<C, S> {
+    check: Arc<C>,
+    inner: S,
+}
+
+impl<C, S: Clone> Clone for CheckService<C, S> {
+    fn clone(&self) -> Self {
+        CheckService { check: self.check.clone(), inner: self.inner.clone() }
+    }
+}
+
+impl<C, S> Service<Request<Body>> for CheckService<C, S>
+where
+    C: Check,
+    S: Service<Request<Body>, Response = Response<Body>, Error = Shed> + Send,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Shed;
+    type Future = BoxFuture<Result<Response<Body>, Shed>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Shed>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        match self.check.check(&mut req) {
+            Ok(()) => Box::pin(self.inner.call(req)),
+            Err(shed) => Box::pin(std::future::ready(Err(shed))),
+        }
+    }
+}

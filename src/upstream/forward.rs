@@ -1,0 +1,156 @@
+//! Sending one request to one endpoint: hop-by-hop headers removed both ways
+//! (RFC 9110 §7.6.1), `x-forwarded-for` / `x-forwarded-proto` / `x-request-id`
+//! added, the response head awaited within `timeout`, bodies streamed.
+
+use std::time::Duration;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, Uri, Version};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+
+use crate::body::{self, Body};
+use crate::context::RequestContext;
+
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+pub type HttpClient = Client<HttpConnector, Body>;
+
+/// Why a try failed before a response head arrived. Built from hyper-util's
+/// predicates, never from error text.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("connect failed: {0}")]
+    Connect(hyper_util::client::legacy::Error),
+    #[error("no response head within {0:?}")]
+    Timeout(Duration),
+    #[error("invalid or broken response: {0}")]
+    BadResponse(hyper_util::client::legacy::Error),
+}
+
+/// Builds the client used for one upstream: pooled keep-alive HTTP/1.1.
+pub fn client(connect_timeout: Duration) -> HttpClient {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector.set_nodelay(true);
+    connector.set_keepalive(Some(Duration::from_secs(60)));
+    Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(1024)
+        .pool_timer(hyper_util::rt::TokioTimer::new())
+        .build(connector)
+}
+
+/// Rewrites `req` for `authority` and sends it; the response head must arrive within `timeout`.
+pub async fn send(
+    client: &HttpClient,
+    authority: &http::uri::Authority,
+    mut req: Request<Body>,
+    ctx: &RequestContext,
+    timeout: Duration,
+) -> Result<Response<Body>, ForwardError> {
+    prepare_request(&mut req, authority, ctx);
+    let rsp = match tokio::time::timeout(timeout, client.request(req)).await {
+        Err(_) => return Err(ForwardError::Timeout(timeout)),
+        Ok(Err(e)) if e.is_connect() => return Err(ForwardError::Connect(e)),
+        Ok(Err(e)) => return Err(ForwardError::BadResponse(e)),
+        Ok(Ok(rsp)) => rsp,
+    };
+    let (mut parts, incoming) = rsp.into_parts();
+    remove_hop_by_hop(&mut parts.headers);
+    // The client's protocol is levee's business, not the upstream's (an HTTP/1.0
+    // upstream must not downgrade an HTTP/1.1 client).
+    parts.version = Version::HTTP_11;
+    Ok(Response::from_parts(parts, body::boxed(incoming)))
+}
+
+fn prepare_request(req: &mut Request<Body>, authority: &http::uri::Authority, ctx: &RequestContext) {
+    // HTTP/2 clients carry the host in :authority; HTTP/1.1 upstreams need Host.
+    if !req.headers().contains_key(header::HOST) {
+        if let Some(host) = req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+            req.headers_mut().insert(header::HOST, host);
+        }
+    }
+    let path_and_query = req.uri().path_and_query().cloned();
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(http::uri::Scheme::HTTP);
+    parts.authority = Some(authority.clone());
+    parts.path_and_query = path_and_query.or_else(|| Some(http::uri::PathAndQuery::from_static("/")));
+    if let Ok(uri) = Uri::from_parts(parts) {
+        *req.uri_mut() = uri;
+    }
+    *req.version_mut() = Version::HTTP_11;
+
+    let headers = req.headers_mut();
+    remove_hop_by_hop(headers);
+    let peer_ip = ctx.peer.ip().to_string();
+    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prior) => format!("{prior}, {peer_ip}"),
+        None => peer_ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(ctx.scheme.as_str()));
+    headers.insert(X_REQUEST_ID, ctx.request_id.clone());
+}
+
+/// Removes the hop-by-hop headers of RFC 9110 §7.6.1: those named by
+/// `Connection`, and the well-known ones. `TE: trailers` is the one TE value
+/// that may pass, and only on requests; hyper manages framing itself.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    let keep_te_trailers = headers
+        .get(header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")));
+    for name in [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+    if keep_te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go_including_those_named_by_connection() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret-hop"));
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(header::TE, HeaderValue::from_static("trailers, deflate"));
+        h.insert("x-end-to-end", HeaderValue::from_static("1"));
+        remove_hop_by_hop(&mut h);
+        assert!(h.get("x-secret-hop").is_none());
+        assert!(h.get("keep-alive").is_none());
+        assert!(h.get(header::TRANSFER_ENCODING).is_none());
+        assert_eq!(h.get(header::TE).unwrap(), "trailers");
+        assert_eq!(h.get("x-end-to-end").unwrap(), "1");
+    }
+}
