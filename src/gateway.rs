@@ -139,12 +139,13 @@ impl Gateway {
             let rt = self.runtime.load();
             (rt.config.server.shutdown_grace, rt.config.server.max_connections)
         };
+        let https_port = listeners.https_addr().map(|a| a.port());
         let tls = match (&self.certs, listeners.https) {
             (Some(certs), Some(l)) => Some((l, listener::tls::acceptor(certs.clone())?)),
             _ => None,
         };
 
-        let proxy = Arc::new(Proxy::new(self.runtime.clone()));
+        let proxy = Arc::new(Proxy::new(self.runtime.clone(), https_port));
         let admin = Arc::new(Admin::new(AdminContext {
             metrics: self.metrics.clone(),
             status: self.status.clone(),

@@ -92,11 +92,14 @@ pub struct Proxy {
     /// Requests that matched no route, or failed before routing.
     unrouted: DashMap<(u16, Outcome), Counter>,
     unrouted_name: Arc<str>,
+    /// The HTTPS listener's bound port, for redirects and 426 bodies (the
+    /// configured port may be 0 in tests).
+    https_port: Option<u16>,
 }
 
 impl Proxy {
-    pub fn new(runtime: Arc<ArcSwap<Runtime>>) -> Self {
-        Proxy { runtime, unrouted: DashMap::new(), unrouted_name: Arc::from("none") }
+    pub fn new(runtime: Arc<ArcSwap<Runtime>>, https_port: Option<u16>) -> Self {
+        Proxy { runtime, unrouted: DashMap::new(), unrouted_name: Arc::from("none"), https_port }
     }
 
     async fn serve(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
@@ -171,7 +174,12 @@ impl Proxy {
         }
         if route.config.tls_only && conn.scheme == Scheme::Http {
             if let Some(tls) = &rt.config.tls {
-                match plain_http::decide(tls.plain_http, &req, host, tls.listen.port()) {
+                match plain_http::decide(
+                    tls.plain_http,
+                    &req,
+                    host,
+                    self.https_port.unwrap_or(tls.listen.port()),
+                ) {
                     None => {}
                     Some(Ok(redirect)) => return Ok((route, redirect)),
                     Some(Err(refusal)) => return Err((Some(route), refusal)),

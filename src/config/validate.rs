@@ -328,17 +328,17 @@ fn upstream(name: &str, u: &raw::RawUpstream) -> Result<UpstreamConfig> {
         match what.as_str() {
             "connect" => on_connect = true,
             "timeout" => on_timeout = true,
-            s => {
-                match s.parse::<u16>() {
-                    Ok(code) if (500..600).contains(&code) || code == 429 => on_status.push(code),
-                    _ => return invalid(
+            s => match s.parse::<u16>() {
+                Ok(code) if (500..600).contains(&code) || code == 429 => on_status.push(code),
+                _ => {
+                    return invalid(
                         rp.key("on").index(i),
                         format!(
                             "expected \"connect\", \"timeout\" or a 5xx status such as \"503\", got {s:?}"
                         ),
-                    ),
+                    )
                 }
-            }
+            },
         }
     }
     if !(1..=10).contains(&r.attempts) {

@@ -1,1 +1,11 @@
+//! levee's integration tests: one binary (it compiles and links once), real
+//! backends, the real gateway, real sockets on loopback.
 
+mod support;
+
+mod binary;
+mod bounds;
+mod errors;
+mod proxy;
+mod reload;
+mod tls;

@@ -1,0 +1,194 @@
+//! The built binary: `check`, `--version`, SIGHUP reloads, SIGTERM drains.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::support::{base_config, temp_dir, upstream_and_route, Backend, Behavior, Client};
+
+const LEVEE: &str = env!("CARGO_BIN_EXE_levee");
+
+fn check(toml: &str) -> (bool, String) {
+    let path = temp_dir("check").join("levee.toml");
+    std::fs::write(&path, toml).unwrap();
+    let out = Command::new(LEVEE).args(["check", "--config"]).arg(&path).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+#[test]
+fn check_accepts_the_shipped_config_and_every_example() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut files = vec![format!("{root}/config/levee.toml")];
+    if let Ok(dir) = std::fs::read_dir(format!("{root}/config/examples")) {
+        files.extend(
+            dir.filter_map(|e| e.ok())
+                .map(|e| e.path().display().to_string())
+                .filter(|p| p.ends_with(".toml")),
+        );
+    }
+    for file in files {
+        let out = Command::new(LEVEE).args(["check", "--config", &file]).current_dir(root).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{file}: {}{}", stdout, String::from_utf8_lossy(&out.stderr));
+        assert!(stdout.contains("routes:") && stdout.contains("upstreams:") && stdout.contains("listeners:"));
+    }
+}
+
+#[test]
+fn check_names_the_key_and_line_of_each_kind_of_mistake() {
+    let good = base_config() + &upstream_and_route("b", &["127.0.0.1:1".parse().unwrap()], "api", "/");
+    assert!(check(&good).0, "{}", check(&good).1);
+    let cases: [(String, &str); 7] = [
+        (good.replace("[admin]", "[admin]\nsurprise = 1"), "admin.surprise: unknown field"),
+        (
+            good.replace("header_read_timeout = \"1s\"", "header_read_timeout = 5"),
+            "server.header_read_timeout: invalid type",
+        ),
+        (
+            good.replace("connect_timeout = \"300ms\"", "connect_timeout = \"soon\""),
+            "upstreams.b.connect_timeout: expected a duration",
+        ),
+        (
+            good.replace("upstream = \"b\"", "upstream = \"nope\""),
+            "routes[0].upstream: no upstream named \"nope\"",
+        ),
+        (
+            good.clone() + "[[routes]]\nname = \"api\"\nupstream = \"b\"\n",
+            "routes[1].name: duplicate route name",
+        ),
+        (
+            good.replace("[admin]", "[admin]\ntoken = \"${LEVEE_TEST_SURELY_UNSET}\""),
+            "admin.token: environment variable LEVEE_TEST_SURELY_UNSET is not set",
+        ),
+        (
+            good.clone() + "[[routes.limits]]\nrate = \"10 per second\"\n",
+            "routes[0].limits[0].rate: expected \"<n>/<s|m|h>\", got \"10 per second\"",
+        ),
+    ];
+    for (toml, expected) in cases {
+        let (ok, out) = check(&toml);
+        assert!(!ok, "accepted a config with: {expected}");
+        assert!(out.contains(expected), "expected {expected:?} in:\n{out}");
+        assert!(out.contains("(line "), "no line number in:\n{out}");
+    }
+}
+
+#[test]
+fn version_prints_the_crate_version() {
+    let out = Command::new(LEVEE).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+}
+
+/// A running `levee run` process, killed on drop.
+struct Process {
+    child: Child,
+    http: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Process {
+    fn start(config_path: &std::path::Path) -> Process {
+        let mut child = Command::new(LEVEE)
+            .args(["run", "--config"])
+            .arg(config_path)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(stderr).lines();
+        // "levee X serving http on ADDR, admin on ADDR"
+        let line = lines.next().unwrap().unwrap();
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let http =
+            words[words.iter().position(|w| *w == "on").unwrap() + 1].trim_end_matches(',').parse().unwrap();
+        let admin = words.last().unwrap().parse().unwrap();
+        // Keep draining stderr so the process never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines.by_ref() {});
+        Process { child, http, admin }
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").args(["-s", sig, &self.child.id().to_string()]).status().unwrap();
+        assert!(ok.success());
+    }
+
+    fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let step = Duration::from_millis(20);
+        for _ in 0..=within.as_millis() / step.as_millis() {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(step);
+        }
+        None
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_rejects_a_broken_config_then_applies_the_fixed_one() {
+    let backend = Backend::start().await;
+    let good = base_config() + &upstream_and_route("b", &[backend.addr], "api", "/");
+    let path = temp_dir("hup").join("levee.toml");
+    std::fs::write(&path, &good).unwrap();
+    let p = Process::start(&path);
+    let c = Client::new();
+    assert_eq!(c.get(p.http, "/").await.status, 200);
+
+    std::fs::write(&path, good.replace("upstream = \"b\"", "upstream = \"gone\"")).unwrap();
+    p.signal("HUP");
+    let mut last = serde_json::Value::Null;
+    for _ in 0..100 {
+        last = c.get(p.admin, "/api/v1/config").await.json();
+        if !last["last_reload"].is_null() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(last["last_reload"]["result"], "rejected");
+    assert!(last["last_reload"]["error"].as_str().unwrap().contains("routes[0].upstream"));
+    assert_eq!(c.get(p.http, "/").await.status, 200, "the running config keeps serving");
+
+    let fixed = good.clone() + &upstream_and_route("b2", &[backend.addr], "extra", "/extra");
+    std::fs::write(&path, &fixed).unwrap();
+    p.signal("HUP");
+    for _ in 0..100 {
+        last = c.get(p.admin, "/api/v1/config").await.json();
+        if last["last_reload"]["result"] == "applied" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(last["last_reload"]["result"], "applied");
+    let metrics = c.get(p.admin, "/metrics").await.text();
+    assert!(metrics.contains("levee_config_reloads_total{result=\"rejected\"} 1"), "{metrics}");
+    assert!(metrics.contains("levee_config_reloads_total{result=\"applied\"} 1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_the_request_in_flight_finish_and_exits_zero() {
+    let backend = Backend::with(Behavior::Delay(Duration::from_millis(700))).await;
+    let path = temp_dir("term").join("levee.toml");
+    std::fs::write(&path, base_config() + &upstream_and_route("b", &[backend.addr], "api", "/")).unwrap();
+    let mut p = Process::start(&path);
+    let http = p.http;
+    let in_flight = tokio::spawn(async move { Client::new().get(http, "/slow").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(backend.requests(), 1);
+    p.signal("TERM");
+    let rsp = in_flight.await.unwrap();
+    assert_eq!(rsp.status, 200, "the in-flight request was cut off");
+    let status =
+        tokio::task::block_in_place(|| p.wait_exit(Duration::from_secs(5))).expect("levee did not exit");
+    assert!(status.success(), "{status:?}");
+}

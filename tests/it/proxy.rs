@@ -1,0 +1,113 @@
+//! Forwarding: what the backend sees, what the client gets back.
+
+use crate::support::{base_config, upstream_and_route, Backend, Client, TestGateway};
+
+#[tokio::test]
+async fn forwards_and_adds_forwarding_headers() {
+    let backend = Backend::start().await;
+    let gw =
+        TestGateway::start(&(base_config() + &upstream_and_route("b", &[backend.addr], "api", "/"))).await;
+    let rsp = Client::new()
+        .get_with(gw.http, "/hello?x=1", &[("connection", "x-hop"), ("x-hop", "secret"), ("x-end", "1")])
+        .await;
+    assert_eq!(rsp.status, 200);
+    assert_eq!(rsp.text(), format!("hello from {}", backend.addr));
+    assert!(rsp.reason().is_none(), "a relayed response carries no x-levee-reason");
+    assert!(rsp.headers.get("keep-alive").is_none(), "hop-by-hop response headers are dropped");
+    let generated_id = rsp.headers["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(generated_id.len(), 32);
+
+    let seen = backend.last().unwrap();
+    assert_eq!(seen.uri.path_and_query().unwrap().as_str(), "/hello?x=1");
+    assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen.headers["x-forwarded-proto"], "http");
+    assert_eq!(seen.headers["x-request-id"].to_str().unwrap(), generated_id);
+    assert_eq!(seen.headers["x-end"], "1");
+    assert!(seen.headers.get("x-hop").is_none(), "headers named by Connection are hop-by-hop");
+    assert!(seen.headers.get("connection").is_none());
+}
+
+#[tokio::test]
+async fn keeps_the_clients_request_id_and_appends_to_x_forwarded_for() {
+    let backend = Backend::start().await;
+    let gw =
+        TestGateway::start(&(base_config() + &upstream_and_route("b", &[backend.addr], "api", "/"))).await;
+    let rsp = Client::new()
+        .get_with(gw.http, "/", &[("x-request-id", "req-42"), ("x-forwarded-for", "203.0.113.9")])
+        .await;
+    assert_eq!(rsp.headers["x-request-id"], "req-42");
+    let seen = backend.last().unwrap();
+    assert_eq!(seen.headers["x-request-id"], "req-42");
+    assert_eq!(seen.headers["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+}
+
+#[tokio::test]
+async fn h2c_prior_knowledge_is_served() {
+    let backend = Backend::start().await;
+    let gw =
+        TestGateway::start(&(base_config() + &upstream_and_route("b", &[backend.addr], "api", "/"))).await;
+    let rsp = Client::h2c().get(gw.http, "/h2").await;
+    assert_eq!(rsp.status, 200);
+    let seen = backend.last().unwrap();
+    assert_eq!(seen.uri.path(), "/h2");
+    assert!(seen.headers.contains_key("host"), "the upstream gets a Host header from :authority");
+}
+
+#[tokio::test]
+async fn longest_prefix_routes_to_its_upstream() {
+    let a = Backend::start().await;
+    let b = Backend::start().await;
+    let config = base_config()
+        + &upstream_and_route("a", &[a.addr], "root", "/")
+        + &upstream_and_route("b", &[b.addr], "device", "/v1/device");
+    let gw = TestGateway::start(&config).await;
+    let c = Client::new();
+    c.get(gw.http, "/v1/device/7").await;
+    c.get(gw.http, "/v1/other").await;
+    assert_eq!((a.requests(), b.requests()), (1, 1));
+}
+
+#[tokio::test]
+async fn balances_over_endpoints() {
+    let a = Backend::start().await;
+    let b = Backend::start().await;
+    for balance in ["p2c", "round_robin"] {
+        let config = base_config()
+            + &upstream_and_route("u", &[a.addr, b.addr], "api", "/")
+                .replace("connect_timeout", &format!("balance = \"{balance}\"\nconnect_timeout"));
+        let gw = TestGateway::start(&config).await;
+        let before = (a.requests(), b.requests());
+        let c = Client::new();
+        for _ in 0..40 {
+            assert_eq!(c.get(gw.http, "/").await.status, 200);
+        }
+        let (da, db) = (a.requests() - before.0, b.requests() - before.1);
+        assert_eq!(da + db, 40);
+        assert!(da >= 5 && db >= 5, "{balance}: both endpoints get traffic ({da}/{db})");
+    }
+}
+
+#[tokio::test]
+async fn relays_upstream_statuses_unchanged_including_401_and_403() {
+    let backend = Backend::start().await;
+    let gw =
+        TestGateway::start(&(base_config() + &upstream_and_route("b", &[backend.addr], "api", "/"))).await;
+    for code in [201u16, 301, 401, 403, 404, 500, 503] {
+        backend.set(crate::support::Behavior::Status(code));
+        let rsp = Client::new().get(gw.http, "/").await;
+        assert_eq!(rsp.status.as_u16(), code);
+        assert!(rsp.reason().is_none(), "{code} is relayed, not levee's own");
+    }
+}
+
+#[tokio::test]
+async fn streams_request_bodies() {
+    let backend = Backend::start().await;
+    let gw =
+        TestGateway::start(&(base_config() + &upstream_and_route("b", &[backend.addr], "api", "/"))).await;
+    let rsp = Client::new().post(gw.http, "/upload", vec![7u8; 300_000]).await;
+    assert_eq!(rsp.status, 200);
+    assert_eq!(rsp.headers["x-body-len"], "300000");
+    let seen = backend.last().unwrap();
+    assert_eq!((seen.method.as_str(), seen.body_len), ("POST", 300_000));
+}

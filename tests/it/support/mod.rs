@@ -1,0 +1,67 @@
+#![allow(dead_code)] // helpers shared by test files; not every file uses each one
+//! Real things on loopback: HTTP backends, the gateway in-process or as the
+//! built binary, `redis-server`, and a client that never follows redirects.
+
+pub mod backend;
+pub mod client;
+pub mod gateway;
+
+pub use backend::{Backend, Behavior};
+pub use client::{Client, TestResponse};
+pub use gateway::TestGateway;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// A fresh directory under the system temp dir for one test.
+pub fn temp_dir(name: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "levee-it-{}-{}-{name}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// An address on which nothing listens (bound, then released).
+pub fn closed_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// The `[server]` and `[admin]` sections every test config starts with:
+/// loopback, port 0, short timeouts so failure tests stay fast.
+pub fn base_config() -> String {
+    r#"
+[server]
+listen = "127.0.0.1:0"
+header_read_timeout = "1s"
+shutdown_grace = "5s"
+
+[admin]
+listen = "127.0.0.1:0"
+"#
+    .to_string()
+}
+
+/// One upstream named `name` with the given endpoints and a route `route` on `prefix`.
+pub fn upstream_and_route(name: &str, endpoints: &[SocketAddr], route: &str, prefix: &str) -> String {
+    let eps: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+    format!(
+        r#"
+[upstreams.{name}]
+endpoints = [{}]
+connect_timeout = "300ms"
+timeout = "1s"
+
+[[routes]]
+name = "{route}"
+path_prefix = "{prefix}"
+upstream = "{name}"
+"#,
+        eps.join(", ")
+    )
+}
