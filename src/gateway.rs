@@ -25,6 +25,7 @@ use crate::listener::{self, tls::CertResolver};
 use crate::proxy::{Proxy, Route};
 use crate::router::Router;
 use crate::stack;
+use crate::store::{Registry, RouteLimits, Store};
 use crate::upstream::Upstream;
 
 #[derive(Debug, thiserror::Error)]
@@ -40,17 +41,23 @@ pub struct Runtime {
     pub config: Config,
     pub router: Router<Route>,
     pub upstreams: Vec<Arc<Upstream>>,
+    pub store: Arc<Store>,
 }
 
 impl Runtime {
-    pub fn build(config: Config) -> Runtime {
+    /// Builds the runtime of `config` on `store` (which outlives runtimes), and
+    /// the registry the admin API reads clients through.
+    pub fn build(config: Config, store: Arc<Store>) -> (Runtime, Registry) {
         let upstreams: Vec<Arc<Upstream>> =
             config.upstreams.iter().cloned().map(|u| Arc::new(Upstream::new(u))).collect();
+        let mut registry = Registry { store: store.clone(), routes: Vec::with_capacity(config.routes.len()) };
         let router = Router::new(config.routes.iter().map(|r: &RouteConfig| {
-            let service = stack::build(r, upstreams[r.upstream].clone());
+            let limits = Arc::new(RouteLimits::new(&r.name, &r.limits));
+            registry.routes.push(limits.clone());
+            let service = stack::build(r, upstreams[r.upstream].clone(), limits, store.clone());
             (r.host.clone(), r.path_prefix.clone(), Route::new(r.clone(), service))
         }));
-        Runtime { config, router, upstreams }
+        (Runtime { config, router, upstreams, store }, registry)
     }
 }
 
@@ -91,6 +98,7 @@ impl Listeners {
 /// A gateway: the live runtime plus what outlives a reload.
 pub struct Gateway {
     runtime: Arc<ArcSwap<Runtime>>,
+    registry: Arc<ArcSwap<Registry>>,
     config_path: Option<PathBuf>,
     status: Arc<ConfigStatus>,
     metrics: PrometheusHandle,
@@ -110,8 +118,11 @@ impl Gateway {
         };
         let status = Arc::new(ConfigStatus::new(config.hash.clone(), config.admin.token.clone()));
         let (reload, reload_rx) = ReloadHandle::channel();
+        let store = Store::start(config.store.clone());
+        let (runtime, registry) = Runtime::build(config, store);
         Ok(Gateway {
-            runtime: Arc::new(ArcSwap::from_pointee(Runtime::build(config))),
+            runtime: Arc::new(ArcSwap::from_pointee(runtime)),
+            registry: Arc::new(ArcSwap::from_pointee(registry)),
             config_path,
             status,
             metrics,
@@ -151,6 +162,7 @@ impl Gateway {
             status: self.status.clone(),
             reload: self.reload.clone(),
             ready: self.ready.clone(),
+            registry: self.registry.clone(),
         }));
 
         let mut tasks = tokio::task::JoinSet::new();
@@ -177,6 +189,7 @@ impl Gateway {
 
         let reloader = Reloader {
             runtime: self.runtime.clone(),
+            registry: self.registry.clone(),
             config_path: self.config_path.clone(),
             status: self.status.clone(),
             certs: self.certs.clone(),
@@ -204,6 +217,7 @@ impl Gateway {
 /// Re-reads, validates and swaps the config.
 struct Reloader {
     runtime: Arc<ArcSwap<Runtime>>,
+    registry: Arc<ArcSwap<Registry>>,
     config_path: Option<PathBuf>,
     status: Arc<ConfigStatus>,
     certs: Option<Arc<CertResolver>>,
@@ -234,7 +248,16 @@ impl Reloader {
         }
         let hash = config.hash.clone();
         let token = config.admin.token.clone();
-        self.runtime.store(Arc::new(Runtime::build(config)));
+        // Client state survives a reload unless [store] itself changed.
+        let store = if current.store.config == config.store {
+            current.store.clone()
+        } else {
+            tracing::info!("[store] changed: starting a new store (client state starts afresh)");
+            Store::start(config.store.clone())
+        };
+        let (runtime, registry) = Runtime::build(config, store);
+        self.runtime.store(Arc::new(runtime));
+        self.registry.store(Arc::new(registry));
         self.status.applied(hash.clone(), token);
         Ok(hash)
     }

@@ -37,4 +37,5 @@ pub mod proxy;
 pub mod respond;
 pub mod router;
 pub mod stack;
+pub mod store;
 pub mod upstream;

@@ -9,6 +9,8 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
+
 use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -19,6 +21,9 @@ use crate::body::{self, Body};
 use crate::config::reload::{ConfigStatus, ReloadHandle};
 use crate::listener::{ConnInfo, ConnLimits, Handler};
 use crate::stack::BoxFuture;
+use crate::store::Registry;
+
+mod clients;
 
 /// What the admin API reads and triggers; handed over by the gateway.
 pub struct AdminContext {
@@ -26,6 +31,8 @@ pub struct AdminContext {
     pub status: Arc<ConfigStatus>,
     pub reload: ReloadHandle,
     pub ready: Arc<AtomicBool>,
+    /// The live store and route limits, for `/api/v1/clients`.
+    pub registry: Arc<ArcSwap<Registry>>,
 }
 
 pub struct Admin {
@@ -60,6 +67,20 @@ impl Admin {
                     ),
                 }
             }
+            (&Method::GET, p) if p.starts_with(clients::PREFIX) => match clients::parse(p, req.uri().query())
+            {
+                Some((key, route)) => clients::get(&self.ctx.registry, &key, route.as_deref()).await,
+                None => json_response(StatusCode::NOT_FOUND, json!({"error": "not_found", "path": path})),
+            },
+            (&Method::DELETE, p) if p.starts_with(clients::PREFIX) => {
+                if let Err(rsp) = self.authorize(&req, conn) {
+                    return *rsp;
+                }
+                match clients::parse(p, req.uri().query()) {
+                    Some((key, route)) => clients::delete(&self.ctx.registry, &key, route.as_deref()).await,
+                    None => json_response(StatusCode::NOT_FOUND, json!({"error": "not_found", "path": path})),
+                }
+            }
             (_, "/healthz" | "/readyz" | "/metrics" | "/api/v1/config" | "/api/v1/reload") => {
                 json_response(StatusCode::METHOD_NOT_ALLOWED, json!({"error": "method_not_allowed"}))
             }
@@ -69,7 +90,12 @@ impl Admin {
 
     fn readyz(&self) -> Response<Body> {
         let ready = self.ctx.ready.load(Ordering::Relaxed);
-        let degraded: Vec<serde_json::Value> = Vec::new();
+        let mut degraded: Vec<serde_json::Value> = Vec::new();
+        let registry = self.ctx.registry.load();
+        if !registry.store.is_up() {
+            degraded
+                .push(json!({"part": "store", "detail": "Redis is unreachable: store.on_failure applies"}));
+        }
         let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
         json_response(
             status,

@@ -391,6 +391,9 @@ fn route(r: &raw::RawRoute, upstreams: &[UpstreamConfig], p: KeyPath) -> Result<
             format!("no upstream named {:?} (known: {})", r.upstream, known.join(", ")),
         );
     };
+    if r.limits.len() > crate::store::MAX_LIMITS {
+        return invalid(p.key("limits"), format!("at most {} limits per route", crate::store::MAX_LIMITS));
+    }
     let mut limits = Vec::with_capacity(r.limits.len());
     for (i, l) in r.limits.iter().enumerate() {
         let burst = l.burst.unwrap_or(l.rate.count.get());

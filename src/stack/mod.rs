@@ -16,6 +16,7 @@
 //! into levee's answer through `respond.rs`.
 
 pub mod client_id;
+pub mod rate_limit;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -30,6 +31,7 @@ use crate::body::Body;
 use crate::config::RouteConfig;
 use crate::context::RequestContext;
 use crate::respond::{Reason, Shed};
+use crate::store::{RouteLimits, Store};
 use crate::upstream::{Upstream, UpstreamService};
 
 /// A route's whole stack, type-erased so `Route` is one concrete type.
@@ -38,10 +40,17 @@ pub type RouteService = BoxCloneSyncService<Request<Body>, Response<Body>, Shed>
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// Builds the stack of one route.
-pub fn build(route: &RouteConfig, upstream: Arc<Upstream>) -> RouteService {
+pub fn build(
+    route: &RouteConfig,
+    upstream: Arc<Upstream>,
+    limits: Arc<RouteLimits>,
+    store: Arc<Store>,
+) -> RouteService {
     let svc = ServiceBuilder::new()
         // 3a: every later stage keys its state by this identity.
         .layer(CheckLayer::new(client_id::ClientId::new(route)))
+        // 3d: every [[routes.limits]], through the store; absent without limits.
+        .option_layer(rate_limit::RateLimitLayer::new(limits, store))
         // 4: the upstream pool: balance, forward, time out.
         .service(UpstreamService(upstream));
     BoxCloneSyncService::new(svc)

@@ -1,13 +1,10 @@
 //! The built binary: `check`, `--version`, SIGHUP reloads, SIGTERM drains.
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
+use crate::support::process::{Process, LEVEE};
 use crate::support::{base_config, temp_dir, upstream_and_route, Backend, Behavior, Client};
-
-const LEVEE: &str = env!("CARGO_BIN_EXE_levee");
 
 fn check(toml: &str) -> (bool, String) {
     let path = temp_dir("check").join("levee.toml");
@@ -80,59 +77,6 @@ fn version_prints_the_crate_version() {
     let out = Command::new(LEVEE).arg("--version").output().unwrap();
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
-}
-
-/// A running `levee run` process, killed on drop.
-struct Process {
-    child: Child,
-    http: SocketAddr,
-    admin: SocketAddr,
-}
-
-impl Process {
-    fn start(config_path: &std::path::Path) -> Process {
-        let mut child = Command::new(LEVEE)
-            .args(["run", "--config"])
-            .arg(config_path)
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let mut lines = BufReader::new(stderr).lines();
-        // "levee X serving http on ADDR, admin on ADDR"
-        let line = lines.next().unwrap().unwrap();
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let http =
-            words[words.iter().position(|w| *w == "on").unwrap() + 1].trim_end_matches(',').parse().unwrap();
-        let admin = words.last().unwrap().parse().unwrap();
-        // Keep draining stderr so the process never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines.by_ref() {});
-        Process { child, http, admin }
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill").args(["-s", sig, &self.child.id().to_string()]).status().unwrap();
-        assert!(ok.success());
-    }
-
-    fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
-        let step = Duration::from_millis(20);
-        for _ in 0..=within.as_millis() / step.as_millis() {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return Some(status);
-            }
-            std::thread::sleep(step);
-        }
-        None
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

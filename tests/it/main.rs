@@ -7,5 +7,7 @@ mod binary;
 mod bounds;
 mod errors;
 mod proxy;
+mod rate_limit;
+mod redis_store;
 mod reload;
 mod tls;

@@ -10,6 +10,7 @@ use crate::support::{base_config, upstream_and_route, Backend, Client, TestGatew
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_reload_loses_no_request_and_a_fixed_one_applies() {
+    let _exclusive = crate::support::exclusive().await;
     let backend = Backend::start().await;
     let good = base_config() + &upstream_and_route("b", &[backend.addr], "api", "/");
     let gw = TestGateway::start(&good).await;

@@ -5,6 +5,8 @@
 pub mod backend;
 pub mod client;
 pub mod gateway;
+pub mod process;
+pub mod redis;
 
 pub use backend::{Backend, Behavior};
 pub use client::{Client, TestResponse};
@@ -13,6 +15,13 @@ pub use gateway::TestGateway;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Held by tests that load the machine (thousands of requests, timing
+/// assertions), so two of them never run at once on a 2-core machine.
+pub async fn exclusive() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
+}
 
 /// A fresh directory under the system temp dir for one test.
 pub fn temp_dir(name: &str) -> PathBuf {

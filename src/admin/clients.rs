@@ -1,0 +1,89 @@
+//! `GET` and `DELETE /api/v1/clients/{key}?route=NAME`: one client's limiter
+//! state on each route (or one), and resetting it. `{key}` is the client key as
+//! extracted (header or query value, IP, or the `bearer:`/`h:` hash), percent-encoded.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use http::StatusCode;
+use serde_json::json;
+use tokio::time::Instant;
+
+use super::json_response;
+use crate::body::Body;
+use crate::store::Registry;
+
+pub const PREFIX: &str = "/api/v1/clients/";
+
+/// The decoded key of a `/api/v1/clients/{key}` path and the `route` query parameter.
+pub fn parse(path: &str, query: Option<&str>) -> Option<(String, Option<String>)> {
+    let raw = path.strip_prefix(PREFIX)?;
+    if raw.is_empty() || raw.contains('/') {
+        return None;
+    }
+    let key = percent_encoding::percent_decode_str(raw).decode_utf8().ok()?.into_owned();
+    let route = query.and_then(|q| {
+        q.split('&')
+            .find_map(|p| p.strip_prefix("route="))
+            .map(|r| percent_encoding::percent_decode_str(r).decode_utf8_lossy().into_owned())
+    });
+    Some((key, route))
+}
+
+pub async fn get(registry: &Arc<ArcSwap<Registry>>, key: &str, route: Option<&str>) -> http::Response<Body> {
+    let registry = registry.load_full();
+    if let Some(r) = route {
+        if !registry.routes.iter().any(|l| &*l.route == r) {
+            return json_response(StatusCode::NOT_FOUND, json!({"error": "no_such_route", "route": r}));
+        }
+    }
+    let mut routes = Vec::new();
+    for limits in registry.routes.iter().filter(|l| route.is_none_or(|r| &*l.route == r)) {
+        if limits.is_empty() {
+            continue;
+        }
+        if let Some(state) = registry.store.peek(limits, key, Instant::now()).await {
+            routes.push(json!({"route": &*limits.route, "limits": state}));
+        }
+    }
+    if routes.is_empty() {
+        return json_response(StatusCode::NOT_FOUND, json!({"error": "not_tracked", "client": key}));
+    }
+    json_response(
+        StatusCode::OK,
+        json!({"client": key, "store": format!("{:?}", registry.store.kind()).to_lowercase(), "routes": routes}),
+    )
+}
+
+pub async fn delete(
+    registry: &Arc<ArcSwap<Registry>>,
+    key: &str,
+    route: Option<&str>,
+) -> http::Response<Body> {
+    let registry = registry.load_full();
+    let mut reset = Vec::new();
+    for limits in registry.routes.iter().filter(|l| route.is_none_or(|r| &*l.route == r)) {
+        if !limits.is_empty() && registry.store.reset(limits, key).await {
+            reset.push(limits.route.to_string());
+        }
+    }
+    if reset.is_empty() {
+        return json_response(StatusCode::NOT_FOUND, json!({"error": "not_tracked", "client": key}));
+    }
+    json_response(StatusCode::OK, json!({"client": key, "reset": reset}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse;
+
+    #[test]
+    fn keys_are_percent_decoded() {
+        assert_eq!(
+            parse("/api/v1/clients/dev%2F1", Some("route=api")),
+            Some(("dev/1".into(), Some("api".into())))
+        );
+        assert_eq!(parse("/api/v1/clients/10.0.0.1", None), Some(("10.0.0.1".into(), None)));
+        assert_eq!(parse("/api/v1/clients/", None), None);
+    }
+}

@@ -1,0 +1,254 @@
+//! Where rate-limit state lives: this node's memory, or Redis shared by every
+//! gateway, with `on_failure` deciding what happens while Redis is away.
+//!
+//! The store outlives config reloads (the gateway rebuilds it only when
+//! `[store]` itself changes), so a reload never hands every client a fresh
+//! bucket.
+
+pub mod gcra;
+pub mod memory;
+pub mod redis;
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use http::HeaderValue;
+use tokio::time::Instant;
+
+use crate::config::{Limit, OnFailure, StoreConfig, StoreKind};
+use crate::metrics as m;
+use gcra::Gcra;
+use memory::MemoryStore;
+use redis::RedisStore;
+
+pub use memory::MAX_LIMITS;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the store is down")]
+    Down,
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("redis: {0}")]
+    Redis(String),
+    #[error("unexpected answer: {0}")]
+    Protocol(String),
+}
+
+/// The limits of one route, ready for both stores.
+#[derive(Debug)]
+pub struct RouteLimits {
+    pub route: Arc<str>,
+    pub limits: Vec<Limit>,
+    /// In nanoseconds, for the memory store.
+    ns: Vec<Gcra>,
+    /// In microseconds, for Redis.
+    us: Vec<Gcra>,
+    /// `RateLimit-Policy` of each limit, e.g. `"10/s";q=20;w=2`.
+    pub policies: Vec<HeaderValue>,
+}
+
+impl RouteLimits {
+    pub fn new(route: &str, limits: &[Limit]) -> Self {
+        let limits: Vec<Limit> = limits.iter().take(MAX_LIMITS).copied().collect();
+        let ns: Vec<Gcra> = limits.iter().map(|l| Gcra::new(l, Duration::from_nanos(1))).collect();
+        let policies = limits
+            .iter()
+            .zip(&ns)
+            .map(|(l, g)| {
+                let window = Duration::from_nanos(g.capacity).as_secs_f64().ceil().max(1.0) as u64;
+                HeaderValue::from_str(&format!("\"{}\";q={};w={window}", l.rate, l.burst))
+                    .unwrap_or(HeaderValue::from_static("\"limit\""))
+            })
+            .collect();
+        RouteLimits {
+            route: Arc::from(route),
+            us: limits.iter().map(|l| Gcra::new(l, Duration::from_micros(1))).collect(),
+            ns,
+            limits,
+            policies,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.limits.is_empty()
+    }
+}
+
+/// A rate-limit decision for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    /// Refused: how long until the request would pass.
+    pub retry_after: Duration,
+    /// The limit whose policy the headers describe (`None`: no state was
+    /// consulted, as with `on_failure = "allow"`).
+    pub tightest: Option<usize>,
+    pub remaining: u32,
+    /// Until the tightest bucket is full again.
+    pub reset: Duration,
+}
+
+/// A client's state on one limit, for the admin API.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LimitState {
+    pub rate: String,
+    pub burst: u32,
+    pub remaining: u32,
+    pub full_in_s: f64,
+}
+
+pub struct Store {
+    pub config: StoreConfig,
+    memory: Arc<MemoryStore>,
+    redis: Option<Arc<RedisStore>>,
+}
+
+impl Store {
+    /// Creates the store and its background work (idle sweeping, Redis
+    /// probing), which ends when the store is dropped. Needs a tokio runtime.
+    pub fn start(config: StoreConfig) -> Arc<Self> {
+        let memory = Arc::new(MemoryStore::new(config.max_clients));
+        let redis =
+            (config.kind == StoreKind::Redis).then(|| RedisStore::start(config.urls.clone(), config.timeout));
+        if redis.is_none() {
+            metrics::gauge!(m::STORE_UP).set(1.0);
+        }
+        tokio::spawn(sweep(Arc::downgrade(&memory)));
+        Arc::new(Store { config, memory, redis })
+    }
+
+    /// Whether the configured store answers (memory always does).
+    pub fn is_up(&self) -> bool {
+        self.redis.as_ref().is_none_or(|r| r.is_up())
+    }
+
+    pub fn kind(&self) -> StoreKind {
+        self.config.kind
+    }
+
+    /// Decides one request of `client` on `limits`' route. `Err` only when
+    /// Redis is unreachable and `on_failure = "deny"`.
+    pub async fn check(
+        &self,
+        limits: &RouteLimits,
+        client: &str,
+        now: Instant,
+    ) -> Result<Decision, StoreError> {
+        if let Some(redis) = &self.redis {
+            if redis.is_up() {
+                let keys = RedisStore::keys(&limits.route, client, limits.us.len());
+                match redis.check(&keys, &limits.us).await {
+                    Ok(o) => {
+                        return Ok(Decision {
+                            allowed: o.allowed,
+                            retry_after: Duration::from_micros(o.wait_us),
+                            tightest: Some(o.tightest.min(limits.us.len().saturating_sub(1))),
+                            remaining: o.remaining,
+                            reset: Duration::from_micros(o.reset_us),
+                        })
+                    }
+                    Err(e) => tracing::debug!(error = %e, "Redis decision failed; on_failure applies"),
+                }
+            }
+            match self.config.on_failure {
+                OnFailure::Local => {}
+                OnFailure::Allow => {
+                    return Ok(Decision {
+                        allowed: true,
+                        retry_after: Duration::ZERO,
+                        tightest: None,
+                        remaining: 0,
+                        reset: Duration::ZERO,
+                    })
+                }
+                OnFailure::Deny => return Err(StoreError::Down),
+            }
+        }
+        Ok(self.check_local(limits, client, now))
+    }
+
+    fn check_local(&self, limits: &RouteLimits, client: &str, now: Instant) -> Decision {
+        let key = self.memory.key(&limits.route, client);
+        let o = self.memory.check(key, &limits.ns, self.memory.ticks(now));
+        Decision {
+            allowed: o.allowed,
+            retry_after: Duration::from_nanos(o.wait),
+            tightest: Some(o.tightest),
+            remaining: o.remaining,
+            reset: Duration::from_nanos(o.reset),
+        }
+    }
+
+    /// The client's state on each limit, or `None` when nothing is tracked.
+    pub async fn peek(&self, limits: &RouteLimits, client: &str, now: Instant) -> Option<Vec<LimitState>> {
+        let (tats, now_ticks, gcras) = match &self.redis {
+            Some(redis) if redis.is_up() => {
+                let keys = RedisStore::keys(&limits.route, client, limits.us.len());
+                let (now, tats) = redis.peek(&keys).await.ok()?;
+                (tats, now, &limits.us)
+            }
+            _ => {
+                let tats = self.memory.peek(self.memory.key(&limits.route, client))?;
+                (tats[..limits.ns.len()].to_vec(), self.memory.ticks(now), &limits.ns)
+            }
+        };
+        if tats.iter().all(|&t| t <= now_ticks) {
+            return None;
+        }
+        let tick = if gcras.as_ptr() == limits.us.as_ptr() { 1_000 } else { 1 };
+        Some(
+            limits
+                .limits
+                .iter()
+                .zip(gcras)
+                .zip(&tats)
+                .map(|((l, g), &tat)| LimitState {
+                    rate: l.rate.to_string(),
+                    burst: l.burst.get(),
+                    remaining: g.remaining(tat, now_ticks),
+                    full_in_s: Duration::from_nanos(g.reset(tat, now_ticks).saturating_mul(tick))
+                        .as_secs_f64(),
+                })
+                .collect(),
+        )
+    }
+
+    /// Resets the client on the route (in Redis and in this node's memory).
+    /// Returns whether anything was tracked.
+    pub async fn reset(&self, limits: &RouteLimits, client: &str) -> bool {
+        let mut found = self.memory.remove(self.memory.key(&limits.route, client));
+        if let Some(redis) = &self.redis {
+            let keys = RedisStore::keys(&limits.route, client, limits.us.len());
+            found |= redis.delete(&keys).await.is_ok_and(|n| n > 0);
+        }
+        found
+    }
+
+    /// Client states held in this node's memory.
+    pub fn tracked(&self) -> usize {
+        self.memory.len()
+    }
+}
+
+/// Drops idle clients every few seconds and publishes `levee_tracked_clients`.
+async fn sweep(memory: Weak<MemoryStore>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut n: u64 = 0;
+    loop {
+        tick.tick().await;
+        let Some(memory) = memory.upgrade() else { return };
+        if n % 5 == 0 {
+            memory.sweep(memory.ticks(Instant::now()));
+        }
+        n += 1;
+        metrics::gauge!(m::TRACKED_CLIENTS).set(memory.len() as f64);
+    }
+}
+
+/// What the admin API needs to inspect and reset clients: the live store and
+/// the limits of every route of the live config. Swapped on reload.
+pub struct Registry {
+    pub store: Arc<Store>,
+    pub routes: Vec<Arc<RouteLimits>>,
+}

@@ -1,0 +1,248 @@
+//! The Redis store: several gateways, one limit.
+//!
+//! One `EVALSHA` of `gcra.lua` per decision evaluates every limit of one client
+//! on one route atomically; each limit's state is one key holding its GCRA `tat`
+//! and expiring by itself when the bucket is full again. The keys of a client
+//! share a hash tag (`levee:{route:client}:i`), so the script runs on one node
+//! of a Redis Cluster. Connections are multiplexed: every concurrent decision
+//! shares one pipelined connection per node.
+//!
+//! Failure handling is a small breaker around the store: a decision waits at
+//! most `store.timeout`; the first error or timeout marks the store down, after
+//! which requests stop trying Redis at all (no stall) while a background task
+//! pings it every 250 ms and marks it up again when it answers.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::Script;
+
+use super::gcra::Gcra;
+use super::StoreError;
+use crate::metrics as m;
+
+const PROBE_EVERY: Duration = Duration::from_millis(250);
+
+const PEEK: &str = r"
+local t = redis.call('TIME')
+local r = {tonumber(t[1]) * 1000000 + tonumber(t[2])}
+for i = 1, #KEYS do r[i + 1] = tonumber(redis.call('GET', KEYS[i]) or '0') or 0 end
+return r";
+
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+/// What one decision returned, in microseconds.
+#[derive(Debug, Clone, Copy)]
+pub struct RedisOutcome {
+    pub allowed: bool,
+    pub wait_us: u64,
+    pub tightest: usize,
+    pub remaining: u32,
+    pub reset_us: u64,
+}
+
+pub struct RedisStore {
+    urls: Vec<String>,
+    conn: ArcSwapOption<Conn>,
+    up: AtomicBool,
+    timeout: Duration,
+    gcra: Script,
+    peek: Script,
+}
+
+impl RedisStore {
+    /// Creates the store (down until the first connection succeeds) and starts
+    /// its connector/prober, which ends when the store is dropped.
+    pub fn start(urls: Vec<String>, timeout: Duration) -> Arc<Self> {
+        let store = Arc::new(RedisStore {
+            urls,
+            conn: ArcSwapOption::empty(),
+            up: AtomicBool::new(false),
+            timeout,
+            gcra: Script::new(include_str!("gcra.lua")),
+            peek: Script::new(PEEK),
+        });
+        metrics::gauge!(m::STORE_UP).set(0.0);
+        tokio::spawn(probe(Arc::downgrade(&store)));
+        store
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    fn mark(&self, up: bool, why: &str) {
+        if self.up.swap(up, Ordering::Relaxed) != up {
+            metrics::gauge!(m::STORE_UP).set(if up { 1.0 } else { 0.0 });
+            if up {
+                tracing::info!(urls = ?self.urls, "Redis store is up: limits are shared again");
+            } else {
+                tracing::warn!(urls = ?self.urls, error = why, "Redis store is down: on_failure applies");
+            }
+        }
+    }
+
+    /// Redis keys of one client on one route, one per limit.
+    pub fn keys(route: &str, client: &str, n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("levee:{{{route}:{client}}}:{i}")).collect()
+    }
+
+    /// One decision. Fails fast when the store is down.
+    pub async fn check(&self, keys: &[String], limits: &[Gcra]) -> Result<RedisOutcome, StoreError> {
+        let mut conn = self.connection()?;
+        let mut inv = self.gcra.prepare_invoke();
+        for (k, g) in keys.iter().zip(limits) {
+            inv.key(k).arg(g.interval).arg(g.capacity);
+        }
+        let reply: Vec<i64> = self.guard(inv.invoke_async(&mut conn)).await?;
+        match reply.as_slice() {
+            [allowed, wait, tightest, remaining, reset] => Ok(RedisOutcome {
+                allowed: *allowed == 1,
+                wait_us: u64::try_from(*wait).unwrap_or(0),
+                tightest: usize::try_from(*tightest).unwrap_or(0),
+                remaining: u32::try_from(*remaining).unwrap_or(0),
+                reset_us: u64::try_from(*reset).unwrap_or(0),
+            }),
+            _ => Err(StoreError::Protocol(format!("unexpected reply {reply:?}"))),
+        }
+    }
+
+    /// Redis's clock and each limit's `tat` (0 when absent), microseconds.
+    pub async fn peek(&self, keys: &[String]) -> Result<(u64, Vec<u64>), StoreError> {
+        let mut conn = self.connection()?;
+        let mut inv = self.peek.prepare_invoke();
+        for k in keys {
+            inv.key(k);
+        }
+        let reply: Vec<i64> = self.guard(inv.invoke_async(&mut conn)).await?;
+        let mut it = reply.into_iter().map(|v| u64::try_from(v).unwrap_or(0));
+        let now = it.next().ok_or_else(|| StoreError::Protocol("empty reply".into()))?;
+        Ok((now, it.collect()))
+    }
+
+    /// Deletes the keys; returns how many existed.
+    pub async fn delete(&self, keys: &[String]) -> Result<u64, StoreError> {
+        let mut conn = self.connection()?;
+        let mut cmd = redis::cmd("DEL");
+        for k in keys {
+            cmd.arg(k);
+        }
+        self.guard(cmd.query_async(&mut conn)).await
+    }
+
+    fn connection(&self) -> Result<Conn, StoreError> {
+        if !self.is_up() {
+            return Err(StoreError::Down);
+        }
+        self.conn.load_full().map(|c| (*c).clone()).ok_or(StoreError::Down)
+    }
+
+    /// Bounds a call by the store timeout; a connection-level failure marks the store down.
+    async fn guard<T>(
+        &self,
+        call: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                if e.is_io_error()
+                    || e.is_connection_dropped()
+                    || e.is_timeout()
+                    || e.is_unrecoverable_error()
+                {
+                    self.mark(false, &e.to_string());
+                }
+                Err(StoreError::Redis(e.to_string()))
+            }
+            Err(_) => {
+                self.mark(false, "timeout");
+                Err(StoreError::Timeout(self.timeout))
+            }
+        }
+    }
+
+    async fn connect(&self) -> redis::RedisResult<Conn> {
+        if self.urls.len() > 1 {
+            let client = redis::cluster::ClusterClient::builder(self.urls.clone())
+                .connection_timeout(Duration::from_secs(1))
+                .response_timeout(self.timeout.max(Duration::from_millis(100)))
+                .build()?;
+            Ok(Conn::Cluster(client.get_async_connection().await?))
+        } else {
+            let client = redis::Client::open(self.urls[0].as_str())?;
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(Duration::from_secs(1)))
+                .set_response_timeout(Some(self.timeout.max(Duration::from_millis(100))))
+                .set_number_of_retries(1)
+                .set_max_delay(Duration::from_millis(500));
+            Ok(Conn::Single(ConnectionManager::new_with_config(client, config).await?))
+        }
+    }
+
+    async fn ping(&self) -> bool {
+        let Some(conn) = self.conn.load_full() else { return false };
+        let mut conn = (*conn).clone();
+        let cmd = redis::cmd("PING");
+        let ping = cmd.query_async::<String>(&mut conn);
+        matches!(tokio::time::timeout(Duration::from_secs(1), ping).await, Ok(Ok(_)))
+    }
+}
+
+/// Connects, then watches: while the store is down, ping every `PROBE_EVERY`.
+async fn probe(store: Weak<RedisStore>) {
+    loop {
+        let Some(s) = store.upgrade() else { return };
+        if s.conn.load().is_none() {
+            match tokio::time::timeout(Duration::from_secs(2), s.connect()).await {
+                Ok(Ok(conn)) => {
+                    s.conn.store(Some(Arc::new(conn)));
+                    s.mark(true, "");
+                }
+                Ok(Err(e)) => tracing::debug!(error = %e, "Redis connect failed"),
+                Err(_) => tracing::debug!("Redis connect timed out"),
+            }
+        } else if !s.is_up() && s.ping().await {
+            s.mark(true, "");
+        }
+        drop(s);
+        tokio::time::sleep(PROBE_EVERY).await;
+    }
+}
+
+// === impl ConnectionLike for Conn ===
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}

@@ -1,0 +1,238 @@
+//! Several gateways, one limit: the Redis store against a real `redis-server`,
+//! including Redis dying under load and coming back.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::support::gateway::metric_value;
+use crate::support::redis::Redis;
+use crate::support::{base_config, upstream_and_route, Backend, Client, TestGateway};
+
+fn config(backend: std::net::SocketAddr, redis: &Redis, limit: &str, on_failure: &str) -> String {
+    base_config()
+        + &upstream_and_route("b", &[backend], "api", "/")
+            .replace("upstream = \"b\"", "upstream = \"b\"\nclient_key = \"header:x-device-id\"")
+        + limit
+        + &format!(
+            "\n[store]\nkind = \"redis\"\nurl = \"{}\"\non_failure = \"{on_failure}\"\ntimeout = \"100ms\"\n",
+            redis.url()
+        )
+}
+
+async fn redis_conn(redis: &Redis) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap()
+}
+
+/// Waits until the gateway's store is up (it connects in the background).
+async fn wait_store_up(gw: &TestGateway) {
+    for _ in 0..200 {
+        let ready = Client::new().get(gw.admin, "/readyz").await.json();
+        if ready["degraded"].as_array().unwrap().is_empty() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the Redis store never came up");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_gateways_on_one_redis_enforce_one_limit() {
+    let _exclusive = crate::support::exclusive().await;
+    let backend = Backend::start().await;
+    let redis = Redis::spawn().await;
+    let toml = config(backend.addr, &redis, "[[routes.limits]]\nrate = \"50/s\"\nburst = 50\n", "local");
+    let gws =
+        [TestGateway::start(&toml).await, TestGateway::start(&toml).await, TestGateway::start(&toml).await];
+    for gw in &gws {
+        wait_store_up(gw).await;
+    }
+    let allowed = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let run_for = Duration::from_secs(2);
+    let mut tasks = Vec::new();
+    for gw in &gws {
+        for _ in 0..2 {
+            let (http, allowed) = (gw.http, allowed.clone());
+            tasks.push(tokio::spawn(async move {
+                let c = Client::new();
+                for _ in 0..100_000 {
+                    if started.elapsed() >= run_for {
+                        break;
+                    }
+                    let rsp = c.get_with(http, "/", &[("x-device-id", "shared")]).await;
+                    match rsp.status.as_u16() {
+                        200 => {
+                            allowed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        429 => {}
+                        other => panic!("unexpected {other}"),
+                    }
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let expected = 50.0 + 50.0 * elapsed;
+    let got = allowed.load(Ordering::Relaxed) as f64;
+    assert!((got - expected).abs() <= expected * 0.10, "allowed {got}, expected {expected:.0} ± 10%");
+    assert!(got <= expected * 1.10, "three gateways must not triple the allowance");
+}
+
+#[tokio::test]
+async fn state_expires_by_itself_and_survives_a_gateway_restart_only_until_refilled() {
+    let backend = Backend::start().await;
+    let redis = Redis::spawn().await;
+    let toml = config(backend.addr, &redis, "[[routes.limits]]\nrate = \"1/s\"\nburst = 1\n", "local");
+    let gw = TestGateway::start(&toml).await;
+    wait_store_up(&gw).await;
+    let c = Client::new();
+    assert_eq!(c.get_with(gw.http, "/", &[("x-device-id", "d")]).await.status, 200);
+    let mut conn = redis_conn(&redis).await;
+    let ttl: i64 = redis::cmd("PTTL").arg("levee:{api:d}:0").query_async(&mut conn).await.unwrap();
+    assert!(ttl > 0 && ttl <= 1000, "the key expires when the bucket is full again (PTTL {ttl})");
+    drop(gw);
+
+    // A new gateway (a restart) sees the shared state...
+    let gw = TestGateway::start(&toml).await;
+    wait_store_up(&gw).await;
+    assert_eq!(c.get_with(gw.http, "/", &[("x-device-id", "d")]).await.status, 429);
+    // ...but never longer than the refill time: nothing to clear by hand.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let exists: i64 = redis::cmd("EXISTS").arg("levee:{api:d}:0").query_async(&mut conn).await.unwrap();
+    assert_eq!(exists, 0, "the key expired by itself");
+    assert_eq!(c.get_with(gw.http, "/", &[("x-device-id", "d")]).await.status, 200);
+
+    // The admin API reads and resets the shared state.
+    let state = c.get(gw.admin, "/api/v1/clients/d").await;
+    assert_eq!(state.status, 200, "{}", state.text());
+    assert_eq!(state.json()["store"], "redis");
+    let req = http::Request::delete(format!("http://{}/api/v1/clients/d", gw.admin))
+        .body(Default::default())
+        .unwrap();
+    assert_eq!(c.send(req).await.status, 200);
+    let exists: i64 = redis::cmd("EXISTS").arg("levee:{api:d}:0").query_async(&mut conn).await.unwrap();
+    assert_eq!(exists, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_under_load_falls_back_to_local_without_errors_or_stalls_and_recovers() {
+    let _exclusive = crate::support::exclusive().await;
+    let backend = Backend::start().await;
+    let mut redis = Redis::spawn().await;
+    let toml = config(backend.addr, &redis, "[[routes.limits]]\nrate = \"1000/s\"\n", "local");
+    let gw = TestGateway::start(&toml).await;
+    wait_store_up(&gw).await;
+
+    let slowest = Arc::new(AtomicUsize::new(0));
+    let bad = Arc::new(AtomicUsize::new(0));
+    let stop_at = Instant::now() + Duration::from_millis(1500);
+    let mut tasks = Vec::new();
+    for t in 0..4 {
+        let (http, slowest, bad) = (gw.http, slowest.clone(), bad.clone());
+        tasks.push(tokio::spawn(async move {
+            let c = Client::new();
+            for i in 0..100_000 {
+                if Instant::now() >= stop_at {
+                    break;
+                }
+                let started = Instant::now();
+                let rsp = c.get_with(http, "/", &[("x-device-id", &format!("dev-{t}-{}", i % 50))]).await;
+                slowest.fetch_max(started.elapsed().as_millis() as usize, Ordering::Relaxed);
+                if rsp.status != 200 {
+                    bad.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis.kill();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(
+        bad.load(Ordering::Relaxed),
+        0,
+        "a Redis outage with on_failure = local must not fail a request"
+    );
+    let slowest = slowest.load(Ordering::Relaxed);
+    assert!(slowest < 100 + 100, "a request took {slowest} ms; the store timeout is 100 ms");
+    let ready = Client::new().get(gw.admin, "/readyz").await;
+    assert_eq!(ready.status, 200, "a store outage degrades, it does not make levee unready");
+    assert_eq!(ready.json()["degraded"][0]["part"], "store");
+
+    // Back by itself: limits are shared again.
+    redis.restart().await;
+    wait_store_up(&gw).await;
+    let mut conn = redis_conn(&redis).await;
+    let mut exists = 0;
+    for _ in 0..20 {
+        let rsp = Client::new().get_with(gw.http, "/", &[("x-device-id", "after")]).await;
+        assert_eq!(rsp.status, 200);
+        exists = redis::cmd("EXISTS").arg("levee:{api:after}:0").query_async(&mut conn).await.unwrap();
+        if exists == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(exists, 1, "decisions go to Redis again");
+}
+
+#[tokio::test]
+async fn on_failure_deny_answers_503_store_unavailable_and_allow_lets_traffic_through() {
+    let backend = Backend::start().await;
+    let mut redis = Redis::spawn().await;
+    let limit = "[[routes.limits]]\nrate = \"1/m\"\nburst = 1\n";
+    let deny = TestGateway::start(&config(backend.addr, &redis, limit, "deny")).await;
+    let allow = TestGateway::start(&config(backend.addr, &redis, limit, "allow")).await;
+    wait_store_up(&deny).await;
+    wait_store_up(&allow).await;
+    redis.kill();
+    let c = Client::new();
+    // The first request after the kill may spend the store timeout finding out.
+    let _ = c.get_with(deny.http, "/", &[("x-device-id", "x")]).await;
+    let rsp = c.get_with(deny.http, "/", &[("x-device-id", "x")]).await;
+    assert_eq!(rsp.status, 503);
+    assert_eq!(rsp.reason(), Some("store_unavailable"));
+    assert!(rsp.retry_after().is_some());
+    for _ in 0..3 {
+        let rsp = c.get_with(allow.http, "/", &[("x-device-id", "x")]).await;
+        assert_eq!(rsp.status, 200, "allow lets every request through while Redis is away");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn levee_store_up_follows_redis() {
+    // A process of its own: the gauge is process-wide.
+    let backend = Backend::start().await;
+    let mut redis = Redis::spawn().await;
+    let path = crate::support::temp_dir("store-up").join("levee.toml");
+    std::fs::write(&path, config(backend.addr, &redis, "[[routes.limits]]\nrate = \"10/s\"\n", "local"))
+        .unwrap();
+    let p = crate::support::process::Process::start(&path);
+    let c = Client::new();
+    let store_up = || async { metric_value(&c.get(p.admin, "/metrics").await.text(), "levee_store_up", &[]) };
+    for _ in 0..100 {
+        if store_up().await == Some(1.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(store_up().await, Some(1.0));
+    redis.kill();
+    let _ = c.get_with(p.http, "/", &[("x-device-id", "a")]).await;
+    assert_eq!(store_up().await, Some(0.0));
+    redis.restart().await;
+    for _ in 0..100 {
+        if store_up().await == Some(1.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(store_up().await, Some(1.0), "the store reconnects by itself");
+}
