@@ -1,1 +1,12 @@
-fn main() {}
+//! levee's criterion benches: one entry file, one module per concern.
+//! Run: `cargo bench --bench levee_benches` (add `-- <filter>` for one group).
+//! Figures and the machine they came from are in the README.
+
+use criterion::{criterion_group, criterion_main};
+
+mod alloc;
+mod router;
+mod store;
+
+criterion_group!(benches, router::bench, store::bench);
+criterion_main!(benches);

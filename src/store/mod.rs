@@ -5,6 +5,7 @@
 //! `[store]` itself changes), so a reload never hands every client a fresh
 //! bucket.
 
+pub mod clock;
 pub mod gcra;
 pub mod memory;
 pub mod redis;

@@ -1,0 +1,127 @@
+//! The memory store: one decision with 1 and 1,000,000 tracked clients (keys
+//! drawn from a Zipf distribution, s = 1), contended from 2 threads, and the
+//! bytes one tracked client costs. Not measured here: hashing the client key
+//! (counted in `key_hash`), and the Redis store (its round trip is in the
+//! load benchmark's `redis` mode, where a real server answers).
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{BenchmarkId, Criterion, Throughput};
+use levee::config::units::Rate;
+use levee::config::Limit;
+use levee::store::gcra::Gcra;
+use levee::store::memory::MemoryStore;
+use std::hint::black_box;
+
+const CLIENTS: usize = 1_000_000;
+
+fn limits() -> [Gcra; 2] {
+    let l = |count, per_s, burst| Limit {
+        rate: Rate { count: NonZeroU32::new(count).unwrap(), per: Duration::from_secs(per_s) },
+        burst: NonZeroU32::new(burst).unwrap(),
+    };
+    [
+        Gcra::new(&l(10, 1, 20), Duration::from_nanos(1)),
+        Gcra::new(&l(5000, 3600, 5000), Duration::from_nanos(1)),
+    ]
+}
+
+/// `n` key indices following Zipf(s = 1) over `CLIENTS` keys, by inverse CDF.
+fn zipf_indices(n: usize) -> Vec<usize> {
+    let mut cdf = Vec::with_capacity(CLIENTS);
+    let mut sum = 0.0;
+    for k in 1..=CLIENTS {
+        sum += 1.0 / k as f64;
+        cdf.push(sum);
+    }
+    let mut rng = fastrand::Rng::with_seed(7);
+    (0..n)
+        .map(|_| {
+            let u = rng.f64() * sum;
+            cdf.partition_point(|&c| c < u).min(CLIENTS - 1)
+        })
+        .collect()
+}
+
+fn filled(store: &MemoryStore, keys: &[u64], limits: &[Gcra]) {
+    for (i, &k) in keys.iter().enumerate() {
+        store.check(k, limits, 1 + i as u64);
+    }
+}
+
+pub fn bench(c: &mut Criterion) {
+    let limits = limits();
+    let store = MemoryStore::new(CLIENTS);
+    let keys: Vec<u64> = (0..CLIENTS).map(|i| store.key("device-api", &format!("device-{i}"))).collect();
+
+    // Memory per tracked client, from the allocator's own count.
+    let before = crate::alloc::live_bytes();
+    filled(&store, &keys, &limits);
+    let bytes = crate::alloc::live_bytes() - before;
+    println!(
+        "memory store: {} clients tracked, {} bytes allocated, {:.1} bytes per client",
+        store.len(),
+        bytes,
+        bytes as f64 / store.len() as f64
+    );
+
+    let mut g = c.benchmark_group("store");
+    g.throughput(Throughput::Elements(1));
+    let one = MemoryStore::new(CLIENTS);
+    let k = one.key("device-api", "one");
+    let mut now = 1u64;
+    g.bench_function(BenchmarkId::new("decision", "1_client"), |b| {
+        b.iter(|| {
+            now += 1_000;
+            black_box(one.check(k, &limits, now))
+        })
+    });
+
+    // The key sequence is drawn beforehand and read in order, so the harness
+    // adds no cache miss of its own.
+    let order: Vec<u64> = zipf_indices(1 << 20).into_iter().map(|i| keys[i]).collect();
+    let mut i = 0usize;
+    let mut now = CLIENTS as u64 + 1;
+    g.bench_function(BenchmarkId::new("decision", "1M_clients_zipf"), |b| {
+        b.iter(|| {
+            i = (i + 1) & ((1 << 20) - 1);
+            now += 1_000;
+            black_box(store.check(order[i], &limits, now))
+        })
+    });
+
+    g.bench_function("key_hash", |b| {
+        b.iter(|| black_box(store.key(black_box("device-api"), black_box("device-123456"))))
+    });
+
+    // Two threads on one store: the cost per decision must not collapse.
+    let shared = Arc::new(store);
+    let order = Arc::new(order);
+    g.throughput(Throughput::Elements(2));
+    // criterion times custom loops with std::time::Instant.
+    #[allow(clippy::disallowed_types)]
+    g.bench_function(BenchmarkId::new("decision", "1M_clients_zipf_2_threads"), |b| {
+        b.iter_custom(|iters| {
+            let started = std::time::Instant::now();
+            let threads: Vec<_> = (0..2)
+                .map(|t| {
+                    let (s, order) = (shared.clone(), order.clone());
+                    std::thread::spawn(move || {
+                        let limits = limits;
+                        for n in 0..iters as usize {
+                            let key = order[(n * 2 + t) & ((1 << 20) - 1)];
+                            black_box(s.check(key, &limits, 10_000_000 + n as u64 * 1_000));
+                        }
+                    })
+                })
+                .collect();
+            for th in threads {
+                th.join().unwrap();
+            }
+            started.elapsed()
+        })
+    });
+    g.finish();
+}

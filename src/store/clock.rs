@@ -1,0 +1,299 @@
+//! A sharded map with a hard cap and CLOCK eviction: the bounded home of every
+//! piece of per-client state in levee (limiter buckets, storm counters).
+//!
+//! - **Keys** are 64-bit hashes (see `MemoryStore::key`), so an entry costs its
+//!   value plus 8 bytes whatever the client sent.
+//! - **Cap and eviction:** 2^k shards, each an open-addressing table at most
+//!   3/4 full. Past the cap, CLOCK (second chance) picks the victim: a hand
+//!   sweeps the slots, sparing once each slot touched since its last pass. This
+//!   is the classic approximation of "least recently seen goes first" (operating
+//!   systems' page replacement): a client seen since the hand last passed
+//!   survives, a one-off client goes. Unlike an exact LRU list, a hit writes one
+//!   bit in its own slot instead of relinking two neighbours; key, value and bit
+//!   share a slot, so a decision at a million clients costs about one cache miss.
+//! - **Idle expiry:** `retain` drops entries that hold no information any more
+//!   (a full bucket); the gateway runs it every few seconds.
+
+use std::sync::{Mutex, MutexGuard};
+
+/// Keys are never 0: 0 marks an empty slot.
+const EMPTY: u64 = 0;
+
+#[derive(Debug, Clone, Copy)]
+struct Slot<V> {
+    key: u64,
+    value: V,
+    /// Touched since the hand last passed.
+    referenced: bool,
+}
+
+/// One shard: an open-addressing table (linear probing, backward-shift
+/// deletion) whose slots hold key and value together, so a lookup costs one
+/// cache miss, not two; the CLOCK hand walks the same slots.
+#[derive(Debug)]
+struct Shard<V> {
+    slots: Vec<Slot<V>>,
+    len: usize,
+    hand: usize,
+    cap: usize,
+}
+
+impl<V: Copy + Default> Shard<V> {
+    fn new(cap: usize) -> Self {
+        Shard { slots: Vec::new(), len: 0, hand: 0, cap }
+    }
+
+    fn mask(&self) -> usize {
+        self.slots.len() - 1
+    }
+
+    /// The position of `key`, or of the empty slot where it would go.
+    fn probe(&self, key: u64) -> (usize, bool) {
+        let mask = self.mask();
+        let mut i = (key as usize) & mask;
+        loop {
+            match self.slots[i].key {
+                k if k == key => return (i, true),
+                EMPTY => return (i, false),
+                _ => i = (i + 1) & mask,
+            }
+        }
+    }
+
+    fn find(&self, key: u64) -> Option<usize> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        match self.probe(key) {
+            (i, true) => Some(i),
+            _ => None,
+        }
+    }
+
+    /// Grows the table so that it stays at most 3/4 full (up to the cap).
+    fn reserve_one(&mut self) {
+        if (self.len + 1) * 4 <= self.slots.len() * 3 {
+            return;
+        }
+        let size = (self.slots.len() * 2).max(16);
+        let old = std::mem::replace(
+            &mut self.slots,
+            vec![Slot { key: EMPTY, value: V::default(), referenced: false }; size],
+        );
+        self.hand = 0;
+        for slot in old.into_iter().filter(|s| s.key != EMPTY) {
+            let (i, _) = self.probe(slot.key);
+            self.slots[i] = slot;
+        }
+    }
+
+    /// The slot of `key`, marked referenced; created with `V::default()` when
+    /// absent (evicting one entry when the shard is full). A new slot starts
+    /// unreferenced: a client seen once goes at the hand's next pass, and a scan
+    /// of one-off clients costs O(1) per eviction instead of a lap of the ring.
+    fn touch(&mut self, key: u64) -> &mut Slot<V> {
+        if let Some(i) = self.find(key) {
+            self.slots[i].referenced = true;
+            return &mut self.slots[i];
+        }
+        if self.len >= self.cap {
+            self.evict();
+        }
+        self.reserve_one();
+        let (i, _) = self.probe(key);
+        self.slots[i] = Slot { key, value: V::default(), referenced: false };
+        self.len += 1;
+        &mut self.slots[i]
+    }
+
+    /// Second chance: clear referenced bits until an unreferenced slot comes
+    /// round; evict it. Ends within two passes.
+    fn evict(&mut self) {
+        let n = self.slots.len();
+        for _ in 0..2 * n + 1 {
+            self.hand = if self.hand + 1 >= n { 0 } else { self.hand + 1 };
+            let slot = &mut self.slots[self.hand];
+            if slot.key == EMPTY {
+                continue;
+            }
+            if slot.referenced {
+                slot.referenced = false;
+            } else {
+                self.remove_at(self.hand);
+                return;
+            }
+        }
+    }
+
+    /// Backward-shift deletion: later entries of the probe run move up so that
+    /// lookups never need tombstones.
+    fn remove_at(&mut self, mut hole: usize) {
+        let mask = self.mask();
+        let mut j = hole;
+        loop {
+            j = (j + 1) & mask;
+            let key = self.slots[j].key;
+            if key == EMPTY {
+                break;
+            }
+            let home = (key as usize) & mask;
+            // Move j into the hole unless its home lies cyclically in (hole, j].
+            let stays = if hole <= j { hole < home && home <= j } else { hole < home || home <= j };
+            if !stays {
+                self.slots[hole] = self.slots[j];
+                hole = j;
+            }
+        }
+        self.slots[hole].key = EMPTY;
+        self.len -= 1;
+    }
+
+    fn retain(&mut self, keep: &impl Fn(&V) -> bool) -> usize {
+        let before = self.len;
+        let kept: Vec<Slot<V>> =
+            self.slots.iter().filter(|s| s.key != EMPTY && keep(&s.value)).copied().collect();
+        *self = Shard::new(self.cap);
+        for slot in kept {
+            self.reserve_one();
+            let (i, _) = self.probe(slot.key);
+            self.slots[i] = slot;
+            self.len += 1;
+        }
+        before - self.len
+    }
+}
+
+/// A map from 64-bit keys to `V`, never holding more than `capacity()` entries.
+pub struct ClockMap<V> {
+    shards: Box<[Mutex<Shard<V>>]>,
+    mask: u64,
+    cap: usize,
+}
+
+impl<V: Copy + Default> ClockMap<V> {
+    pub fn new(max_entries: usize) -> Self {
+        let max_entries = max_entries.max(1);
+        // About a thousand entries per shard, 1 to 64 shards.
+        let shards = (max_entries / 1024).clamp(1, 64).next_power_of_two().min(64);
+        let per_shard = (max_entries / shards).max(1);
+        ClockMap {
+            shards: (0..shards).map(|_| Mutex::new(Shard::new(per_shard))).collect(),
+            mask: shards as u64 - 1,
+            cap: per_shard * shards,
+        }
+    }
+
+    fn shard(&self, key: u64) -> MutexGuard<'_, Shard<V>> {
+        // The high bits pick the shard; the map uses the whole key.
+        let i = ((key >> 40) & self.mask) as usize;
+        self.shards[i].lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Runs `f` on the value of `key` (created as `V::default()` when absent)
+    /// under the shard's lock, marking it recently seen.
+    pub fn with<R>(&self, key: u64, f: impl FnOnce(&mut V) -> R) -> R {
+        let key = key.max(1);
+        let mut shard = self.shard(key);
+        f(&mut shard.touch(key).value)
+    }
+
+    /// The value of `key`, if present; does not count as seeing it.
+    pub fn peek(&self, key: u64) -> Option<V> {
+        let key = key.max(1);
+        let shard = self.shard(key);
+        shard.find(key).map(|i| shard.slots[i].value)
+    }
+
+    /// Removes `key`; true when it was present.
+    pub fn remove(&self, key: u64) -> bool {
+        let key = key.max(1);
+        let mut shard = self.shard(key);
+        match shard.find(key) {
+            Some(i) => {
+                shard.remove_at(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Keeps only the entries for which `keep` is true; returns how many went.
+    pub fn retain(&self, keep: impl Fn(&V) -> bool) -> usize {
+        self.shards.iter().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).retain(&keep)).sum()
+    }
+
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The hard cap (the requested one, rounded down to a multiple of the shard count).
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cap_holds_and_recently_seen_entries_survive() {
+        let m: ClockMap<u32> = ClockMap::new(1000);
+        let regular = u64::MAX / 3;
+        for i in 1..100_000u64 {
+            m.with(i.wrapping_mul(0x9E37_79B9_7F4A_7C15), |v| *v += 1);
+            if i % 100 == 1 {
+                m.with(regular, |v| *v += 1);
+            }
+        }
+        assert!(m.len() <= m.capacity());
+        assert!(m.len() >= m.capacity() * 9 / 10, "{} of {}", m.len(), m.capacity());
+        assert_eq!(m.peek(regular), Some(1000), "an entry seen often survives (touched 1000 times)");
+        assert_eq!(m.peek(0x9E37_79B9_7F4A_7C15), None, "the first one-off entry was evicted");
+    }
+
+    #[test]
+    fn retain_and_remove() {
+        let m: ClockMap<u32> = ClockMap::new(10);
+        m.with(1, |v| *v = 1);
+        m.with(2, |v| *v = 2);
+        assert_eq!(m.retain(|v| *v > 1), 1);
+        assert_eq!(m.peek(1), None);
+        assert!(m.remove(2));
+        assert!(!m.remove(2));
+        assert!(m.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod table_tests {
+    use super::*;
+
+    /// Inserts and removals in a random order keep every remaining key findable
+    /// (backward-shift deletion is easy to get subtly wrong).
+    #[test]
+    fn removals_keep_probe_runs_intact() {
+        let mut shard: Shard<u64> = Shard::new(10_000);
+        let mut rng = fastrand::Rng::with_seed(3);
+        let mut live = std::collections::HashSet::new();
+        for _ in 0..20_000 {
+            // Small keys collide a lot in a small table: long probe runs.
+            let key = rng.u64(1..3000);
+            if rng.bool() {
+                shard.touch(key).value = key;
+                live.insert(key);
+            } else if let Some(i) = shard.find(key) {
+                shard.remove_at(i);
+                live.remove(&key);
+            }
+            assert_eq!(shard.len, live.len());
+        }
+        for key in 1..3000 {
+            assert_eq!(shard.find(key).map(|i| shard.slots[i].value), live.contains(&key).then_some(key));
+        }
+    }
+}
