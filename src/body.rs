@@ -11,19 +11,58 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The body of requests and responses inside levee.
-pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+///
+/// A newtype rather than an alias of `UnsyncBoxBody<Bytes, BoxError>`: with
+/// the alias, `Request<Body>` carries the `dyn Error`'s elided lifetime, and
+/// rustc then fails to prove that async blocks holding a generic inner
+/// service's future are `Send` ("implementation of `Send` is not general
+/// enough"). A named type has no lifetime to generalise over.
+pub struct Body(UnsyncBoxBody<Bytes, BoxError>);
+
+impl std::fmt::Debug for Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Body")
+    }
+}
+
+impl Default for Body {
+    fn default() -> Self {
+        empty()
+    }
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.0).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.0.size_hint()
+    }
+}
 
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
+    Body(Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync())
 }
 
 pub fn empty() -> Body {
-    Empty::new().map_err(|never| match never {}).boxed_unsync()
+    Body(Empty::new().map_err(|never| match never {}).boxed_unsync())
 }
 
 /// Wraps any body whose error converts into `BoxError`.
@@ -32,7 +71,7 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    body.map_err(Into::into).boxed_unsync()
+    Body(body.map_err(Into::into).boxed_unsync())
 }
 
 /// The request body grew past `server.max_body_bytes` while streaming.
@@ -101,7 +140,7 @@ pub struct Guarded<G> {
 
 impl<G: Unpin + Send + 'static> Guarded<G> {
     pub fn wrap(inner: Body, guard: G) -> Body {
-        Guarded { inner, _guard: guard }.boxed_unsync()
+        Body(Guarded { inner, _guard: guard }.boxed_unsync())
     }
 }
 

@@ -25,7 +25,8 @@ use crate::listener::{self, tls::CertResolver};
 use crate::proxy::{Proxy, Route};
 use crate::router::Router;
 use crate::stack;
-use crate::store::{Registry, RouteLimits, Store};
+use crate::stack::{Registry, RouteState};
+use crate::store::Store;
 use crate::upstream::Upstream;
 
 #[derive(Debug, thiserror::Error)]
@@ -47,14 +48,18 @@ pub struct Runtime {
 impl Runtime {
     /// Builds the runtime of `config` on `store` (which outlives runtimes), and
     /// the registry the admin API reads clients through.
-    pub fn build(config: Config, store: Arc<Store>) -> (Runtime, Registry) {
+    /// `previous` is the registry of the running config: route state whose
+    /// settings did not change carries over (quarantines survive a reload).
+    pub fn build(config: Config, store: Arc<Store>, previous: Option<&Registry>) -> (Runtime, Registry) {
         let upstreams: Vec<Arc<Upstream>> =
             config.upstreams.iter().cloned().map(|u| Arc::new(Upstream::new(u))).collect();
         let mut registry = Registry { store: store.clone(), routes: Vec::with_capacity(config.routes.len()) };
+        let max_clients = config.store.max_clients;
         let router = Router::new(config.routes.iter().map(|r: &RouteConfig| {
-            let limits = Arc::new(RouteLimits::new(&r.name, &r.limits));
-            registry.routes.push(limits.clone());
-            let service = stack::build(r, upstreams[r.upstream].clone(), limits, store.clone());
+            let before = previous.and_then(|p| p.routes.iter().find(|s| *s.name == *r.name));
+            let state = Arc::new(RouteState::build(r, max_clients, before.map(|s| &**s)));
+            registry.routes.push(state.clone());
+            let service = stack::build(r, upstreams[r.upstream].clone(), &state, store.clone());
             (r.host.clone(), r.path_prefix.clone(), Route::new(r.clone(), service))
         }));
         (Runtime { config, router, upstreams, store }, registry)
@@ -119,7 +124,7 @@ impl Gateway {
         let status = Arc::new(ConfigStatus::new(config.hash.clone(), config.admin.token.clone()));
         let (reload, reload_rx) = ReloadHandle::channel();
         let store = Store::start(config.store.clone());
-        let (runtime, registry) = Runtime::build(config, store);
+        let (runtime, registry) = Runtime::build(config, store, None);
         Ok(Gateway {
             runtime: Arc::new(ArcSwap::from_pointee(runtime)),
             registry: Arc::new(ArcSwap::from_pointee(registry)),
@@ -255,7 +260,7 @@ impl Reloader {
             tracing::info!("[store] changed: starting a new store (client state starts afresh)");
             Store::start(config.store.clone())
         };
-        let (runtime, registry) = Runtime::build(config, store);
+        let (runtime, registry) = Runtime::build(config, store, Some(&self.registry.load()));
         self.runtime.store(Arc::new(runtime));
         self.registry.store(Arc::new(registry));
         self.status.applied(hash.clone(), token);

@@ -22,6 +22,8 @@ pub const TRACKED_CLIENTS: &str = "levee_tracked_clients";
 pub const STORE_UP: &str = "levee_store_up";
 pub const STORM_QUARANTINED: &str = "levee_storm_quarantined_clients";
 pub const AUTH_GUARD_TRIPPED: &str = "levee_auth_guard_tripped";
+/// levee's addition to the contract: a route whose total rate keeps multiplying.
+pub const STORM_ROUTE_ALARM: &str = "levee_storm_route_alarm";
 pub const ROUTE_LAST_SUCCESS: &str = "levee_route_last_success_timestamp_seconds";
 pub const ROUTE_STALE: &str = "levee_route_stale";
 pub const CONFIG_RELOADS_TOTAL: &str = "levee_config_reloads_total";
@@ -85,6 +87,10 @@ fn describe() {
     describe_gauge!(TRACKED_CLIENTS, "Client states held in this node's memory store.");
     describe_gauge!(STORE_UP, "1 when the rate-limit store answers, 0 while on_failure applies.");
     describe_gauge!(STORM_QUARANTINED, "Clients quarantined by the storm detector, by route and kind.");
+    describe_gauge!(
+        STORM_ROUTE_ALARM,
+        "1 while a route's total rate keeps multiplying (the whole fleet has the bug)."
+    );
     describe_gauge!(AUTH_GUARD_TRIPPED, "1 while the auth guard rewrites upstream 401s to 503 on a route.");
     describe_gauge!(ROUTE_LAST_SUCCESS, "Unix time of the route's last 2xx/3xx answer.");
     describe_gauge!(ROUTE_STALE, "1 when a route saw no success within expect_traffic_within.");

@@ -13,6 +13,7 @@ use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use http::{Response, StatusCode};
 
 use crate::body::{self, Body};
+use crate::stack::client_id::ClientKey;
 
 pub const X_LEVEE_REASON: HeaderName = HeaderName::from_static("x-levee-reason");
 
@@ -120,11 +121,14 @@ pub struct Shed {
     pub detail: Option<String>,
     /// Extra headers, such as `RateLimit-Policy` on a 429.
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// The client this refusal concerns, for the top-offenders summary (never a
+    /// metric label, never in the response).
+    pub client: Option<ClientKey>,
 }
 
 impl Shed {
     pub fn new(reason: Reason) -> Self {
-        Shed { reason, retry_after: None, detail: None, headers: Vec::new() }
+        Shed { reason, retry_after: None, detail: None, headers: Vec::new(), client: None }
     }
 
     pub fn retry_after(mut self, d: Duration) -> Self {
@@ -134,6 +138,11 @@ impl Shed {
 
     pub fn detail(mut self, d: impl Into<String>) -> Self {
         self.detail = Some(d.into());
+        self
+    }
+
+    pub fn client(mut self, client: ClientKey) -> Self {
+        self.client = Some(client);
         self
     }
 

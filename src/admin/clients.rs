@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::json_response;
 use crate::body::Body;
-use crate::store::Registry;
+use crate::stack::Registry;
 
 pub const PREFIX: &str = "/api/v1/clients/";
 
@@ -33,17 +33,20 @@ pub fn parse(path: &str, query: Option<&str>) -> Option<(String, Option<String>)
 pub async fn get(registry: &Arc<ArcSwap<Registry>>, key: &str, route: Option<&str>) -> http::Response<Body> {
     let registry = registry.load_full();
     if let Some(r) = route {
-        if !registry.routes.iter().any(|l| &*l.route == r) {
+        if !registry.routes.iter().any(|s| &*s.name == r) {
             return json_response(StatusCode::NOT_FOUND, json!({"error": "no_such_route", "route": r}));
         }
     }
     let mut routes = Vec::new();
-    for limits in registry.routes.iter().filter(|l| route.is_none_or(|r| &*l.route == r)) {
-        if limits.is_empty() {
-            continue;
-        }
-        if let Some(state) = registry.store.peek(limits, key, Instant::now()).await {
-            routes.push(json!({"route": &*limits.route, "limits": state}));
+    let now = Instant::now();
+    for state in registry.routes.iter().filter(|s| route.is_none_or(|r| &*s.name == r)) {
+        let limits = match state.limits.is_empty() {
+            true => None,
+            false => registry.store.peek(&state.limits, key, now).await,
+        };
+        let storm = state.storm.as_ref().and_then(|s| s.client_state(key, now));
+        if limits.is_some() || storm.is_some() {
+            routes.push(json!({"route": &*state.name, "limits": limits.unwrap_or_default(), "storm": storm}));
         }
     }
     if routes.is_empty() {
@@ -62,9 +65,11 @@ pub async fn delete(
 ) -> http::Response<Body> {
     let registry = registry.load_full();
     let mut reset = Vec::new();
-    for limits in registry.routes.iter().filter(|l| route.is_none_or(|r| &*l.route == r)) {
-        if !limits.is_empty() && registry.store.reset(limits, key).await {
-            reset.push(limits.route.to_string());
+    for state in registry.routes.iter().filter(|s| route.is_none_or(|r| &*s.name == r)) {
+        let limits = !state.limits.is_empty() && registry.store.reset(&state.limits, key).await;
+        let storm = state.storm.as_ref().is_some_and(|s| s.reset(key));
+        if limits || storm {
+            reset.push(state.name.to_string());
         }
     }
     if reset.is_empty() {

@@ -21,7 +21,7 @@ use crate::body::{self, Body};
 use crate::config::reload::{ConfigStatus, ReloadHandle};
 use crate::listener::{ConnInfo, ConnLimits, Handler};
 use crate::stack::BoxFuture;
-use crate::store::Registry;
+use crate::stack::Registry;
 
 mod clients;
 

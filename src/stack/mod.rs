@@ -15,8 +15,10 @@
 //! no-op in it. Every stage's error is a [`Shed`]: the outermost caller turns it
 //! into levee's answer through `respond.rs`.
 
+pub mod auth_guard;
 pub mod client_id;
 pub mod rate_limit;
+pub mod storm;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -33,24 +35,69 @@ use crate::context::RequestContext;
 use crate::respond::{Reason, Shed};
 use crate::store::{RouteLimits, Store};
 use crate::upstream::{Upstream, UpstreamService};
+use auth_guard::AuthGuard;
+use storm::Storm;
 
 /// A route's whole stack, type-erased so `Route` is one concrete type.
 pub type RouteService = BoxCloneSyncService<Request<Body>, Response<Body>, Shed>;
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
+/// The state of one route that outlives a config reload (when its settings do
+/// not change): its limits (whose buckets live in the store), its storm
+/// detector and its auth guard. The admin API reads clients through it.
+pub struct RouteState {
+    pub name: Arc<str>,
+    pub limits: Arc<RouteLimits>,
+    pub storm: Option<Arc<Storm>>,
+    pub guard: Option<Arc<AuthGuard>>,
+}
+
+impl RouteState {
+    /// The state of `route`, reusing `previous` (the same route in the running
+    /// config) where its settings are unchanged, so a reload keeps quarantines.
+    pub fn build(route: &RouteConfig, max_clients: usize, previous: Option<&RouteState>) -> RouteState {
+        let storm = route.storm.enabled.then(|| match previous.and_then(|p| p.storm.as_ref()) {
+            Some(s) if s.config == route.storm => s.clone(),
+            _ => Storm::start(&route.name, &route.storm, max_clients),
+        });
+        let guard = route.auth_guard.enabled.then(|| match previous.and_then(|p| p.guard.as_ref()) {
+            Some(g) if g.config == route.auth_guard => g.clone(),
+            _ => AuthGuard::new(&route.name, &route.auth_guard, max_clients),
+        });
+        RouteState {
+            name: Arc::from(route.name.as_str()),
+            limits: Arc::new(RouteLimits::new(&route.name, &route.limits)),
+            storm,
+            guard,
+        }
+    }
+}
+
+/// What the admin API needs to inspect and reset clients: the live store and
+/// every route's state. Swapped on reload.
+pub struct Registry {
+    pub store: Arc<Store>,
+    pub routes: Vec<Arc<RouteState>>,
+}
+
 /// Builds the stack of one route.
 pub fn build(
     route: &RouteConfig,
     upstream: Arc<Upstream>,
-    limits: Arc<RouteLimits>,
+    state: &RouteState,
     store: Arc<Store>,
 ) -> RouteService {
     let svc = ServiceBuilder::new()
         // 3a: every later stage keys its state by this identity.
         .layer(CheckLayer::new(client_id::ClientId::new(route)))
+        // Response side: sees every relayed response, so it sits outside the
+        // stages that shed; turns a 401 wave to authorized clients into 503.
+        .option_layer(auth_guard::AuthGuardLayer::new(state.guard.clone()))
+        // 3c: callback bombs and retry storms, before any state is spent on them.
+        .option_layer(storm::StormLayer::new(state.storm.clone()))
         // 3d: every [[routes.limits]], through the store; absent without limits.
-        .option_layer(rate_limit::RateLimitLayer::new(limits, store))
+        .option_layer(rate_limit::RateLimitLayer::new(state.limits.clone(), store))
         // 4: the upstream pool: balance, forward, time out.
         .service(UpstreamService(upstream));
     BoxCloneSyncService::new(svc)

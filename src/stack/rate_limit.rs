@@ -52,8 +52,6 @@ pub struct RateLimit<S> {
 
 impl<S> Service<Request<Body>> for RateLimit<S>
 where
-    // A concrete future type: naming `S::Future` inside the async block trips a
-    // rustc limitation (higher-ranked lifetimes in `dyn Error` of the body).
     S: Service<
             Request<Body>,
             Response = Response<Body>,
@@ -89,7 +87,8 @@ where
                 }
             };
             if !decision.allowed {
-                let mut shed = Shed::new(Reason::RateLimited).retry_after(decision.retry_after);
+                let mut shed =
+                    Shed::new(Reason::RateLimited).retry_after(decision.retry_after).client(client);
                 shed.headers.extend(headers(&limits, &decision));
                 return Err(shed);
             }

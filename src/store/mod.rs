@@ -246,10 +246,3 @@ async fn sweep(memory: Weak<MemoryStore>) {
         metrics::gauge!(m::TRACKED_CLIENTS).set(memory.len() as f64);
     }
 }
-
-/// What the admin API needs to inspect and reset clients: the live store and
-/// the limits of every route of the live config. Swapped on reload.
-pub struct Registry {
-    pub store: Arc<Store>,
-    pub routes: Vec<Arc<RouteLimits>>,
-}

@@ -10,4 +10,5 @@ mod proxy;
 mod rate_limit;
 mod redis_store;
 mod reload;
+mod storm;
 mod tls;

@@ -1,0 +1,248 @@
+//! The 401 guard (response side): a wave of upstream 401s to clients that
+//! were authorized moments ago is an upstream fault, not revoked credentials.
+//!
+//! In the outage behind it, a starved gateway answered 401, paired devices took
+//! that for "credentials revoked", re-paired, and tripled the traffic. So:
+//! levee remembers which clients got a 2xx within `recently_authorized`
+//! (bounded: a [`ClockMap`] capped at `store.max_clients`). Over a sliding
+//! `window` (ten buckets), it counts the responses to those clients (every 2xx
+//! counts, since it makes its client recently authorized) and the 401s among
+//! them.
+//!
+//! The guard needs evidence, so the first 401s of a wave pass before it trips:
+//! with `S` successes in the window, about `S · r / (1 - r)` of them for
+//! `max_401_ratio = r` (26 after 60 successes at the default 0.3). From then on
+//! no recently-authorized client sees a 401. When there were at least `min_responses` and the share of
+//! 401s is above `max_401_ratio`, the guard trips: an upstream 401 to a
+//! recently-authorized client becomes 503 `upstream_auth_anomaly` with
+//! `Retry-After` (the window, jittered), so the device keeps its credentials
+//! and comes back later. The guard resets by itself when the share falls.
+//! A 401 to a client that never succeeded passes unchanged, and while the
+//! guard is quiet every 401 passes unchanged.
+
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Request, Response, StatusCode};
+use tokio::time::Instant;
+use tower::{Layer, Service};
+
+use super::client_id::Identity;
+use super::BoxFuture;
+use crate::body::Body;
+use crate::config::AuthGuardConfig;
+use crate::metrics as m;
+use crate::respond::{jitter, Reason, Shed};
+use crate::store::clock::ClockMap;
+
+const BUCKETS: usize = 10;
+
+/// Responses to recently-authorized clients over the window, in buckets.
+#[derive(Debug, Default)]
+struct Window {
+    /// (bucket index, responses, 401s)
+    buckets: [(u64, u32, u32); BUCKETS],
+}
+
+impl Window {
+    fn add(&mut self, idx: u64, unauthorized: bool) {
+        let b = &mut self.buckets[(idx % BUCKETS as u64) as usize];
+        if b.0 != idx {
+            *b = (idx, 0, 0);
+        }
+        b.1 += 1;
+        b.2 += u32::from(unauthorized);
+    }
+
+    /// (responses, 401s) over the buckets of the last window.
+    fn totals(&self, idx: u64) -> (u32, u32) {
+        self.buckets
+            .iter()
+            .filter(|b| b.0 + BUCKETS as u64 > idx && b.0 <= idx)
+            .fold((0, 0), |(r, u), b| (r + b.1, u + b.2))
+    }
+}
+
+pub struct AuthGuard {
+    route: Arc<str>,
+    pub config: AuthGuardConfig,
+    /// Client hash → millisecond of its last 2xx.
+    authorized: ClockMap<u64>,
+    window: Mutex<Window>,
+    tripped: AtomicBool,
+    epoch: Instant,
+    seed: foldhash::fast::RandomState,
+}
+
+impl AuthGuard {
+    pub fn new(route: &str, config: &AuthGuardConfig, max_clients: usize) -> Arc<Self> {
+        metrics::gauge!(m::AUTH_GUARD_TRIPPED, "route" => route.to_string()).set(0.0);
+        Arc::new(AuthGuard {
+            route: Arc::from(route),
+            config: config.clone(),
+            authorized: ClockMap::new(max_clients),
+            window: Mutex::new(Window::default()),
+            tripped: AtomicBool::new(false),
+            epoch: Instant::now(),
+            seed: foldhash::fast::RandomState::default(),
+        })
+    }
+
+    fn ms(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX) + 1
+    }
+
+    pub fn tripped(&self) -> bool {
+        self.tripped.load(Ordering::Relaxed)
+    }
+
+    /// Looks at one relayed response status for `client`; `true` when this
+    /// 401 must become 503 `upstream_auth_anomaly`.
+    pub fn observe(&self, client: &str, status: StatusCode, now: Instant) -> bool {
+        let now_ms = self.ms(now);
+        let mut h = self.seed.build_hasher();
+        h.write(client.as_bytes());
+        let key = h.finish();
+        let recent_ms = u64::try_from(self.config.recently_authorized.as_millis()).unwrap_or(u64::MAX);
+        let authorized = self.authorized.peek(key).is_some_and(|at| now_ms.saturating_sub(at) <= recent_ms);
+        if status.is_success() {
+            self.authorized.with(key, |at| *at = now_ms);
+        } else if !authorized {
+            // Neither evidence of health nor of an anomaly: a client that
+            // never succeeded, or a failure to someone not recently authorized.
+            return false;
+        }
+        let unauthorized = status == StatusCode::UNAUTHORIZED;
+        let bucket_ms =
+            (u64::try_from(self.config.window.as_millis()).unwrap_or(u64::MAX) / BUCKETS as u64).max(1);
+        let idx = now_ms / bucket_ms;
+        let (responses, unauthorized_count) = {
+            let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
+            w.add(idx, unauthorized);
+            w.totals(idx)
+        };
+        let trip = responses >= self.config.min_responses
+            && f64::from(unauthorized_count) > self.config.max_401_ratio * f64::from(responses);
+        if self.tripped.swap(trip, Ordering::Relaxed) != trip {
+            metrics::gauge!(m::AUTH_GUARD_TRIPPED, "route" => self.route.to_string()).set(if trip {
+                1.0
+            } else {
+                0.0
+            });
+            if trip {
+                tracing::warn!(route = %self.route, responses, unauthorized = unauthorized_count, "auth guard tripped: upstream 401s to recently-authorized clients become 503");
+            } else {
+                tracing::info!(route = %self.route, "auth guard reset: upstream 401s pass unchanged");
+            }
+        }
+        trip && unauthorized
+    }
+}
+
+#[derive(Clone)]
+pub struct AuthGuardLayer(Arc<AuthGuard>);
+
+impl AuthGuardLayer {
+    /// `None` when `[routes.auth_guard] enabled = false`.
+    pub fn new(guard: Option<Arc<AuthGuard>>) -> Option<Self> {
+        guard.filter(|g| g.config.enabled).map(AuthGuardLayer)
+    }
+}
+
+impl<S> Layer<S> for AuthGuardLayer {
+    type Service = AuthGuardService<S>;
+    fn layer(&self, inner: S) -> AuthGuardService<S> {
+        AuthGuardService { guard: self.0.clone(), inner }
+    }
+}
+
+#[derive(Clone)]
+pub struct AuthGuardService<S> {
+    guard: Arc<AuthGuard>,
+    inner: S,
+}
+
+impl<S> Service<Request<Body>> for AuthGuardService<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Shed> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Shed;
+    type Future = BoxFuture<Result<Response<Body>, Shed>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Shed>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let guard = self.guard.clone();
+        let client = req.extensions().get::<Identity>().map(|i| i.client.clone());
+        Box::pin(async move {
+            let rsp = inner.call(req).await?;
+            let Some(client) = client else { return Ok(rsp) };
+            if guard.observe(client.as_str(), rsp.status(), Instant::now()) {
+                let retry = jitter(guard.config.window.max(Duration::from_secs(1)), 0.5);
+                return Err(Shed::new(Reason::UpstreamAuthAnomaly)
+                    .retry_after(retry)
+                    .detail("the upstream is refusing clients it accepted moments ago; keep your credentials and retry later")
+                    .client(client));
+            }
+            Ok(rsp)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guard() -> Arc<AuthGuard> {
+        let config = AuthGuardConfig {
+            enabled: true,
+            window: Duration::from_secs(10),
+            min_responses: 50,
+            max_401_ratio: 0.3,
+            recently_authorized: Duration::from_secs(600),
+        };
+        AuthGuard::new("t", &config, 1000)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_401_wave_to_authorized_clients_trips_and_heals() {
+        let g = guard();
+        let now = Instant::now();
+        for c in 0..60 {
+            assert!(!g.observe(&format!("c{c}"), StatusCode::OK, now));
+        }
+        let rewritten =
+            (0..60).filter(|c| g.observe(&format!("c{c}"), StatusCode::UNAUTHORIZED, now)).count();
+        assert!(g.tripped());
+        assert!(rewritten > 30, "{rewritten}");
+        // A client that never succeeded gets its 401 unchanged.
+        assert!(!g.observe("stranger", StatusCode::UNAUTHORIZED, now));
+        // The upstream heals: successes push the share down, the guard resets.
+        let later = now + Duration::from_secs(11);
+        for c in 0..60 {
+            g.observe(&format!("c{c}"), StatusCode::OK, later);
+        }
+        assert!(!g.tripped());
+        assert!(!g.observe("c1", StatusCode::UNAUTHORIZED, later));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lone_401_with_a_healthy_upstream_passes() {
+        let g = guard();
+        let now = Instant::now();
+        for c in 0..100 {
+            g.observe(&format!("c{c}"), StatusCode::OK, now);
+        }
+        assert!(!g.observe("c3", StatusCode::UNAUTHORIZED, now));
+        assert!(!g.tripped());
+    }
+}

@@ -1,0 +1,228 @@
+//! Callback bombs: a client whose request rate keeps multiplying.
+//!
+//! Each client's requests are counted per `interval` (intervals aligned on the
+//! detector's clock). A completed interval *grew* when its count is at least
+//! `min_rate` and at least `growth_factor` times the previous one (less one
+//! request of counting noise: a doubling rate split across interval borders
+//! can count 31 after 16). `growth_intervals` growths in a row is a bomb. The
+//! interval that completes the streak does not have to finish: the client is
+//! quarantined on the request that makes it grow, so a client doubling from
+//! 2/s is caught at 32 requests in its 32/s second, long before a static limit
+//! set for honest bursts would trip.
+//!
+//! What is not a bomb: a steady rate, however high (no growth); a one-off jump
+//! such as a reconnect burst (one growth, then none); a slow ramp below
+//! `growth_factor`. Known false positive, by design: an honest client that
+//! itself multiplies its rate `growth_intervals` times in a row above
+//! `min_rate` (raise `growth_intervals` for routes that see such ramps).
+//!
+//! A quarantine lasts `quarantine`, doubled for each relapse "soon" after the
+//! last release (within one `quarantine` plus the `growth_intervals + 1`
+//! intervals a new streak takes), at most 64×. Requests made during a
+//! quarantine are still counted, so a client still multiplying when released
+//! is caught again at once.
+
+/// Per-client growth and quarantine state: 32 bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Growth {
+    /// Index of the interval `cur` counts.
+    pub interval: u32,
+    pub cur: u32,
+    pub prev: u32,
+    pub streak: u8,
+    /// Relapses so far: the quarantine doubles with each.
+    pub strikes: u8,
+    /// Milliseconds on the detector's clock; 0: never quarantined.
+    pub quarantined_until: u64,
+    /// When the last quarantine started (relapse detection).
+    pub quarantined_at: u64,
+}
+
+/// The rules of one route, in the detector's units.
+#[derive(Debug, Clone, Copy)]
+pub struct GrowthRules {
+    pub interval_ms: u64,
+    pub factor: f64,
+    pub intervals: u8,
+    /// `min_rate` as requests per interval.
+    pub min_count: u32,
+    pub quarantine_ms: u64,
+}
+
+/// What one request does to its client's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    /// Newly quarantined, or still quarantined: milliseconds left.
+    Quarantined {
+        left_ms: u64,
+        new: bool,
+    },
+}
+
+impl GrowthRules {
+    fn grew(&self, cur: u32, prev: u32) -> bool {
+        cur >= self.min_count && prev > 0 && f64::from(cur) + 1.0 >= self.factor * f64::from(prev)
+    }
+
+    /// Counts one request at `now_ms`. `needed` is the streak that makes a bomb
+    /// (`intervals`, or 1 while the route's aggregate is alarming).
+    pub fn observe(&self, s: &mut Growth, now_ms: u64, needed: u8) -> Verdict {
+        let idx = u32::try_from(now_ms / self.interval_ms.max(1)).unwrap_or(u32::MAX);
+        if idx != s.interval {
+            if idx == s.interval.wrapping_add(1) {
+                s.streak = if self.grew(s.cur, s.prev) { s.streak.saturating_add(1) } else { 0 };
+                s.prev = s.cur;
+            } else {
+                // A silent interval (or the first one): no growth to speak of.
+                s.streak = 0;
+                s.prev = 0;
+            }
+            s.cur = 0;
+            s.interval = idx;
+        }
+        s.cur = s.cur.saturating_add(1);
+        if now_ms < s.quarantined_until {
+            return Verdict::Quarantined { left_ms: s.quarantined_until - now_ms, new: false };
+        }
+        if self.grew(s.cur, s.prev) && s.streak.saturating_add(1) >= needed.max(1) {
+            // Soon after release: within one quarantine plus the time a streak takes.
+            let soon = self.quarantine_ms + (u64::from(self.intervals) + 1) * self.interval_ms;
+            let relapse = s.quarantined_until > 0 && now_ms < s.quarantined_until + soon;
+            s.strikes = if relapse { s.strikes.saturating_add(1).min(6) } else { 0 };
+            let length = self.quarantine_ms << s.strikes;
+            s.quarantined_at = now_ms;
+            s.quarantined_until = now_ms + length;
+            return Verdict::Quarantined { left_ms: length, new: true };
+        }
+        Verdict::Pass
+    }
+}
+
+/// A whole route's growth: the same rule over the sum of its clients, kept
+/// lock-free (a request adds one; the first request of a new interval rolls).
+#[derive(Debug, Default)]
+pub struct RouteGrowth {
+    interval: std::sync::atomic::AtomicU32,
+    cur: std::sync::atomic::AtomicU32,
+    prev: std::sync::atomic::AtomicU32,
+    streak: std::sync::atomic::AtomicU32,
+}
+
+impl RouteGrowth {
+    /// Counts one request; returns the route's current growth streak.
+    pub fn observe(&self, rules: &GrowthRules, now_ms: u64) -> u32 {
+        use std::sync::atomic::Ordering::Relaxed;
+        let idx = u32::try_from(now_ms / rules.interval_ms.max(1)).unwrap_or(u32::MAX);
+        let seen = self.interval.load(Relaxed);
+        if idx != seen && self.interval.compare_exchange(seen, idx, Relaxed, Relaxed).is_ok() {
+            let cur = self.cur.swap(0, Relaxed);
+            let prev = self.prev.swap(cur, Relaxed);
+            let streak = if idx == seen.wrapping_add(1) && rules.grew(cur, prev) {
+                self.streak.load(Relaxed).saturating_add(1)
+            } else {
+                0
+            };
+            self.streak.store(streak, Relaxed);
+        }
+        self.cur.fetch_add(1, Relaxed);
+        self.streak.load(Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules() -> GrowthRules {
+        GrowthRules { interval_ms: 1000, factor: 2.0, intervals: 3, min_count: 5, quarantine_ms: 60_000 }
+    }
+
+    /// Sends `n` requests evenly spread over second `sec`; returns the first verdict that is not Pass.
+    fn second(r: &GrowthRules, s: &mut Growth, sec: u64, n: u64) -> Option<(u64, Verdict)> {
+        for k in 0..n {
+            let v = r.observe(s, sec * 1000 + k * 1000 / n.max(1), r.intervals);
+            if v != Verdict::Pass {
+                return Some((k, v));
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn a_client_doubling_from_2_per_second_is_caught_at_32_per_second() {
+        let r = rules();
+        let mut s = Growth::default();
+        let mut caught = None;
+        for (sec, rate) in [2u64, 4, 8, 16, 32, 64, 128].iter().enumerate() {
+            if let Some((k, v)) = second(&r, &mut s, 10 + sec as u64, *rate) {
+                caught = Some((*rate, k, v));
+                break;
+            }
+        }
+        let (rate, k, v) = caught.expect("never caught");
+        assert!(rate <= 32, "caught only at {rate}/s");
+        assert_eq!(v, Verdict::Quarantined { left_ms: 60_000, new: true });
+        assert!(k < 32, "request {k} of its {rate}/s second");
+    }
+
+    #[test]
+    fn steady_clients_and_one_off_bursts_are_not_bombs() {
+        let r = rules();
+        let mut steady = Growth::default();
+        for sec in 0..30 {
+            assert_eq!(second(&r, &mut steady, sec, 200), None);
+        }
+        let mut burst = Growth::default();
+        for (sec, n) in [1u64, 1, 100, 1, 1, 1, 100, 0, 100].iter().enumerate() {
+            assert_eq!(second(&r, &mut burst, sec as u64, *n), None);
+        }
+    }
+
+    #[test]
+    fn quarantine_expires_and_a_relapse_doubles_it() {
+        let r = GrowthRules { quarantine_ms: 2000, ..rules() };
+        let mut s = Growth::default();
+        let mut sec = 0;
+        let mut rate = 2;
+        let first = loop {
+            if let Some((_, v)) = second(&r, &mut s, sec, rate) {
+                break v;
+            }
+            sec += 1;
+            rate *= 2;
+        };
+        assert_eq!(first, Verdict::Quarantined { left_ms: 2000, new: true });
+        // Silence until released, then an honest request passes.
+        let released = s.quarantined_until;
+        assert_eq!(r.observe(&mut s, released + 1, 3), Verdict::Pass);
+        // It bombs again at once: the second quarantine is twice as long.
+        let mut sec = released / 1000 + 1;
+        let mut rate = 4;
+        let again = loop {
+            if let Some((_, v)) = second(&r, &mut s, sec, rate) {
+                break v;
+            }
+            sec += 1;
+            rate *= 2;
+            assert!(rate < 1 << 12);
+        };
+        assert_eq!(again, Verdict::Quarantined { left_ms: 4000, new: true });
+    }
+
+    #[test]
+    fn an_alarming_route_sheds_a_growing_client_after_one_growth() {
+        let r = rules();
+        let mut s = Growth::default();
+        assert_eq!(second(&r, &mut s, 0, 10), None);
+        assert!(matches!(r.observe(&mut s, 1000, 1), Verdict::Pass));
+        let mut v = Verdict::Pass;
+        for k in 1..20 {
+            v = r.observe(&mut s, 1000 + k * 10, 1);
+            if v != Verdict::Pass {
+                break;
+            }
+        }
+        assert!(matches!(v, Verdict::Quarantined { new: true, .. }));
+    }
+}

@@ -1,0 +1,334 @@
+//! Stage 3c: storm defence. Callback bombs (a client whose rate keeps
+//! multiplying, `growth.rs`) and retry storms (the same request re-sent while
+//! the last one is in flight or just failed, `duplicates.rs`). Also watches the
+//! route's whole rate: when the aggregate keeps multiplying (the whole fleet has
+//! the bug) the route alarms, and a client needs a single growth, not a streak,
+//! to be quarantined, so the fastest-growing clients go first.
+//!
+//! Bounds: per-client state lives in two [`ClockMap`]s capped at
+//! `store.max_clients` each (32 bytes of state per entry); a sweeper drops idle
+//! entries every second and publishes the quarantine gauges. Cost on the
+//! request path: two map operations and a few atomics.
+
+pub mod duplicates;
+pub mod growth;
+
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use tokio::time::Instant;
+use tower::{Layer, Service};
+
+use super::client_id::Identity;
+use super::BoxFuture;
+use crate::body::{self, Body};
+use crate::config::StormConfig;
+use crate::metrics as m;
+use crate::respond::{Reason, Shed};
+use crate::store::clock::ClockMap;
+use duplicates::{Dup, DupRules};
+use growth::{Growth, GrowthRules, RouteGrowth, Verdict};
+
+/// Bodies up to this size are part of a request's fingerprint (they are read
+/// before forwarding); larger or unsized bodies are left out of it.
+pub const MAX_HASHED_BODY: u64 = 8 * 1024;
+
+/// The storm detector of one route.
+pub struct Storm {
+    route: Arc<str>,
+    pub config: StormConfig,
+    growth: GrowthRules,
+    dups: DupRules,
+    clients: ClockMap<Growth>,
+    requests: ClockMap<Dup>,
+    route_growth: RouteGrowth,
+    alarm: AtomicBool,
+    epoch: Instant,
+    seed: foldhash::fast::RandomState,
+    /// Published by the sweeper: quarantined clients by kind.
+    bombs: AtomicUsize,
+    storms: AtomicUsize,
+}
+
+impl Storm {
+    /// A detector for `route`; its sweeper ends when the detector is dropped.
+    pub fn start(route: &str, config: &StormConfig, max_clients: usize) -> Arc<Self> {
+        let interval_ms = u64::try_from(config.interval.as_millis()).unwrap_or(u64::MAX).max(1);
+        let min_count = (config.min_rate.per_second() * interval_ms as f64 / 1000.0).ceil().max(1.0) as u32;
+        let quarantine_ms = u64::try_from(config.quarantine.as_millis()).unwrap_or(u64::MAX).max(1);
+        let storm = Arc::new(Storm {
+            route: Arc::from(route),
+            growth: GrowthRules {
+                interval_ms,
+                factor: config.growth_factor,
+                intervals: u8::try_from(config.growth_intervals).unwrap_or(u8::MAX),
+                min_count,
+                quarantine_ms,
+            },
+            dups: DupRules {
+                window_ms: u64::try_from(config.duplicate_window.as_millis()).unwrap_or(u64::MAX).max(1),
+                max_duplicates: config.max_duplicates,
+                max_backoff_ms: quarantine_ms,
+            },
+            clients: ClockMap::new(max_clients),
+            requests: ClockMap::new(max_clients),
+            route_growth: RouteGrowth::default(),
+            alarm: AtomicBool::new(false),
+            epoch: Instant::now(),
+            seed: foldhash::fast::RandomState::default(),
+            bombs: AtomicUsize::new(0),
+            storms: AtomicUsize::new(0),
+            config: config.clone(),
+        });
+        tokio::spawn(sweep(Arc::downgrade(&storm)));
+        storm
+    }
+
+    fn ms(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX) + 1
+    }
+
+    fn client_key(&self, client: &str) -> u64 {
+        let mut h = self.seed.build_hasher();
+        h.write(client.as_bytes());
+        h.finish()
+    }
+
+    /// A request's fingerprint: method, path, query and (small) body.
+    pub fn fingerprint(
+        &self,
+        client: &str,
+        method: &http::Method,
+        uri: &http::Uri,
+        body: Option<&[u8]>,
+    ) -> u64 {
+        let mut h = self.seed.build_hasher();
+        h.write(client.as_bytes());
+        h.write_u8(0);
+        h.write(method.as_str().as_bytes());
+        h.write(uri.path().as_bytes());
+        h.write_u8(b'?');
+        h.write(uri.query().unwrap_or("").as_bytes());
+        if let Some(b) = body {
+            h.write_u8(0);
+            h.write(b);
+        }
+        h.finish()
+    }
+
+    /// Decides one request: `Err` sheds it, `Ok` admits it (then call [`Storm::finish`]).
+    pub fn observe(&self, client: &str, fingerprint: u64, now: Instant) -> Result<(), Shed> {
+        let now_ms = self.ms(now);
+        let streak = self.route_growth.observe(&self.growth, now_ms);
+        let alarm = streak >= u32::from(self.growth.intervals);
+        if self.alarm.swap(alarm, Ordering::Relaxed) != alarm {
+            metrics::gauge!(m::STORM_ROUTE_ALARM, "route" => self.route.to_string()).set(if alarm {
+                1.0
+            } else {
+                0.0
+            });
+            if alarm {
+                tracing::warn!(route = %self.route, streak, "the route's total rate keeps multiplying: shedding its fastest-growing clients first");
+            } else {
+                tracing::info!(route = %self.route, "the route's total rate stopped multiplying");
+            }
+        }
+        let needed = if alarm { 1 } else { self.growth.intervals };
+        let key = self.client_key(client);
+        match self.clients.with(key, |g| self.growth.observe(g, now_ms, needed)) {
+            Verdict::Pass => {}
+            Verdict::Quarantined { left_ms, new } => {
+                if new {
+                    tracing::warn!(route = %self.route, client, quarantine_ms = left_ms, "callback bomb: client quarantined");
+                }
+                return Err(Shed::new(Reason::CallbackBomb)
+                    .retry_after(Duration::from_millis(left_ms))
+                    .detail(
+                        "your request rate keeps multiplying; this client is quarantined on this route",
+                    ));
+            }
+        }
+        if let Some(backoff_ms) = self.requests.with(fingerprint, |d| self.dups.arrive(d, now_ms)) {
+            return Err(Shed::new(Reason::RetryStorm)
+                .retry_after(Duration::from_millis(backoff_ms))
+                .detail("the same request was re-sent too often while failing or in flight; back off"));
+        }
+        Ok(())
+    }
+
+    /// The admitted request with `fingerprint` finished.
+    pub fn finish(&self, fingerprint: u64, failed: bool) {
+        self.requests.with(fingerprint, |d| self.dups.finish(d, failed));
+    }
+
+    /// Whether the route's aggregate rate is multiplying.
+    pub fn alarming(&self) -> bool {
+        self.alarm.load(Ordering::Relaxed)
+    }
+
+    pub fn route(&self) -> &str {
+        &self.route
+    }
+
+    /// Quarantined clients now: (callback bombs, retry storms).
+    pub fn quarantined(&self) -> (usize, usize) {
+        (self.bombs.load(Ordering::Relaxed), self.storms.load(Ordering::Relaxed))
+    }
+
+    /// The client's storm state, for the admin API; `None` when not tracked.
+    pub fn client_state(&self, client: &str, now: Instant) -> Option<serde_json::Value> {
+        let g = self.clients.peek(self.client_key(client))?;
+        let now_ms = self.ms(now);
+        let left = g.quarantined_until.saturating_sub(now_ms);
+        Some(serde_json::json!({
+            "requests_this_interval": g.cur,
+            "requests_last_interval": g.prev,
+            "growth_streak": g.streak,
+            "quarantined_for_s": left as f64 / 1000.0,
+            "relapses": g.strikes,
+        }))
+    }
+
+    /// Lifts the client's quarantine; true when it was tracked.
+    pub fn reset(&self, client: &str) -> bool {
+        self.clients.remove(self.client_key(client))
+    }
+}
+
+/// Drops idle state every second and publishes the quarantine gauges.
+async fn sweep(storm: Weak<Storm>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let Some(s) = storm.upgrade() else { return };
+        let now_ms = s.ms(Instant::now());
+        let (interval, window) = (s.growth.interval_ms, s.dups.window_ms);
+        let bombs = AtomicUsize::new(0);
+        s.clients.retain(|g| {
+            let quarantined = g.quarantined_until > now_ms;
+            bombs.fetch_add(usize::from(quarantined), Ordering::Relaxed);
+            // Keep what can still matter: a quarantine (and its relapse window), or recent counts.
+            let recent = u64::from(g.interval).saturating_add(2).saturating_mul(interval) >= now_ms;
+            quarantined || recent || g.quarantined_until + s.growth.quarantine_ms > now_ms
+        });
+        let storms = AtomicUsize::new(0);
+        s.requests.retain(|d| {
+            let active = now_ms.saturating_sub(d.last_seen) <= window;
+            storms.fetch_add(usize::from(active && d.retries > s.dups.max_duplicates), Ordering::Relaxed);
+            active || d.in_flight > 0
+        });
+        let (bombs, storms) = (bombs.into_inner(), storms.into_inner());
+        s.bombs.store(bombs, Ordering::Relaxed);
+        s.storms.store(storms, Ordering::Relaxed);
+        let route = s.route.to_string();
+        metrics::gauge!(m::STORM_QUARANTINED, "route" => route.clone(), "kind" => "callback_bomb")
+            .set(bombs as f64);
+        metrics::gauge!(m::STORM_QUARANTINED, "route" => route, "kind" => "retry_storm").set(storms as f64);
+    }
+}
+
+// === the stage ===
+
+#[derive(Clone)]
+pub struct StormLayer(Arc<Storm>);
+
+impl StormLayer {
+    /// `None` when `[routes.storm] enabled = false`: the stage is then absent.
+    pub fn new(storm: Option<Arc<Storm>>) -> Option<Self> {
+        storm.filter(|s| s.config.enabled).map(StormLayer)
+    }
+}
+
+impl<S> Layer<S> for StormLayer {
+    type Service = StormService<S>;
+    fn layer(&self, inner: S) -> StormService<S> {
+        StormService { storm: self.0.clone(), inner }
+    }
+}
+
+#[derive(Clone)]
+pub struct StormService<S> {
+    storm: Arc<Storm>,
+    inner: S,
+}
+
+/// Marks the request finished even if the client goes away mid-flight.
+struct InFlight {
+    storm: Arc<Storm>,
+    fingerprint: u64,
+    failed: bool,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.storm.finish(self.fingerprint, self.failed);
+    }
+}
+
+impl<S> Service<Request<Body>> for StormService<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Shed> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Shed;
+    type Future = BoxFuture<Result<Response<Body>, Shed>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Shed>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let storm = self.storm.clone();
+        Box::pin(async move {
+            let Some(client) = req.extensions().get::<Identity>().map(|i| i.client.clone()) else {
+                return Err(Shed::new(Reason::BadRequest).detail("request without identity"));
+            };
+            let (req, body) = small_body(req).await?;
+            let fingerprint = storm.fingerprint(client.as_str(), req.method(), req.uri(), body.as_deref());
+            if let Err(shed) = storm.observe(client.as_str(), fingerprint, Instant::now()) {
+                return Err(shed.client(client));
+            }
+            let mut guard = InFlight { storm, fingerprint, failed: true };
+            let result = inner.call(req).await;
+            guard.failed = match &result {
+                Ok(rsp) => rsp.status().is_server_error(),
+                Err(_) => true,
+            };
+            drop(guard);
+            result
+        })
+    }
+}
+
+/// Reads a body of known small size so it can be part of the fingerprint, and
+/// puts it back; anything else passes through untouched.
+async fn small_body(req: Request<Body>) -> Result<(Request<Body>, Option<Bytes>), Shed> {
+    let len = req
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match len {
+        Some(n) if n > 0 && n <= MAX_HASHED_BODY => {
+            let (parts, b) = req.into_parts();
+            let read = tokio::time::timeout(Duration::from_secs(10), b.collect()).await;
+            match read {
+                Ok(Ok(collected)) => {
+                    let bytes = collected.to_bytes();
+                    Ok((Request::from_parts(parts, body::full(bytes.clone())), Some(bytes)))
+                }
+                _ => Err(Shed::new(Reason::BadRequest).detail("the request body could not be read")),
+            }
+        }
+        _ => Ok((req, None)),
+    }
+}
