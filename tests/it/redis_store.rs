@@ -16,6 +16,8 @@ fn config(backend: std::net::SocketAddr, redis: &Redis, limit: &str, on_failure:
         + &upstream_and_route("b", &[backend], "api", "/")
             .replace("upstream = \"b\"", "upstream = \"b\"\nclient_key = \"header:x-device-id\"")
         + limit
+        // Storm detection is stage 3c; these tests look at the limits alone.
+        + "[routes.storm]\nenabled = false\n"
         + &format!(
             "\n[store]\nkind = \"redis\"\nurl = \"{}\"\non_failure = \"{on_failure}\"\ntimeout = \"100ms\"\n",
             redis.url()
