@@ -128,7 +128,9 @@ fn run(path: &Path) -> ExitCode {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     // LEVEE_WORKERS pins the number of worker threads (the load benchmark gives
     // levee and nginx the same CPU allotment); default: one per core.
-    if let Some(n) = std::env::var("LEVEE_WORKERS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|n| *n > 0) {
+    if let Some(n) =
+        std::env::var("LEVEE_WORKERS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|n| *n > 0)
+    {
         builder.worker_threads(n);
     }
     let runtime = match builder.enable_all().build() {
