@@ -15,7 +15,10 @@
 //! no-op in it. Every stage's error is a [`Shed`]: the outermost caller turns it
 //! into levee's answer through `respond.rs`.
 
+pub mod admission;
+pub mod circuit_breaker;
 pub mod client_id;
+pub mod retry;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -42,6 +45,12 @@ pub fn build(route: &RouteConfig, upstream: Arc<Upstream>) -> RouteService {
     let svc = ServiceBuilder::new()
         // 3a: every later stage keys its state by this identity.
         .layer(CheckLayer::new(client_id::ClientId::new(route)))
+        // 3b: shed before any work when the upstream is full: priorities, tenant fair share.
+        .layer(admission::AdmissionLayer::new(route, &upstream))
+        // 4c: refuse without touching a failing upstream; sees each request's final outcome.
+        .layer(circuit_breaker::CircuitBreakerLayer::new(upstream.clone()))
+        // 4d: retry idempotent failures within the upstream's budget (absent with attempts = 1).
+        .option_layer(retry::RetryLayer::new(&upstream))
         // 4: the upstream pool: balance, forward, time out.
         .service(UpstreamService(upstream));
     BoxCloneSyncService::new(svc)
