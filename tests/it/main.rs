@@ -3,9 +3,12 @@
 
 mod support;
 
+mod admission;
 mod binary;
 mod bounds;
+mod circuit_breaker;
 mod errors;
 mod proxy;
 mod reload;
+mod retry;
 mod tls;
