@@ -131,7 +131,11 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        self.upstream.budget.deposit(Instant::now());
+        // The request deposits at its arrival, a clock read the listener made already.
+        match super::context(&req) {
+            Ok(ctx) => self.upstream.budget.deposit(ctx.started),
+            Err(shed) => return Box::pin(std::future::ready(Err(shed))),
+        }
         let replayable = idempotent(req.method())
             && (req.body().is_end_stream()
                 || req.body().size_hint().upper().is_some_and(|n| n <= MAX_REPLAY_BYTES));

@@ -25,6 +25,7 @@
 //! Cost: without a tenant, one compare-and-swap to enter and one `fetch_sub` to
 //! leave; with a tenant, add a short lock on each.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -118,15 +119,10 @@ impl Concurrency {
         let held = tenants.get(tenant).copied().unwrap_or(0);
         let load = TenantLoad { held, active: tenants.len() };
         self.enter(priority, Some(load))?;
-        let tracked = if let Some(n) = tenants.get_mut(tenant) {
-            *n += 1;
-            true
-        } else if tenants.len() < MAX_TENANTS {
-            tenants.insert(tenant.clone(), 1);
-            true
-        } else {
-            false
-        };
+        let tracked = held > 0 || tenants.len() < MAX_TENANTS;
+        if tracked {
+            *tenants.entry(tenant.clone()).or_insert(0) += 1;
+        }
         Ok(Permit { concurrency: self.clone(), tenant: tracked.then(|| tenant.clone()) })
     }
 
@@ -150,11 +146,10 @@ impl Concurrency {
 
     fn release(&self, tenant: Option<&ClientKey>) {
         if let Some(t) = tenant {
-            let mut tenants = self.lock();
-            if let Some(n) = tenants.get_mut(t) {
-                *n -= 1;
-                if *n == 0 {
-                    tenants.remove(t);
+            if let Entry::Occupied(mut held) = self.lock().entry(t.clone()) {
+                *held.get_mut() -= 1;
+                if *held.get() == 0 {
+                    held.remove();
                 }
             }
         }
