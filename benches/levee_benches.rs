@@ -7,6 +7,7 @@ use criterion::{criterion_group, criterion_main};
 mod alloc;
 mod router;
 mod store;
+mod upstream;
 
 criterion_group!(benches, router::bench, store::bench);
-criterion_main!(benches);
+criterion_main!(benches, upstream::benches);

@@ -15,7 +15,7 @@
 //!           rate_limit     all limits via store/ ──────────► 429 rate_limited | 503 store_unavailable
 //!           circuit_breaker ───────────────────────────────► 503 circuit_open
 //!           retry          budget, backoff ────────────────► 503 retry_budget
-//!           └► upstream/   balance, forward ───────────────► 502 | 504
+//!           └► upstream/   balance, outlier, forward ──────► 502 | 504
 //!   ◄─ respond.rs          Reason → status, headers, JSON
 //! ```
 //!

@@ -15,6 +15,7 @@ pub const REQUEST_DURATION: &str = "levee_request_duration_seconds";
 pub const UPSTREAM_REQUESTS_TOTAL: &str = "levee_upstream_requests_total";
 pub const UPSTREAM_DURATION: &str = "levee_upstream_duration_seconds";
 pub const CIRCUIT_STATE: &str = "levee_circuit_state";
+pub const CIRCUIT_TRANSITIONS_TOTAL: &str = "levee_circuit_transitions_total";
 pub const ENDPOINT_EJECTED: &str = "levee_endpoint_ejected";
 pub const RETRIES_TOTAL: &str = "levee_retries_total";
 pub const RETRY_BUDGET_EXHAUSTED_TOTAL: &str = "levee_retry_budget_exhausted_total";
@@ -81,6 +82,7 @@ fn describe() {
     );
     describe_histogram!(UPSTREAM_DURATION, Unit::Seconds, "Upstream time to response head, by upstream.");
     describe_gauge!(CIRCUIT_STATE, "Circuit breaker state per upstream: 0 closed, 1 half-open, 2 open.");
+    describe_counter!(CIRCUIT_TRANSITIONS_TOTAL, "Circuit breaker state changes, by upstream and new state.");
     describe_gauge!(ENDPOINT_EJECTED, "1 while an endpoint is ejected by outlier detection.");
     describe_counter!(RETRIES_TOTAL, "Retries levee sent, by upstream.");
     describe_counter!(RETRY_BUDGET_EXHAUSTED_TOTAL, "Retries refused by the retry budget, by upstream.");

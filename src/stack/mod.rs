@@ -15,9 +15,12 @@
 //! no-op in it. Every stage's error is a [`Shed`]: the outermost caller turns it
 //! into levee's answer through `respond.rs`.
 
+pub mod admission;
 pub mod auth_guard;
+pub mod circuit_breaker;
 pub mod client_id;
 pub mod rate_limit;
+pub mod retry;
 pub mod storm;
 
 use std::future::Future;
@@ -94,10 +97,16 @@ pub fn build(
         // Response side: sees every relayed response, so it sits outside the
         // stages that shed; turns a 401 wave to authorized clients into 503.
         .option_layer(auth_guard::AuthGuardLayer::new(state.guard.clone()))
+        // 3b: shed before any work when the upstream is full: priorities, tenant fair share.
+        .layer(admission::AdmissionLayer::new(route, &upstream))
         // 3c: callback bombs and retry storms, before any state is spent on them.
         .option_layer(storm::StormLayer::new(state.storm.clone()))
         // 3d: every [[routes.limits]], through the store; absent without limits.
         .option_layer(rate_limit::RateLimitLayer::new(state.limits.clone(), store))
+        // 3e: refuse without touching a failing upstream; sees each request's final outcome.
+        .layer(circuit_breaker::CircuitBreakerLayer::new(upstream.clone()))
+        // 3f: retry idempotent failures within the upstream's budget (absent with attempts = 1).
+        .option_layer(retry::RetryLayer::new(&upstream))
         // 4: the upstream pool: balance, forward, time out.
         .service(UpstreamService(upstream));
     BoxCloneSyncService::new(svc)

@@ -1,8 +1,19 @@
 //! One `[upstreams.NAME]`: its endpoints, their in-flight counts, the pooled
 //! client, and the innermost service of every route stack that points at it.
+//!
+//! It also holds what protects it, one of each per upstream and shared by every
+//! route that uses it: the circuit breaker, outlier detection per endpoint, the
+//! retry budget and the in-flight count that admission decides on. The stages
+//! in `stack/` act on them; this module only feeds outlier detection, which
+//! judges each try on each endpoint.
 
 pub mod balance;
+pub mod circuit_breaker;
+pub mod concurrency;
 pub mod forward;
+pub mod outlier;
+pub mod retry_budget;
+pub mod window;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -19,7 +30,11 @@ use crate::config::UpstreamConfig;
 use crate::context::RequestContext;
 use crate::metrics as m;
 use crate::respond::{Reason, Shed};
+use circuit_breaker::CircuitBreaker;
+use concurrency::Concurrency;
 use forward::{ForwardError, HttpClient};
+use outlier::Outlier;
+use retry_budget::RetryBudget;
 
 /// One endpoint of an upstream.
 #[derive(Debug)]
@@ -38,21 +53,46 @@ pub struct Upstream {
     rr: AtomicUsize,
     name: SharedString,
     duration: Histogram,
+    /// Decides whether requests may reach this upstream at all.
+    pub breaker: CircuitBreaker,
+    /// Which endpoints are ejected; fed by every try.
+    pub outlier: Outlier,
+    /// How many retries the `retry` stage may still send.
+    pub budget: RetryBudget,
+    /// In-flight requests, by priority and tenant (the `admission` stage).
+    pub concurrency: Arc<Concurrency>,
+}
+
+/// Set by the `retry` stage in a request's extensions: which endpoint to avoid
+/// (the previous try's, when another one is usable), and where
+/// [`Upstream::forward`] reports the endpoint it picked.
+#[derive(Debug, Clone, Default)]
+pub struct EndpointHint {
+    pub avoid: Option<usize>,
+    pub picked: Arc<AtomicUsize>,
 }
 
 impl Upstream {
     pub fn new(config: UpstreamConfig) -> Self {
         let name = SharedString::from(config.name.clone());
+        let origin = Instant::now();
+        let labels: Vec<SharedString> =
+            config.endpoints.iter().map(|e| SharedString::from(e.authority.to_string())).collect();
         let endpoints = config
             .endpoints
             .iter()
-            .map(|e| Endpoint {
+            .zip(&labels)
+            .map(|(e, label)| Endpoint {
                 authority: e.authority.clone(),
                 in_flight: AtomicUsize::new(0),
-                label: SharedString::from(e.authority.to_string()),
+                label: label.clone(),
             })
             .collect();
         Upstream {
+            breaker: CircuitBreaker::new(config.circuit_breaker.clone(), name.clone(), origin),
+            outlier: Outlier::new(config.outlier.clone(), name.clone(), &labels, origin),
+            budget: RetryBudget::new(&config.retry, origin),
+            concurrency: Arc::new(Concurrency::new(config.max_concurrency)),
             client: forward::client(config.connect_timeout),
             duration: metrics::histogram!(m::UPSTREAM_DURATION, "upstream" => name.clone()),
             endpoints,
@@ -66,31 +106,46 @@ impl Upstream {
         &self.config.name
     }
 
-    /// Picks an endpoint by the configured balance policy.
-    fn pick(&self) -> Option<usize> {
-        balance::pick(
-            self.config.balance,
-            self.endpoints.len(),
-            &self.rr,
-            |i| self.endpoints[i].in_flight.load(Ordering::Relaxed),
-            |_| true,
-        )
+    /// Picks an endpoint by the configured balance policy, skipping ejected
+    /// endpoints, and `avoid` too when another endpoint is usable.
+    fn pick(&self, avoid: Option<usize>) -> Option<usize> {
+        let n = self.endpoints.len();
+        let load = |i: usize| self.endpoints[i].in_flight.load(Ordering::Relaxed);
+        if avoid.is_none() && !self.outlier.any_ejected() {
+            // The common case: nothing to skip, no clock read.
+            return balance::pick(self.config.balance, n, &self.rr, load, |_| true);
+        }
+        self.outlier.refresh(Instant::now());
+        let healthy = |i: usize| !self.outlier.is_ejected(i);
+        let other = |i: usize| healthy(i) && Some(i) != avoid;
+        if avoid.is_some() && (0..n).any(other) {
+            balance::pick(self.config.balance, n, &self.rr, load, other)
+        } else {
+            balance::pick(self.config.balance, n, &self.rr, load, healthy)
+        }
     }
 
     /// Sends the request to one endpoint and maps a failure to levee's answer.
     pub async fn forward(self: Arc<Self>, req: Request<Body>) -> Result<Response<Body>, Shed> {
-        let Some(idx) = self.pick() else {
+        let hint = req.extensions().get::<EndpointHint>();
+        let Some(idx) = self.pick(hint.and_then(|h| h.avoid)) else {
             return Err(Shed::new(Reason::UpstreamUnreachable).detail("the upstream has no endpoints"));
         };
         let ctx = req.extensions().get::<RequestContext>().cloned();
         let Some(ctx) = ctx else {
             return Err(Shed::new(Reason::BadRequest).detail("request without context"));
         };
+        if let Some(hint) = hint {
+            hint.picked.store(idx, Ordering::Relaxed);
+        }
         let endpoint = &self.endpoints[idx];
         let guard = InFlight::enter(self.clone(), idx);
         let start = Instant::now();
         let result = forward::send(&self.client, &endpoint.authority, req, &ctx, self.config.timeout).await;
-        self.duration.record(start.elapsed().as_secs_f64());
+        let now = Instant::now();
+        self.duration.record(now.duration_since(start).as_secs_f64());
+        let failed = result.as_ref().map_or(true, |rsp| rsp.status().is_server_error());
+        self.outlier.record(idx, failed, now);
         match result {
             Ok(rsp) => {
                 self.count(idx, status_label(rsp.status().as_u16())).increment(1);

@@ -3,12 +3,15 @@
 
 mod support;
 
+mod admission;
 mod binary;
 mod bounds;
+mod circuit_breaker;
 mod errors;
 mod proxy;
 mod rate_limit;
 mod redis_store;
 mod reload;
+mod retry;
 mod storm;
 mod tls;

@@ -35,8 +35,20 @@ pub fn temp_dir(name: &str) -> PathBuf {
     dir
 }
 
-/// An address on which nothing listens (bound, then released).
+/// An address on which nothing listens: a socket bound to it and never
+/// listening, kept (leaked) for the rest of the run, so that no other test's
+/// listener can take the port while a test still connects to it (a released
+/// port could be handed out again, and a refused connect become a 200).
 pub fn closed_port() -> SocketAddr {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    std::mem::forget(socket);
+    addr
+}
+
+/// A port free right now, for a server started by the test (redis-server).
+pub fn free_port() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap()
 }

@@ -12,7 +12,7 @@ pub struct Redis {
 
 impl Redis {
     pub async fn spawn() -> Redis {
-        let addr = super::closed_port();
+        let addr = super::free_port();
         let mut r = Redis { addr, child: None };
         r.restart().await;
         r

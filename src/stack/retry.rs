@@ -1,0 +1,276 @@
+//! Stage 4d: levee's own retries, within the upstream's retry budget.
+//!
+//! A request is retried only when all of these hold:
+//! - its method is idempotent: GET, HEAD, OPTIONS, PUT, DELETE;
+//! - its body can be replayed: empty, or at most [`MAX_REPLAY_BYTES`] by its
+//!   declared length, in which case it is buffered before the first try. A
+//!   larger or chunked body is streamed once and never retried;
+//! - the try failed in a way listed in `retry.on` (`connect`, `timeout`, or a
+//!   relayed status), and fewer than `attempts` tries were made;
+//! - the budget ([`crate::upstream::retry_budget`]) allows one more retry.
+//!
+//! Before retry `n` levee waits a random time in `[0, backoff × 2^(n-1)]`
+//! ("full jitter"), and asks the upstream for a different endpoint than the
+//! previous try's when another one is usable.
+//!
+//! When the budget refuses, the client gets the last failure as it was: the
+//! relayed upstream response, unchanged. Only when that last failure was levee's
+//! own answer (502 `upstream_unreachable`, 504 `upstream_timeout`) does it
+//! become 503 `retry_budget` with `Retry-After`: levee had a retry to offer and
+//! withheld it to protect the upstream, and 503 says "come back later".
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response};
+use http_body::Body as _;
+use http_body_util::BodyExt;
+use metrics::Counter;
+use tokio::time::Instant;
+use tower::{Layer, Service};
+
+use super::BoxFuture;
+use crate::body::{self, Body};
+use crate::config::RetryConfig;
+use crate::metrics as m;
+use crate::respond::{self, Reason, Shed};
+use crate::upstream::{EndpointHint, Upstream};
+
+/// Larger request bodies are never buffered, so never retried.
+pub const MAX_REPLAY_BYTES: u64 = 64 * 1024;
+
+/// Whether a request with this method may be sent twice.
+pub fn idempotent(method: &Method) -> bool {
+    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE)
+}
+
+/// Whether the try's outcome is one `retry.on` lists.
+pub fn retryable(policy: &RetryConfig, result: &Result<Response<Body>, Shed>) -> bool {
+    match result {
+        Ok(rsp) => policy.on_status.contains(&rsp.status().as_u16()),
+        Err(shed) => match shed.reason {
+            Reason::UpstreamUnreachable => policy.on_connect,
+            Reason::UpstreamTimeout => policy.on_timeout,
+            _ => false,
+        },
+    }
+}
+
+/// The wait before retry number `retry` (1-based): `rand` ∈ [0, 1) of
+/// `base × 2^(retry-1)`.
+pub fn backoff(base: Duration, retry: u32, rand: f64) -> Duration {
+    let cap = base.saturating_mul(1u32 << retry.saturating_sub(1).min(16));
+    Duration::try_from_secs_f64(cap.as_secs_f64() * rand.clamp(0.0, 1.0)).unwrap_or(cap)
+}
+
+/// The answer when the budget refuses a retry after `last`.
+fn refused(last: Result<Response<Body>, Shed>) -> Result<Response<Body>, Shed> {
+    match last {
+        Ok(relayed) => Ok(relayed),
+        Err(shed) => Err(Shed::new(Reason::RetryBudget)
+            .retry_after(respond::jitter(Duration::from_secs(1), 1.0))
+            .detail(format!("the upstream failed ({}) and the retry budget is spent", shed.reason.as_str()))),
+    }
+}
+
+pub struct RetryLayer {
+    upstream: Arc<Upstream>,
+    retries: Counter,
+    exhausted: Counter,
+}
+
+impl RetryLayer {
+    /// `None` when the upstream allows one try only: the stage is then absent.
+    pub fn new(upstream: &Arc<Upstream>) -> Option<Self> {
+        if upstream.config.retry.attempts <= 1 {
+            return None;
+        }
+        let name = upstream.name().to_string();
+        Some(RetryLayer {
+            upstream: upstream.clone(),
+            retries: metrics::counter!(m::RETRIES_TOTAL, "upstream" => name.clone()),
+            exhausted: metrics::counter!(m::RETRY_BUDGET_EXHAUSTED_TOTAL, "upstream" => name),
+        })
+    }
+}
+
+impl<S> Layer<S> for RetryLayer {
+    type Service = RetryService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        RetryService {
+            upstream: self.upstream.clone(),
+            retries: self.retries.clone(),
+            exhausted: self.exhausted.clone(),
+            inner,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct RetryService<S> {
+    upstream: Arc<Upstream>,
+    retries: Counter,
+    exhausted: Counter,
+    inner: S,
+}
+
+impl<S> Service<Request<Body>> for RetryService<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Shed> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Shed;
+    type Future = BoxFuture<Result<Response<Body>, Shed>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Shed>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        // The request deposits at its arrival, a clock read the listener made already.
+        match super::context(&req) {
+            Ok(ctx) => self.upstream.budget.deposit(ctx.started),
+            Err(shed) => return Box::pin(std::future::ready(Err(shed))),
+        }
+        let replayable = idempotent(req.method())
+            && (req.body().is_end_stream()
+                || req.body().size_hint().upper().is_some_and(|n| n <= MAX_REPLAY_BYTES));
+        if !replayable {
+            return Box::pin(self.inner.call(req));
+        }
+        // The clone that was made ready goes into the future; `self` keeps a fresh one.
+        let ready = self.inner.clone();
+        let svc = std::mem::replace(&mut self.inner, ready);
+        let this = Tries {
+            upstream: self.upstream.clone(),
+            retries: self.retries.clone(),
+            exhausted: self.exhausted.clone(),
+        };
+        Box::pin(this.run(svc, req))
+    }
+}
+
+/// One request's tries.
+struct Tries {
+    upstream: Arc<Upstream>,
+    retries: Counter,
+    exhausted: Counter,
+}
+
+impl Tries {
+    async fn run<S>(self, mut svc: S, req: Request<Body>) -> Result<Response<Body>, Shed>
+    where
+        S: Service<Request<Body>, Response = Response<Body>, Error = Shed>,
+        S::Future: Send + 'static,
+    {
+        // Each try's future is boxed before it is awaited, so this `async fn` holds no
+        // generic future rustc cannot prove `Send` (rust-lang/rust#64552).
+        fn call<S>(svc: &mut S, req: Request<Body>) -> BoxFuture<Result<Response<Body>, Shed>>
+        where
+            S: Service<Request<Body>, Response = Response<Body>, Error = Shed>,
+            S::Future: Send + 'static,
+        {
+            Box::pin(svc.call(req))
+        }
+        let policy = &self.upstream.config.retry;
+        let (mut parts, body) = req.into_parts();
+        let bytes = if body.is_end_stream() {
+            Bytes::new()
+        } else {
+            match body.collect().await {
+                Ok(collected) => collected.to_bytes(),
+                Err(_) => {
+                    return Err(Shed::new(Reason::BadRequest).detail("the request body could not be read"));
+                }
+            }
+        };
+        let mut hint = EndpointHint::default();
+        let mut tries = 1;
+        loop {
+            parts.extensions.insert(hint.clone());
+            let result = call(&mut svc, Request::from_parts(parts.clone(), body::full(bytes.clone()))).await;
+            if tries >= policy.attempts || !retryable(policy, &result) {
+                return result;
+            }
+            if !self.upstream.budget.withdraw(Instant::now()) {
+                self.exhausted.increment(1);
+                return refused(result);
+            }
+            self.retries.increment(1);
+            // Let go of the failed response (and its endpoint's in-flight count) before waiting.
+            drop(result);
+            hint.avoid = Some(hint.picked.load(Ordering::Relaxed));
+            tokio::time::sleep(backoff(policy.backoff, tries, fastrand::f64())).await;
+            tries += 1;
+            std::future::poll_fn(|cx| svc.poll_ready(cx)).await?;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> RetryConfig {
+        RetryConfig {
+            attempts: 3,
+            budget: 0.2,
+            backoff: Duration::from_millis(25),
+            min_per_s: 5,
+            on_connect: true,
+            on_timeout: false,
+            on_status: vec![502, 503],
+        }
+    }
+
+    fn status(code: u16) -> Result<Response<Body>, Shed> {
+        let mut rsp = Response::new(body::empty());
+        *rsp.status_mut() = http::StatusCode::from_u16(code).unwrap();
+        Ok(rsp)
+    }
+
+    #[test]
+    fn only_idempotent_methods() {
+        for m in [Method::GET, Method::HEAD, Method::OPTIONS, Method::PUT, Method::DELETE] {
+            assert!(idempotent(&m), "{m}");
+        }
+        for m in [Method::POST, Method::PATCH, Method::CONNECT] {
+            assert!(!idempotent(&m), "{m}");
+        }
+    }
+
+    #[test]
+    fn only_the_outcomes_listed_in_on() {
+        let p = policy();
+        assert!(retryable(&p, &status(503)));
+        assert!(!retryable(&p, &status(500)));
+        assert!(!retryable(&p, &status(200)));
+        assert!(retryable(&p, &Err(Shed::new(Reason::UpstreamUnreachable))));
+        assert!(!retryable(&p, &Err(Shed::new(Reason::UpstreamTimeout))), "timeout is not in `on`");
+        assert!(!retryable(&p, &Err(Shed::new(Reason::BadUpstreamResponse))));
+    }
+
+    #[test]
+    fn backoff_is_full_jitter_over_an_exponential_cap() {
+        let base = Duration::from_millis(25);
+        assert_eq!(backoff(base, 1, 0.0), Duration::ZERO);
+        assert_eq!(backoff(base, 1, 0.5), Duration::from_micros(12_500));
+        assert_eq!(backoff(base, 3, 0.5), Duration::from_millis(50));
+        assert!(backoff(base, 3, 0.999) < Duration::from_millis(100));
+        assert!(backoff(Duration::MAX, 10, 0.999) <= Duration::MAX);
+    }
+
+    #[test]
+    fn a_refused_retry_relays_the_upstream_answer_or_says_retry_budget() {
+        let relayed = refused(status(503)).unwrap();
+        assert_eq!(relayed.status(), 503);
+        assert!(relayed.headers().get(respond::X_LEVEE_REASON).is_none());
+        let own = refused(Err(Shed::new(Reason::UpstreamUnreachable))).unwrap_err();
+        assert_eq!(own.reason, Reason::RetryBudget);
+        assert!(own.retry_after.is_some());
+    }
+}
