@@ -1,0 +1,687 @@
+#!/usr/bin/env bash
+# levee vs nginx: the same load, the same backend, the same CPU, in the same run.
+#
+#   bash benches/load/run.sh [proxy|clients|hot|redis ...]     (default: all four)
+#
+# Modes:
+#   proxy    plain reverse proxy, no limits
+#   clients  10,000 rotating x-device-id values, a per-client limit (1000/s, burst 1000)
+#            that no client comes near: the cost of tracking many clients
+#   hot      every request from one x-device-id limited to 100/s (burst 100): the cost
+#            of refusing (429), and the share of 429s
+#   redis    levee with store.kind = "redis" against levee in memory, both in `clients`
+#            (a throwaway redis-server; "skipped: <reason>" when levee cannot do it yet)
+#
+# Environment: DURATION (10s) measured run, WARMUP (2s) before each, CONNECTIONS (64),
+# THREADS (1, wrk), PROXY_CPU (1), LOAD_CPU (0: wrk, backend, redis), LEVEE_BIN (skip
+# the build and use this binary), PERF=1 (after each measured run, one more run of
+# PERF_DURATION=5 s under perf: system calls per request of each proxy, and levee's top
+# symbols; the measured numbers are taken without perf), KEEP_TMP=1 (keep configs and
+# logs), RESULTS (results.md: where the tables are appended), IDLE_WAIT (600: how long
+# to wait, before each run, for cores that something else keeps busy).
+#
+# Layout on the machine (2 cores here):
+#   core 1 (PROXY_CPU): the proxy under test, alone: nginx (worker_processes 1) or levee
+#                       (LEVEE_WORKERS=1), one after the other, never both at once
+#   core 0 (LOAD_CPU):  wrk, the backend (an nginx that answers `200 ok`) and redis
+# On two cores this is the fairest split there is: each proxy gets one whole core to
+# itself and the same neighbours. The table shows how busy each core was: when core 0
+# is saturated and the proxy's core is not, the load generator is the bottleneck and
+# the ratio understates the difference (the "req/CPU-s" column, requests per second
+# of proxy CPU, stays comparable in that case).
+#
+# What it does not measure: more than one core per proxy (scaling), TLS, HTTP/2,
+# request or response bodies beyond a few bytes, slow or failing backends, many
+# connections (C10k), connection setup (wrk keeps its connections alive), latency
+# over a real network, or a Redis on another host (here it is on loopback).
+# nginx is told to do the same header work as levee (x-forwarded-for,
+# x-forwarded-proto, x-request-id both ways); levee's storm detector is off in every
+# mode, because wrk's identical concurrent requests are exactly what it sheds and
+# nginx has no equivalent.
+set -euo pipefail
+
+# The exact command, for the results file (before the defaults below are filled in).
+CMD=""
+for v in DURATION WARMUP CONNECTIONS THREADS PROXY_CPU LOAD_CPU LEVEE_BIN PERF PERF_DURATION; do
+  if [ -n "${!v+x}" ]; then CMD+="$v=${!v} "; fi
+done
+CMD+="bash benches/load/run.sh${*:+ $*}"
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+HERE="$ROOT/benches/load"
+RESULTS=${RESULTS:-$HERE/results.md}
+DURATION=${DURATION:-10s}
+WARMUP=${WARMUP:-2s}
+CONNECTIONS=${CONNECTIONS:-64}
+THREADS=${THREADS:-1}
+PROXY_CPU=${PROXY_CPU:-1}
+LOAD_CPU=${LOAD_CPU:-0}
+PERF=${PERF:-0}
+PERF_DURATION=${PERF_DURATION:-5}
+KEEP_TMP=${KEEP_TMP:-0}
+IDLE_WAIT=${IDLE_WAIT:-600}
+CLIENTS=10000
+
+
+say() { printf '[load] %s\n' "$*" >&2; }
+die() { printf '[load] error: %s\n' "$*" >&2; exit 1; }
+
+# ---------------------------------------------------------------------------- modes
+ALL_MODES=(proxy clients hot redis)
+MODES=("$@")
+[ ${#MODES[@]} -eq 0 ] && MODES=("${ALL_MODES[@]}")
+for m in "${MODES[@]}"; do
+  case "$m" in proxy|clients|hot|redis) ;; *) die "unknown mode '$m' (expected: ${ALL_MODES[*]})" ;; esac
+done
+want() { local m; for m in "${MODES[@]}"; do [ "$m" = "$1" ] && return 0; done; return 1; }
+
+# ---------------------------------------------------------------------------- tools
+need=()
+command -v nginx >/dev/null 2>&1 || need+=(nginx-light)
+command -v wrk >/dev/null 2>&1 || need+=(wrk)
+command -v taskset >/dev/null 2>&1 || need+=(util-linux)
+command -v python3 >/dev/null 2>&1 || need+=(python3-minimal)
+if want redis; then command -v redis-server >/dev/null 2>&1 || need+=(redis-server); fi
+if [ "$PERF" = 1 ]; then command -v perf >/dev/null 2>&1 || need+=(linux-perf); fi
+if [ ${#need[@]} -gt 0 ]; then
+  [ "$(id -u)" -eq 0 ] || die "missing ${need[*]}; run as root or install them (apt-get install ${need[*]})"
+  say "installing ${need[*]} (apt-get)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  say "installed ${need[*]}"
+fi
+command -v redis-server >/dev/null 2>&1 && HAVE_REDIS=1 || HAVE_REDIS=0
+
+NPROC=$(nproc)
+if [ "$NPROC" -lt 2 ]; then
+  say "warning: one core only: everything shares core 0, the numbers mean little"
+  PROXY_CPU=0 LOAD_CPU=0
+fi
+CPU_MODEL=$(awk -F': ' '/^model name/{print $2; exit}' /proc/cpuinfo)
+CLK_TCK=$(getconf CLK_TCK)
+
+# ---------------------------------------------------------------------------- processes
+TMP=$(mktemp -d /tmp/levee-load.XXXXXX)
+chmod 755 "$TMP"   # nginx workers may run as nobody
+PIDS=()
+OK=0
+
+tree_pids() { # PID: it and its descendants
+  local p c
+  for p in "$@"; do
+    [ -d "/proc/$p" ] || continue
+    echo "$p"
+    for c in $(ps -o pid= --ppid "$p" 2>/dev/null); do tree_pids "$c"; done
+  done
+}
+
+any_alive() { local p; for p in "$@"; do kill -0 "$p" 2>/dev/null && return 0; done; return 1; }
+
+stop_pid() { # PID: TERM it and its descendants, KILL after 5 s
+  local pid=$1 all=()
+  mapfile -t all < <(tree_pids "$pid")
+  [ ${#all[@]} -gt 0 ] || return 0
+  kill -TERM "${all[@]}" 2>/dev/null || true
+  for _ in $(seq 50); do
+    any_alive "${all[@]}" || break
+    sleep 0.1
+  done
+  kill -KILL "${all[@]}" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+  local rc=$? p
+  trap - EXIT INT TERM
+  for p in "${PIDS[@]}"; do stop_pid "$p"; done
+  if [ "$OK" = 1 ] && [ "$KEEP_TMP" != 1 ]; then
+    rm -rf "$TMP"
+  else
+    say "configs and logs kept in $TMP"
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'say "interrupted"; exit 130' INT TERM
+
+LAST_PID=
+start() { # NAME CPU CMD...: run pinned to CPU in the background, log to $TMP/NAME.log
+  local name=$1 cpu=$2; shift 2
+  taskset -c "$cpu" "$@" >"$TMP/$name.log" 2>&1 &
+  LAST_PID=$!
+  PIDS+=("$LAST_PID")
+}
+
+forget() { # PID: stop it and drop it from the cleanup list
+  local p keep=()
+  stop_pid "$1"
+  for p in "${PIDS[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done
+  PIDS=("${keep[@]}")
+}
+
+USED_PORTS=" "
+PORT=
+free_port() { # -> PORT: a port nobody listens on, never handed out before in this run
+  local p
+  while :; do
+    p=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])') \
+      || die "cannot pick a free port (python3)"
+    case "$USED_PORTS" in *" $p "*) continue ;; esac
+    USED_PORTS+="$p "
+    PORT=$p
+    return
+  done
+}
+
+http_status() { # PORT [HEADER]: "STATUS [x-levee-reason]" of GET / on 127.0.0.1:PORT, empty if none
+  (
+    exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 1
+    printf 'GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n%s\r\n' "${2:+$2$'\r\n'}" >&3
+    timeout 2 cat <&3 | tr -d '\r' | awk 'NR == 1 { s = $2 } /^$/ { exit }
+      tolower($1) == "x-levee-reason:" { r = " " $2 } END { if (s != "") print s r }'
+  ) 2>/dev/null || true
+}
+
+wait_up() { # NAME PID PORT: wait until PORT accepts connections (15 s), or fail
+  local name=$1 pid=$2 port=$3
+  for _ in $(seq 150); do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      say "$name exited at start; its log ($TMP/$name.log):"
+      tail -n 20 "$TMP/$name.log" >&2
+      return 1
+    fi
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  say "$name does not listen on 127.0.0.1:$port after 15 s; its log ($TMP/$name.log):"
+  tail -n 20 "$TMP/$name.log" >&2
+  return 1
+}
+
+# ---------------------------------------------------------------------------- configs
+nginx_conf() { # FILE NAME BODY: an nginx.conf around an http{} body
+  local file=$1 name=$2 body=$3
+  mkdir -p "$TMP/$name"
+  cat >"$file" <<EOF
+worker_processes 1;
+daemon off;
+master_process on;
+pid $TMP/$name/nginx.pid;
+error_log $TMP/$name/error.log warn;
+events { worker_connections 8192; }
+http {
+    access_log off;
+    default_type text/plain;
+    keepalive_timeout 75s;
+    keepalive_requests 10000000;
+    client_body_temp_path $TMP/$name/body;
+    proxy_temp_path $TMP/$name/proxy;
+    fastcgi_temp_path $TMP/$name/fastcgi;
+    uwsgi_temp_path $TMP/$name/uwsgi;
+    scgi_temp_path $TMP/$name/scgi;
+$body
+}
+EOF
+}
+
+start_nginx() { # NAME CPU CONF PORT
+  local name=$1 cpu=$2 conf=$3 port=$4
+  nginx -t -q -p "$TMP/$name" -e "$TMP/$name/error.log" -c "$conf" >"$TMP/$name.check" 2>&1 \
+    || { cat "$TMP/$name.check" >&2; die "nginx rejects $conf"; }
+  start "$name" "$cpu" nginx -p "$TMP/$name" -e "$TMP/$name/error.log" -c "$conf"
+  wait_up "$name" "$LAST_PID" "$port" || die "$name did not start"
+}
+
+# The nginx under test. LIMIT: none | clients | hot. limit_req_log_level info keeps
+# nginx from writing an error-log line per refusal (levee logs none either).
+proxy_nginx_conf() { # FILE PORT LIMIT
+  local file=$1 port=$2 limit=$3 zone="" lim=""
+  case "$limit" in
+    clients)
+      zone="limit_req_zone \$http_x_device_id zone=dev:64m rate=1000r/s;"
+      lim="limit_req zone=dev burst=1000 nodelay; limit_req_status 429; limit_req_log_level info;" ;;
+    hot)
+      zone="limit_req_zone \$http_x_device_id zone=dev:64m rate=100r/s;"
+      lim="limit_req zone=dev burst=100 nodelay; limit_req_status 429; limit_req_log_level info;" ;;
+  esac
+  nginx_conf "$file" nginx "
+    upstream backend {
+        server 127.0.0.1:$BACKEND_PORT;
+        keepalive 64;
+        keepalive_requests 10000000;
+    }
+    map \$http_x_request_id \$reqid { \"\" \$request_id; default \$http_x_request_id; }
+    $zone
+    server {
+        listen 127.0.0.1:$port;
+        location / {
+            $lim
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto \$scheme;
+            proxy_set_header X-Request-Id \$reqid;
+            add_header X-Request-Id \$reqid always;
+        }
+    }"
+}
+
+# The levee under test. LIMIT: none | clients | hot; STORE: memory | redis
+levee_conf() { # FILE PORT ADMIN_PORT LIMIT STORE
+  local file=$1 port=$2 admin=$3 limit=$4 store=$5
+  {
+    printf '[server]\nlisten = "127.0.0.1:%s"\nshutdown_grace = "1s"\n\n' "$port"
+    printf '[admin]\nlisten = "127.0.0.1:%s"\n\n' "$admin"
+    if [ "$store" = redis ]; then
+      # deny: a store failure shows up as 503s instead of a silent fall-back to memory
+      printf '[store]\nkind = "redis"\nurl = "redis://127.0.0.1:%s"\non_failure = "deny"\n\n' "$REDIS_PORT"
+    fi
+    printf '[upstreams.backend]\nendpoints = ["127.0.0.1:%s"]\nmax_concurrency = 100000\n\n' "$BACKEND_PORT"
+    printf '[[routes]]\nname = "bench"\npath_prefix = "/"\nupstream = "backend"\nclient_key = "header:x-device-id"\n'
+    case "$limit" in
+      clients) printf '\n[[routes.limits]]\nrate = "1000/s"\nburst = 1000\n' ;;
+      hot) printf '\n[[routes.limits]]\nrate = "100/s"\nburst = 100\n' ;;
+    esac
+    printf '\n[routes.storm]\nenabled = false\n'
+  } >"$file"
+}
+
+# ---------------------------------------------------------------------------- wrk
+cat >"$TMP/clients.lua" <<EOF
+-- $CLIENTS client ids, a different one on each request, cycling.
+local n, i, reqs = $CLIENTS, 0, {}
+function init(args)
+  for k = 1, n do
+    reqs[k] = wrk.format(nil, nil, { ["x-device-id"] = string.format("dev-%05d", k) })
+  end
+end
+function request()
+  i = i % n + 1
+  return reqs[i]
+end
+EOF
+
+cat >"$TMP/hot.lua" <<'EOF'
+-- One client id on every request; counts the statuses.
+wrk.headers["x-device-id"] = "hot-device"
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init(args) s2xx, s429, sother = 0, 0, 0 end
+function response(status, headers, body)
+  if status == 429 then s429 = s429 + 1
+  elseif status >= 200 and status < 300 then s2xx = s2xx + 1
+  else sother = sother + 1 end
+end
+function done(summary, latency, requests)
+  local a, b, c = 0, 0, 0
+  for _, t in ipairs(threads) do
+    a = a + t:get("s2xx"); b = b + t:get("s429"); c = c + t:get("sother")
+  end
+  io.write(string.format("STATUS 2xx=%d 429=%d other=%d\n", a, b, c))
+end
+EOF
+
+secs() { # "10s" | "2m" | "10" -> seconds
+  case "$1" in
+    *ms) echo 1 ;; *s) echo "${1%s}" ;; *m) echo $(( ${1%m} * 60 )) ;; *h) echo $(( ${1%h} * 3600 )) ;; *) echo "$1" ;;
+  esac
+}
+DUR_S=$(secs "$DURATION")
+
+to_ms() { # "523.00us" | "1.20ms" | "2.01s" | "1.00m" -> ms
+  awk -v v="$1" 'BEGIN {
+    n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
+    f = (u == "us") ? 0.001 : (u == "ms") ? 1 : (u == "s") ? 1000 : (u == "m") ? 60000 : (u == "h") ? 3600000 : -1
+    if (f < 0 || v == "") print "?"; else printf "%.3f", n * f }'
+}
+
+cpu_busy() { # CPU -> busy and total jiffies of that core so far
+  awk -v c="cpu$1" '$1 == c { t = 0; for (i = 2; i <= NF; i++) t += $i; print t - $5 - $6, t }' /proc/stat
+}
+
+# Waits (IDLE_WAIT s at most) until both cores are idle: all our daemons are idle between
+# runs, so anything busy is someone else (a build, say) and would share the cores.
+wait_idle() {
+  local b0 t0 b1 t1 b0b t0b b1b t1b u0 u1 waited=0
+  while :; do
+    read -r b0 t0 < <(cpu_busy "$LOAD_CPU"); read -r b1 t1 < <(cpu_busy "$PROXY_CPU")
+    sleep 1
+    read -r b0b t0b < <(cpu_busy "$LOAD_CPU"); read -r b1b t1b < <(cpu_busy "$PROXY_CPU")
+    u0=$(( 100 * (b0b - b0) / (t0b - t0 + 1) )); u1=$(( 100 * (b1b - b1) / (t1b - t1 + 1) ))
+    [ "$u0" -le 15 ] && [ "$u1" -le 15 ] && return 0
+    if [ "$waited" -ge "$IDLE_WAIT" ]; then
+      say "  warning: still busy after ${IDLE_WAIT}s (core $LOAD_CPU ${u0}%, core $PROXY_CPU ${u1}%): measuring anyway"
+      NOTES+="warning: the machine was busy before this run (core $LOAD_CPU ${u0}%, core $PROXY_CPU ${u1}%)."$'\n'
+      return 0
+    fi
+    [ $(( waited % 20 )) -eq 0 ] && say "  waiting for idle cores (core $LOAD_CPU ${u0}%, core $PROXY_CPU ${u1}% busy: another build?)"
+    sleep 1; waited=$(( waited + 2 ))
+  done
+}
+
+tree_ticks() { # PID -> "utime stime" of it and its descendants (clock ticks)
+  local u=0 s=0 p x y
+  for p in $(tree_pids "$1"); do
+    read -r x y < <(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{print $12, $13}') || continue
+    u=$((u + ${x:-0})); s=$((s + ${y:-0}))
+  done
+  echo "$u $s"
+}
+
+redis_cmds() { # "commands scripts" Redis has run so far; commands include those a script runs
+  { redis-cli -p "$REDIS_PORT" info stats; redis-cli -p "$REDIS_PORT" info commandstats; } 2>/dev/null \
+    | awk -F'[:=,]' '/^total_commands_processed/ { c = $2 + 0 }
+        /^cmdstat_(evalsha|evalsha_ro|eval|eval_ro|fcall|fcall_ro):/ { s += $3 }
+        END { print c + 0, s + 0 }'
+}
+
+# One measured run: warm-up, then DURATION with CPU accounting. Sets R_* variables.
+measure() { # LABEL PORT PROXY_PID SCRIPT|""
+  local label=$1 port=$2 pid=$3 script=$4 out="$TMP/wrk-$1.txt" args=()
+  [ -n "$script" ] && args=(-s "$script")
+  wait_idle
+  say "  $label: warm-up $WARMUP"
+  timeout $(( $(secs "$WARMUP") + 30 )) taskset -c "$LOAD_CPU" \
+    wrk -t"$THREADS" -c"$CONNECTIONS" -d"$WARMUP" "${args[@]}" "http://127.0.0.1:$port/" >/dev/null 2>&1 \
+    || die "wrk warm-up against $label failed"
+  say "  $label: measuring $DURATION (wrk -t$THREADS -c$CONNECTIONS --latency${script:+ -s $(basename "$script")})"
+  local t0 t1 c0a c1a r0=0 r1=0 s0=0 s1=0
+  [ "${R_REDIS:-0}" = 1 ] && read -r r0 s0 < <(redis_cmds)
+  read -r c0a t0 < <(cpu_busy "$LOAD_CPU")
+  read -r c1a t1 < <(cpu_busy "$PROXY_CPU")
+  local ua sa ub sb
+  read -r ua sa < <(tree_ticks "$pid")
+  local w0=$EPOCHREALTIME w1
+  timeout $(( DUR_S + 30 )) taskset -c "$LOAD_CPU" \
+    wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "${args[@]}" "http://127.0.0.1:$port/" >"$out" 2>&1 \
+    || { cat "$out" >&2; die "wrk against $label failed"; }
+  read -r ub sb < <(tree_ticks "$pid")
+  w1=$EPOCHREALTIME
+  local wall; wall=$(awk -v a="$w0" -v b="$w1" 'BEGIN{printf "%.3f", b - a}')
+  local c0b t0b c1b t1b
+  read -r c0b t0b < <(cpu_busy "$LOAD_CPU")
+  read -r c1b t1b < <(cpu_busy "$PROXY_CPU")
+  [ "${R_REDIS:-0}" = 1 ] && read -r r1 s1 < <(redis_cmds)
+
+  R_RPS=$(awk '/^Requests\/sec:/{printf "%.0f", $2}' "$out")
+  R_P50=$(to_ms "$(awk '$1 == "50%" {print $2}' "$out")")
+  R_P99=$(to_ms "$(awk '$1 == "99%" {print $2}' "$out")")
+  R_TOTAL=$(awk '/requests in/{print $1; exit}' "$out")
+  R_NON2XX=$(awk '/Non-2xx or 3xx responses:/{print $NF}' "$out"); R_NON2XX=${R_NON2XX:-0}
+  R_SOCKERR=$(awk -F'Socket errors: ' '/Socket errors/{print $2}' "$out")
+  R_STATUS=$(awk '/^STATUS /{print $2, $3, $4}' "$out")
+  [ -n "$R_RPS" ] || { cat "$out" >&2; die "cannot read wrk's output for $label"; }
+  R_CPU=$(awk -v d="$((ub - ua + sb - sa))" -v hz="$CLK_TCK" -v s="$wall" 'BEGIN{printf "%.0f", 100 * d / hz / s}')
+  R_USR=$(awk -v d="$((ub - ua))" -v hz="$CLK_TCK" -v s="$wall" 'BEGIN{printf "%.0f", 100 * d / hz / s}')
+  R_SYS=$(awk -v d="$((sb - sa))" -v hz="$CLK_TCK" -v s="$wall" 'BEGIN{printf "%.0f", 100 * d / hz / s}')
+  R_EFF=$(awk -v r="$R_RPS" -v c="$R_CPU" 'BEGIN{ if (c > 0) printf "%.0f", r / (c / 100); else print "?" }')
+  R_CORE0=$(awk -v b="$((c0b - c0a))" -v t="$((t0b - t0))" 'BEGIN{ if (t > 0) printf "%.0f", 100 * b / t; else print "?" }')
+  R_CORE1=$(awk -v b="$((c1b - c1a))" -v t="$((t1b - t1))" 'BEGIN{ if (t > 0) printf "%.0f", 100 * b / t; else print "?" }')
+  R_REDIS_PER_REQ=$(awk -v d="$((r1 - r0))" -v n="${R_TOTAL:-0}" 'BEGIN{ if (n > 0) printf "%.2f", d / n; else print "0" }')
+  R_SCRIPTS_PER_REQ=$(awk -v d="$((s1 - s0))" -v n="${R_TOTAL:-0}" 'BEGIN{ if (n > 0) printf "%.2f", d / n; else print "0" }')
+  if [ "$R_CORE1" != "?" ] && [ $(( R_CORE1 - R_CPU )) -gt 10 ]; then
+    NOTES+="warning: during the $label run core $PROXY_CPU was ${R_CORE1}% busy but the proxy used ${R_CPU}%: something else ran there."$'\n'
+    say "  warning: core $PROXY_CPU was ${R_CORE1}% busy but the proxy used ${R_CPU}%: something else ran there"
+  fi
+  [ -n "$R_SOCKERR" ] && say "  $label: socket errors: $R_SOCKERR"
+  say "  $label: ${R_RPS} req/s, p50 ${R_P50} ms, p99 ${R_P99} ms, proxy CPU ${R_CPU}% (user ${R_USR}, system ${R_SYS}), core $LOAD_CPU ${R_CORE0}%, non-2xx ${R_NON2XX}${R_STATUS:+, $R_STATUS}"
+}
+
+# PERF=1: one more run of PERF_DURATION, after the measured one (so that perf does not
+# touch the measured numbers): system calls per request for every proxy (perf stat on
+# tracepoints) and, for levee, where its CPU goes (perf record).
+profile() { # LABEL PORT PROXY_PID SCRIPT|""
+  local label=$1 port=$2 pid=$3 script=$4 args=() pids ev rec="" n
+  [ "$PERF" = 1 ] || return 0
+  [ -n "$script" ] && args=(-s "$script")
+  pids=$(tree_pids "$pid" | paste -sd,)
+  ev=raw_syscalls:sys_enter,syscalls:sys_enter_writev,syscalls:sys_enter_write,syscalls:sys_enter_sendto,syscalls:sys_enter_sendmsg
+  ev+=,syscalls:sys_enter_recvfrom,syscalls:sys_enter_read,syscalls:sys_enter_readv,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_epoll_ctl
+  say "  $label: profiling for ${PERF_DURATION}s under perf (not part of the table)"
+  taskset -c "$LOAD_CPU" perf stat -x, -e "$ev" -p "$pids" -o "$TMP/perfstat-$label.txt" -- sleep "$PERF_DURATION" \
+    >/dev/null 2>&1 &
+  local stat_pid=$!; PIDS+=("$stat_pid")
+  if [ "${label#levee}" != "$label" ]; then
+    taskset -c "$LOAD_CPU" perf record -g -F 999 -p "$pids" -o "$TMP/perf-$label.data" -- sleep "$PERF_DURATION" \
+      >"$TMP/perf-$label.log" 2>&1 &
+    rec=$!; PIDS+=("$rec")
+  fi
+  timeout $(( PERF_DURATION + 30 )) taskset -c "$LOAD_CPU" \
+    wrk -t"$THREADS" -c"$CONNECTIONS" -d"$PERF_DURATION"s "${args[@]}" "http://127.0.0.1:$port/" >"$TMP/wrk-perf-$label.txt" 2>&1 || true
+  wait "$stat_pid" 2>/dev/null || true
+  n=$(awk '/requests in/{print $1; exit}' "$TMP/wrk-perf-$label.txt")
+  say "  $label: system calls per request (over ${n:-?} requests):"
+  awk -F, -v n="${n:-0}" -v l="$label" '$3 ~ /sys_enter/ && n > 0 && $1 + 0 > 0 {
+      e = $3; sub(/^(raw_)?syscalls:sys_enter_?/, "", e); if (e == "") e = "all"
+      printf "      %-12s %6.2f\n", e, $1 / n }' "$TMP/perfstat-$label.txt" | tee "$TMP/syscalls-$label.txt" >&2
+  if [ -n "$rec" ]; then
+    wait "$rec" 2>/dev/null || true
+    say "  $label: perf: self time by object, then the top symbols ($TMP/perf-$label.data)"
+    { perf report -i "$TMP/perf-$label.data" --no-children --sort dso --stdio -g none 2>/dev/null \
+        | grep -v '^#' | grep -v '^$' | head -6
+      perf report -i "$TMP/perf-$label.data" --no-children --sort dso,sym --percent-limit 0.7 --stdio -g none 2>/dev/null \
+        | grep -v '^#' | grep -v '^$' | head -30
+    } | tee "$TMP/perf-$label.txt" >&2
+  fi
+}
+
+# A short probe: one client id as fast as wrk can. Prints yes when some requests got a
+# non-2xx answer (the limit is enforced), no otherwise.
+probe_limit() { # PORT
+  local out="$TMP/probe.txt" n
+  timeout 30 taskset -c "$LOAD_CPU" wrk -t1 -c16 -d2s -H "x-device-id: probe-device" \
+    "http://127.0.0.1:$1/" >"$out" 2>&1 || { echo "?"; return; }
+  n=$(awk '/Non-2xx or 3xx responses:/{print $NF}' "$out")
+  [ "${n:-0}" -gt 0 ] && echo yes || echo no
+}
+
+# ---------------------------------------------------------------------------- report
+REPORT="$TMP/report.md"
+: >"$REPORT"
+out() { printf '%s\n' "$*" | tee -a "$REPORT"; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b + 0 > 0 && a != "?") printf "%.2f", a / b; else print "-" }'; }
+
+# Rows are "label|rps|p50|p99|cpu|eff|core0|non2xx|extra"
+table() { # TITLE EXTRA_HEADER RATIO_LABEL ROW_A ROW_B  (ratio = B / A)
+  local title=$1 extra=$2 rlabel=$3 a=$4 b=$5
+  local la ra pa5 pa9 ca ea ka na xa lb rb pb5 pb9 cb eb kb nb xb
+  IFS='|' read -r la ra pa5 pa9 ca ea ka na xa <<<"$a"
+  IFS='|' read -r lb rb pb5 pb9 cb eb kb nb xb <<<"$b"
+  out ""
+  out "### $title"
+  out ""
+  out "| proxy | req/s | p50 ms | p99 ms | proxy CPU % (user+sys) | req/CPU-s | core $LOAD_CPU busy % | non-2xx |${extra:+ $extra |}"
+  out "|---|---:|---:|---:|---:|---:|---:|---:|${extra:+---:|}"
+  out "| $la | $ra | $pa5 | $pa9 | $ca | $ea | $ka | $na |${extra:+ $xa |}"
+  out "| $lb | $rb | $pb5 | $pb9 | $cb | $eb | $kb | $nb |${extra:+ $xb |}"
+  out "| **$rlabel** | **$(ratio "$rb" "$ra")** | $(ratio "$pb5" "$pa5") | $(ratio "$pb9" "$pa9") | | $(ratio "$eb" "$ea") | | |${extra:+ |}"
+  if [ -n "$NOTES" ]; then out ""; printf '%s' "$NOTES" | tee -a "$REPORT"; NOTES=""; fi
+}
+row() { echo "$1|$R_RPS|$R_P50|$R_P99|$R_CPU ($R_USR+$R_SYS)|$R_EFF|$R_CORE0|$R_NON2XX|$2"; }
+skipped() { out ""; out "### $1"; out ""; out "skipped: $2"; say "$1: skipped: $2"; NOTES=""; }
+NOTES=""
+
+# ---------------------------------------------------------------------------- levee
+if [ -n "${LEVEE_BIN:-}" ]; then
+  LEVEE=$LEVEE_BIN
+  [ -x "$LEVEE" ] || die "LEVEE_BIN=$LEVEE is not an executable"
+  say "using $LEVEE (LEVEE_BIN, no build)"
+else
+  command -v cargo >/dev/null 2>&1 || die "cargo not found (install Rust, or set LEVEE_BIN)"
+  say "building levee: cargo build --release --bin levee (may take minutes; waits if another build holds the lock)"
+  (cd "$ROOT" && cargo build --release --bin levee) >"$TMP/build.log" 2>&1 \
+    || { tail -n 30 "$TMP/build.log" >&2
+         die "cargo build --release failed (to measure an existing binary: LEVEE_BIN=target/release/levee)"; }
+  LEVEE="$ROOT/target/release/levee"
+fi
+LEVEE_VERSION=$("$LEVEE" --version 2>/dev/null || echo "levee ?")
+
+# Checks a levee config; on rejection sets CHECK_ERR and returns 1.
+levee_check() { # FILE
+  if "$LEVEE" check --config "$1" >"$TMP/check.log" 2>&1; then return 0; fi
+  CHECK_ERR=$(grep -m1 -i 'error' "$TMP/check.log" || head -n1 "$TMP/check.log")
+  return 1
+}
+
+start_levee() { # CONF PORT -> LAST_PID, or returns 1
+  start levee "$PROXY_CPU" env LEVEE_WORKERS=1 LEVEE_LOG=warn "$LEVEE" run --config "$1"
+  wait_up levee "$LAST_PID" "$2"
+}
+
+# ---------------------------------------------------------------------------- backend
+free_port; BACKEND_PORT=$PORT
+nginx_conf "$TMP/backend.conf" backend "
+    server {
+        listen 127.0.0.1:$BACKEND_PORT;
+        location / { return 200 \"ok\n\"; }
+    }"
+say "starting the backend (nginx, return 200) on 127.0.0.1:$BACKEND_PORT, core $LOAD_CPU"
+start_nginx backend "$LOAD_CPU" "$TMP/backend.conf" "$BACKEND_PORT"
+[ "$(http_status "$BACKEND_PORT")" = 200 ] || die "the backend does not answer 200"
+
+REDIS_PORT=""
+start_redis() {
+  free_port; REDIS_PORT=$PORT
+  say "starting redis-server on 127.0.0.1:$REDIS_PORT, core $LOAD_CPU (no persistence)"
+  start redis "$LOAD_CPU" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no
+  wait_up redis "$LAST_PID" "$REDIS_PORT"
+}
+
+# ---------------------------------------------------------------------------- runs
+run_nginx() { # LIMIT SCRIPT -> R_*
+  local port; free_port; port=$PORT
+  proxy_nginx_conf "$TMP/nginx.conf" "$port" "$1"
+  say "  starting nginx (proxy, limit: $1) on 127.0.0.1:$port, core $PROXY_CPU"
+  start_nginx nginx "$PROXY_CPU" "$TMP/nginx.conf" "$port"
+  local pid=$LAST_PID
+  [ "$(http_status "$port" "x-device-id: check")" = 200 ] || die "nginx does not proxy to the backend (no 200)"
+  measure nginx "$port" "$pid" "$2"
+  profile nginx "$port" "$pid" "$2"
+  R_ENFORCED=""
+  [ "$1" = clients ] && R_ENFORCED=$(probe_limit "$port")
+  forget "$pid"
+}
+
+# Returns 1 (with SKIP_REASON) when levee cannot run this config.
+run_levee() { # LABEL LIMIT STORE SCRIPT -> R_*
+  local label=$1 port admin; free_port; port=$PORT; free_port; admin=$PORT
+  levee_conf "$TMP/$label.toml" "$port" "$admin" "$2" "$3"
+  if ! levee_check "$TMP/$label.toml"; then SKIP_REASON="levee check rejects the config: $CHECK_ERR"; return 1; fi
+  say "  starting $label (limit: $2, store: $3) on 127.0.0.1:$port, core $PROXY_CPU"
+  if ! start_levee "$TMP/$label.toml" "$port"; then
+    SKIP_REASON="levee did not start: $(tail -n1 "$TMP/levee.log")"; return 1
+  fi
+  # A Redis store connects in the background: give it up to 5 s to answer 200.
+  local pid=$LAST_PID st first="" tries=0
+  while [ $tries -lt 50 ]; do
+    st=$(http_status "$port" "x-device-id: check")
+    [ "$st" = 200 ] && break
+    first=${first:-$st}; tries=$((tries + 1))
+    sleep 0.1
+  done
+  if [ "$st" = 200 ] && [ $tries -gt 0 ]; then
+    say "  $label answered '$first' for about $((tries * 100)) ms after it started listening, then 200"
+    NOTES+="note: $label answered '$first' for about $((tries * 100)) ms after it started listening, then 200."$'\n'
+  fi
+  if [ "$st" != 200 ]; then
+    forget "$pid"; SKIP_REASON="levee answered '${st:-nothing}' instead of 200 through the proxy for 5 s"; return 1
+  fi
+  measure "$label" "$port" "$pid" "$4"
+  profile "$label" "$port" "$pid" "$4"
+  R_ENFORCED=""
+  [ "$2" = clients ] && R_ENFORCED=$(probe_limit "$port")
+  forget "$pid"
+}
+
+# The share of 429s in the hot run, from the Lua counters.
+share429() {
+  awk -v s="$R_STATUS" 'BEGIN{ n = split(s, f, /[ =]/); for (i = 1; i < n; i += 2) v[f[i]] = f[i+1]
+    t = v["2xx"] + v["429"] + v["other"]; if (t > 0) printf "%.1f%%", 100 * v["429"] / t; else print "?" }'
+}
+
+START=$(date -u '+%Y-%m-%d %H:%M UTC')
+
+say "modes: ${MODES[*]}; $DURATION per run after a $WARMUP warm-up; proxies on core $PROXY_CPU, wrk + backend on core $LOAD_CPU"
+
+for mode in "${MODES[@]}"; do
+  case "$mode" in
+  proxy)
+    say "mode proxy: plain reverse proxy, no limits"
+    run_nginx none ""; A=$(row nginx "")
+    run_levee levee none memory "" || die "mode proxy: $SKIP_REASON"
+    B=$(row levee "")
+    table "proxy: plain reverse proxy, no limits" "" "levee/nginx" "$A" "$B"
+    ;;
+  clients)
+    say "mode clients: $CLIENTS rotating x-device-id, limit 1000/s burst 1000 per client"
+    run_nginx clients "$TMP/clients.lua"; A=$(row nginx "$R_ENFORCED")
+    if run_levee levee clients memory "$TMP/clients.lua"; then
+      B=$(row levee "$R_ENFORCED")
+      table "clients: $CLIENTS rotating client ids, per-client limit 1000/s burst 1000 (never reached)" \
+        "limit enforced" "levee/nginx" "$A" "$B"
+      [ "$R_ENFORCED" = no ] && out "" && out "note: levee sent no 429 to a single client at full speed: this build does not enforce route limits, so its row measures no limiter work."
+    else
+      skipped "clients" "$SKIP_REASON"
+    fi
+    ;;
+  hot)
+    say "mode hot: one client id, limit 100/s burst 100"
+    run_nginx hot "$TMP/hot.lua"; A=$(row nginx "$(share429)")
+    if run_levee levee hot memory "$TMP/hot.lua"; then
+      B=$(row levee "$(share429)")
+      table "hot: one client id on every request, limit 100/s burst 100" "429 share" "levee/nginx" "$A" "$B"
+      case "$R_STATUS" in *" 429=0 "*) out "" && out "note: levee answered no 429: this build does not enforce route limits, so its row measures proxying only." ;; esac
+    else
+      skipped "hot" "$SKIP_REASON"
+    fi
+    ;;
+  redis)
+    say "mode redis: levee with the Redis store vs levee in memory, in the clients scenario"
+    if [ "$HAVE_REDIS" != 1 ]; then skipped "redis" "redis-server is not installed"; continue; fi
+    start_redis || die "redis-server did not start"
+    REDIS_PID=$LAST_PID
+    # Check the Redis config first: no point measuring memory if Redis cannot be measured.
+    free_port; free_port
+    levee_conf "$TMP/levee-redis-check.toml" "$PORT" "$((PORT + 1))" clients redis
+    if ! levee_check "$TMP/levee-redis-check.toml"; then
+      skipped "redis" "levee check rejects store.kind = \"redis\": $CHECK_ERR"
+    elif ! run_levee levee-memory clients memory "$TMP/clients.lua"; then
+      skipped "redis" "$SKIP_REASON"
+    else
+      A=$(row "levee (memory)" "$R_ENFORCED")
+      R_REDIS=1
+      if ! run_levee levee-redis clients redis "$TMP/clients.lua"; then
+        skipped "redis" "$SKIP_REASON"
+      elif [ "$R_REDIS_PER_REQ" = "0.00" ] || [ "$R_REDIS_PER_REQ" = 0 ]; then
+        skipped "redis" "levee accepts store.kind = \"redis\" but sent Redis no command during the run (the Redis store is not implemented in this build)"
+      else
+        B=$(row "levee (redis)" "$R_ENFORCED")
+        table "redis: levee with store.kind = \"redis\" vs in memory ($CLIENTS rotating client ids, limit 1000/s burst 1000)" \
+          "limit enforced" "redis/memory" "$A" "$B"
+        out ""
+        out "During the Redis run, per request: $R_SCRIPTS_PER_REQ script calls (EVALSHA/EVAL/FCALL), $R_REDIS_PER_REQ Redis commands counting those the script runs."
+        [ "$R_NON2XX" -gt 0 ] && out "note: $R_NON2XX non-2xx answers with Redis (on_failure = \"deny\": 503 store_unavailable when a decision waits longer than store.timeout)."
+      fi
+      R_REDIS=0
+    fi
+    forget "$REDIS_PID"
+    ;;
+  esac
+done
+
+# ---------------------------------------------------------------------------- results
+REV=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo "?")
+[ -n "$(git -C "$ROOT" status --porcelain --untracked-files=no 2>/dev/null)" ] && REV+=" (with uncommitted changes)"
+{
+  echo ""
+  echo "## $START"
+  echo ""
+  echo "- command: \`$CMD\`"
+  echo "- machine: $NPROC cores, $CPU_MODEL, $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo)"
+  echo "- levee: $LEVEE_VERSION, commit $REV; $(nginx -v 2>&1 | sed 's/^nginx version: //'); $(wrk --version 2>&1 | head -n1 | awk '{print "wrk", $2}')"
+  echo "- layout: proxy alone on core $PROXY_CPU (nginx worker_processes 1 / LEVEE_WORKERS=1), wrk + backend nginx (+ redis) on core $LOAD_CPU; wrk -t$THREADS -c$CONNECTIONS, $WARMUP warm-up, $DURATION measured"
+  cat "$REPORT"
+} >>"$RESULTS"
+say "appended to ${RESULTS#"$ROOT"/}"
+OK=1
