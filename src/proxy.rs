@@ -33,6 +33,8 @@ pub struct Route {
     /// `levee_requests_total` handles by (status, outcome): registered once per
     /// combination seen, so the hot path does one map lookup, not a label hash.
     requests: DashMap<(u16, Outcome), Counter>,
+    /// `levee_shed_total` handles by reason.
+    shed: DashMap<Reason, Counter>,
 }
 
 /// The `outcome` label of `levee_requests_total`.
@@ -65,7 +67,17 @@ impl Route {
             config,
             service,
             requests: DashMap::new(),
+            shed: DashMap::new(),
         }
+    }
+
+    fn count_shed(&self, reason: Reason) {
+        self.shed
+            .entry(reason)
+            .or_insert_with(|| {
+                metrics::counter!(m::SHED_TOTAL, "route" => SharedString::from(self.name.clone()), "reason" => reason.as_str())
+            })
+            .increment(1);
     }
 
     fn count(&self, status: u16, outcome: Outcome) {
@@ -127,7 +139,7 @@ impl Proxy {
                         r.count(rsp.status().as_u16(), outcome);
                         r.duration.record(started.elapsed().as_secs_f64());
                         if reason.is_shed() {
-                            metrics::counter!(m::SHED_TOTAL, "route" => SharedString::from(r.name.clone()), "reason" => reason.as_str()).increment(1);
+                            r.count_shed(reason);
                         }
                     }
                     None => record(&self.unrouted, &self.unrouted_name, rsp.status().as_u16(), outcome),

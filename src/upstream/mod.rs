@@ -61,6 +61,8 @@ pub struct Upstream {
     pub budget: RetryBudget,
     /// In-flight requests, by priority and tenant (the `admission` stage).
     pub concurrency: Arc<Concurrency>,
+    /// `levee_upstream_requests_total` handles by (endpoint, status).
+    counters: dashmap::DashMap<(usize, u16), Counter>,
 }
 
 /// Set by the `retry` stage in a request's extensions: which endpoint to avoid
@@ -93,6 +95,7 @@ impl Upstream {
             outlier: Outlier::new(config.outlier.clone(), name.clone(), &labels, origin),
             budget: RetryBudget::new(&config.retry, origin),
             concurrency: Arc::new(Concurrency::new(config.max_concurrency)),
+            counters: dashmap::DashMap::new(),
             client: forward::client(config.connect_timeout),
             duration: metrics::histogram!(m::UPSTREAM_DURATION, "upstream" => name.clone()),
             endpoints,
@@ -148,7 +151,7 @@ impl Upstream {
         self.outlier.record(idx, failed, now);
         match result {
             Ok(rsp) => {
-                self.count(idx, status_label(rsp.status().as_u16())).increment(1);
+                self.count(idx, rsp.status().as_u16());
                 let (parts, body) = rsp.into_parts();
                 Ok(Response::from_parts(parts, Guarded::wrap(body, guard)))
             }
@@ -158,23 +161,44 @@ impl Upstream {
                     ForwardError::Timeout(_) => ("timeout", Reason::UpstreamTimeout),
                     ForwardError::BadResponse(_) => ("bad_response", Reason::BadUpstreamResponse),
                 };
-                self.count(idx, SharedString::const_str(label)).increment(1);
+                self.count(idx, error_code(label));
                 tracing::debug!(upstream = %self.name, endpoint = %endpoint.authority, error = %e, "upstream try failed");
                 Err(Shed::new(reason))
             }
         }
     }
 
-    fn count(&self, idx: usize, status: SharedString) -> Counter {
-        metrics::counter!(m::UPSTREAM_REQUESTS_TOTAL,
+    /// Counts one try in `levee_upstream_requests_total`. Handles are cached per
+    /// (endpoint, status) so the hot path does one map lookup, not a label hash
+    /// and a registry search. Errors use codes below 100 (see [`error_code`]).
+    fn count(&self, idx: usize, code: u16) {
+        if let Some(c) = self.counters.get(&(idx, code)) {
+            c.increment(1);
+            return;
+        }
+        let c = metrics::counter!(m::UPSTREAM_REQUESTS_TOTAL,
             "upstream" => self.name.clone(),
             "endpoint" => self.endpoints[idx].label.clone(),
-            "status" => status)
+            "status" => status_label(code));
+        c.increment(1);
+        self.counters.insert((idx, code), c);
+    }
+}
+
+/// The pseudo status of a try that got no response, for the metric cache.
+fn error_code(label: &str) -> u16 {
+    match label {
+        "connect_error" => 1,
+        "timeout" => 2,
+        _ => 3,
     }
 }
 
 fn status_label(code: u16) -> SharedString {
     match code {
+        1 => SharedString::const_str("connect_error"),
+        2 => SharedString::const_str("timeout"),
+        3 => SharedString::const_str("bad_response"),
         200 => SharedString::const_str("200"),
         204 => SharedString::const_str("204"),
         404 => SharedString::const_str("404"),
