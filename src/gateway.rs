@@ -26,6 +26,7 @@ use crate::proxy::{Proxy, Route};
 use crate::router::Router;
 use crate::stack;
 use crate::stack::{Registry, RouteState};
+use crate::stats::ShedSamples;
 use crate::store::Store;
 use crate::upstream::Upstream;
 
@@ -51,16 +52,29 @@ impl Runtime {
     /// `previous` is the registry of the running config: route state whose
     /// settings did not change carries over (quarantines survive a reload).
     pub fn build(config: Config, store: Arc<Store>, previous: Option<&Registry>) -> (Runtime, Registry) {
-        let upstreams: Vec<Arc<Upstream>> =
-            config.upstreams.iter().cloned().map(|u| Arc::new(Upstream::new(u))).collect();
-        let mut registry = Registry { store: store.clone(), routes: Vec::with_capacity(config.routes.len()) };
+        // An upstream whose settings did not change keeps its breaker, outlier,
+        // budget and in-flight state across a reload.
+        let upstreams: Vec<Arc<Upstream>> = config
+            .upstreams
+            .iter()
+            .map(|u| {
+                let same = previous.and_then(|p| p.upstreams.iter().find(|o| o.config == *u));
+                same.cloned().unwrap_or_else(|| Arc::new(Upstream::new(u.clone())))
+            })
+            .collect();
+        let mut registry = Registry {
+            store: store.clone(),
+            routes: Vec::with_capacity(config.routes.len()),
+            upstreams: upstreams.clone(),
+            configs: config.routes.clone(),
+        };
         let max_clients = config.store.max_clients;
         let router = Router::new(config.routes.iter().map(|r: &RouteConfig| {
             let before = previous.and_then(|p| p.routes.iter().find(|s| *s.name == *r.name));
             let state = Arc::new(RouteState::build(r, max_clients, before.map(|s| &**s)));
             registry.routes.push(state.clone());
             let service = stack::build(r, upstreams[r.upstream].clone(), &state, store.clone());
-            (r.host.clone(), r.path_prefix.clone(), Route::new(r.clone(), service))
+            (r.host.clone(), r.path_prefix.clone(), Route::new(r.clone(), service, state.stats.clone()))
         }));
         (Runtime { config, router, upstreams, store }, registry)
     }
@@ -104,6 +118,7 @@ impl Listeners {
 pub struct Gateway {
     runtime: Arc<ArcSwap<Runtime>>,
     registry: Arc<ArcSwap<Registry>>,
+    samples: Arc<ShedSamples>,
     config_path: Option<PathBuf>,
     status: Arc<ConfigStatus>,
     metrics: PrometheusHandle,
@@ -128,6 +143,7 @@ impl Gateway {
         Ok(Gateway {
             runtime: Arc::new(ArcSwap::from_pointee(runtime)),
             registry: Arc::new(ArcSwap::from_pointee(registry)),
+            samples: Arc::new(ShedSamples::default()),
             config_path,
             status,
             metrics,
@@ -161,13 +177,15 @@ impl Gateway {
             _ => None,
         };
 
-        let proxy = Arc::new(Proxy::new(self.runtime.clone(), https_port));
+        let proxy = Arc::new(Proxy::new(self.runtime.clone(), https_port, self.samples.clone()));
         let admin = Arc::new(Admin::new(AdminContext {
             metrics: self.metrics.clone(),
             status: self.status.clone(),
             reload: self.reload.clone(),
             ready: self.ready.clone(),
             registry: self.registry.clone(),
+            samples: self.samples.clone(),
+            started: crate::metrics::unix_now(),
         }));
 
         let mut tasks = tokio::task::JoinSet::new();
@@ -206,6 +224,7 @@ impl Gateway {
             }
         });
 
+        let watcher = tokio::spawn(watch_staleness(self.registry.clone()));
         self.ready.store(true, Ordering::Relaxed);
         tracing::info!(config = %self.status.info().hash, "levee is serving");
         shutdown.await;
@@ -214,6 +233,7 @@ impl Gateway {
         let _ = stop_tx.send(true);
         while tasks.join_next().await.is_some() {}
         reload_task.abort();
+        watcher.abort();
         tracing::info!("levee stopped");
         Ok(())
     }
@@ -282,5 +302,39 @@ fn check_restart_only(old: &Config, new: &Config) {
     }
     if old.tls.as_ref().map(|t| t.listen) != new.tls.as_ref().map(|t| t.listen) {
         restart("server.tls.listen");
+    }
+}
+
+/// Every second: a route with `expect_traffic_within` that saw no success for
+/// that long is stale (metric, `/readyz`, dashboard; one log line per
+/// transition), and `levee_route_last_success_timestamp_seconds` is published.
+async fn watch_staleness(registry: Arc<ArcSwap<Registry>>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let registry = registry.load();
+        let now = crate::metrics::unix_now();
+        for (state, config) in registry.routes.iter().zip(&registry.configs) {
+            let route = state.name.to_string();
+            if let Some(at) = state.stats.last_success() {
+                metrics::gauge!(crate::metrics::ROUTE_LAST_SUCCESS, "route" => route.clone()).set(at);
+            }
+            let Some(within) = config.expect_traffic_within else { continue };
+            let silent = state.stats.silent_for(now);
+            let stale = silent > within.as_secs_f64();
+            // The gauge first: whoever sees the flag flip sees the metric too.
+            metrics::gauge!(crate::metrics::ROUTE_STALE, "route" => route.clone()).set(if stale {
+                1.0
+            } else {
+                0.0
+            });
+            if state.stats.stale.swap(stale, Ordering::Relaxed) != stale {
+                if stale {
+                    tracing::error!(route = %route, silent_for_s = silent.round(), "route is stale: no successful request within expect_traffic_within");
+                } else {
+                    tracing::info!(route = %route, "route has traffic again");
+                }
+            }
+        }
     }
 }

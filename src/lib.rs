@@ -37,5 +37,6 @@ pub mod proxy;
 pub mod respond;
 pub mod router;
 pub mod stack;
+pub mod stats;
 pub mod store;
 pub mod upstream;

@@ -22,6 +22,7 @@ use crate::listener::{plain_http, ConnInfo, ConnLimits, Handler};
 use crate::metrics as m;
 use crate::respond::{Reason, Shed};
 use crate::stack::{BoxFuture, RouteService};
+use crate::stats::{RouteStats, ShedSamples};
 use crate::upstream::forward::X_REQUEST_ID;
 
 /// A route of the live runtime: its config, its stack and its metric handles.
@@ -35,6 +36,8 @@ pub struct Route {
     requests: DashMap<(u16, Outcome), Counter>,
     /// `levee_shed_total` handles by reason.
     shed: DashMap<Reason, Counter>,
+    /// Live counters for the admin API (they outlive this config version).
+    stats: Arc<RouteStats>,
 }
 
 /// The `outcome` label of `levee_requests_total`.
@@ -59,7 +62,7 @@ impl Outcome {
 }
 
 impl Route {
-    pub fn new(config: RouteConfig, service: RouteService) -> Self {
+    pub fn new(config: RouteConfig, service: RouteService, stats: Arc<RouteStats>) -> Self {
         let name: Arc<str> = Arc::from(config.name.as_str());
         Route {
             duration: metrics::histogram!(m::REQUEST_DURATION, "route" => SharedString::from(name.clone())),
@@ -68,6 +71,7 @@ impl Route {
             service,
             requests: DashMap::new(),
             shed: DashMap::new(),
+            stats,
         }
     }
 
@@ -107,11 +111,13 @@ pub struct Proxy {
     /// The HTTPS listener's bound port, for redirects and 426 bodies (the
     /// configured port may be 0 in tests).
     https_port: Option<u16>,
+    /// Recent shed decisions, for the event stream.
+    samples: Arc<ShedSamples>,
 }
 
 impl Proxy {
-    pub fn new(runtime: Arc<ArcSwap<Runtime>>, https_port: Option<u16>) -> Self {
-        Proxy { runtime, unrouted: DashMap::new(), unrouted_name: Arc::from("none"), https_port }
+    pub fn new(runtime: Arc<ArcSwap<Runtime>>, https_port: Option<u16>, samples: Arc<ShedSamples>) -> Self {
+        Proxy { runtime, unrouted: DashMap::new(), unrouted_name: Arc::from("none"), https_port, samples }
     }
 
     async fn serve(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
@@ -127,19 +133,24 @@ impl Proxy {
         let mut rsp = match self.dispatch(&rt, req, conn, request_id.clone(), started).await {
             Ok((route, rsp)) => {
                 route.count(rsp.status().as_u16(), Outcome::Forwarded);
+                route.stats.forwarded(rsp.status().as_u16());
                 route.duration.record(started.elapsed().as_secs_f64());
                 rsp
             }
             Err((route, shed)) => {
                 let reason = shed.reason;
                 let outcome = if reason.is_shed() { Outcome::Shed } else { Outcome::Error };
+                let client = shed.client.clone();
                 let rsp = shed.into_response(route.map(|r| &*r.name));
                 match route {
                     Some(r) => {
                         r.count(rsp.status().as_u16(), outcome);
                         r.duration.record(started.elapsed().as_secs_f64());
+                        let client = client.as_ref().map(|c| c.as_str());
+                        r.stats.answered(reason, client);
                         if reason.is_shed() {
                             r.count_shed(reason);
+                            self.samples.record(&r.name, reason, client);
                         }
                     }
                     None => record(&self.unrouted, &self.unrouted_name, rsp.status().as_u16(), outcome),

@@ -22,8 +22,10 @@ use crate::config::reload::{ConfigStatus, ReloadHandle};
 use crate::listener::{ConnInfo, ConnLimits, Handler};
 use crate::stack::BoxFuture;
 use crate::stack::Registry;
+use crate::stats::ShedSamples;
 
 mod clients;
+mod state;
 
 /// What the admin API reads and triggers; handed over by the gateway.
 pub struct AdminContext {
@@ -31,17 +33,21 @@ pub struct AdminContext {
     pub status: Arc<ConfigStatus>,
     pub reload: ReloadHandle,
     pub ready: Arc<AtomicBool>,
-    /// The live store and route limits, for `/api/v1/clients`.
+    /// The live store, routes and upstreams.
     pub registry: Arc<ArcSwap<Registry>>,
+    /// Recent shed decisions, for the event stream.
+    pub samples: Arc<ShedSamples>,
+    /// Unix seconds at start-up.
+    pub started: f64,
 }
 
 pub struct Admin {
-    ctx: AdminContext,
+    ctx: Arc<AdminContext>,
 }
 
 impl Admin {
     pub fn new(ctx: AdminContext) -> Self {
-        Admin { ctx }
+        Admin { ctx: Arc::new(ctx) }
     }
 
     async fn serve(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
@@ -55,6 +61,8 @@ impl Admin {
                 rsp
             }
             (&Method::GET, "/api/v1/config") => json_response(StatusCode::OK, json!(self.ctx.status.info())),
+            (&Method::GET, "/api/v1/state") => json_response(StatusCode::OK, state::snapshot(&self.ctx)),
+            (&Method::GET, "/api/v1/events") => state::events(self.ctx.clone()),
             (&Method::POST, "/api/v1/reload") => {
                 if let Err(rsp) = self.authorize(&req, conn) {
                     return *rsp;
@@ -95,6 +103,23 @@ impl Admin {
         if !registry.store.is_up() {
             degraded
                 .push(json!({"part": "store", "detail": "Redis is unreachable: store.on_failure applies"}));
+        }
+        for u in &registry.upstreams {
+            let circuit = u.breaker.state().as_str();
+            if circuit != "closed" {
+                degraded.push(json!({"part": "circuit", "upstream": u.name(), "state": circuit}));
+            }
+        }
+        let now = crate::metrics::unix_now();
+        for (state, config) in registry.routes.iter().zip(&registry.configs) {
+            if state.stats.stale.load(Ordering::Relaxed) {
+                degraded.push(json!({
+                    "part": "stale_route",
+                    "route": &*state.name,
+                    "silent_for_s": state.stats.silent_for(now).round(),
+                    "expect_traffic_within_s": config.expect_traffic_within.map(|d| d.as_secs_f64()),
+                }));
+            }
         }
         let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
         json_response(

@@ -36,6 +36,7 @@ use crate::body::Body;
 use crate::config::RouteConfig;
 use crate::context::RequestContext;
 use crate::respond::{Reason, Shed};
+use crate::stats::RouteStats;
 use crate::store::{RouteLimits, Store};
 use crate::upstream::{Upstream, UpstreamService};
 use auth_guard::AuthGuard;
@@ -51,6 +52,8 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 /// detector and its auth guard. The admin API reads clients through it.
 pub struct RouteState {
     pub name: Arc<str>,
+    /// Counters, last success and offenders, for the admin API and dashboard.
+    pub stats: Arc<RouteStats>,
     pub limits: Arc<RouteLimits>,
     pub storm: Option<Arc<Storm>>,
     pub guard: Option<Arc<AuthGuard>>,
@@ -70,6 +73,7 @@ impl RouteState {
         });
         RouteState {
             name: Arc::from(route.name.as_str()),
+            stats: previous.map(|p| p.stats.clone()).unwrap_or_default(),
             limits: Arc::new(RouteLimits::new(&route.name, &route.limits)),
             storm,
             guard,
@@ -82,6 +86,10 @@ impl RouteState {
 pub struct Registry {
     pub store: Arc<Store>,
     pub routes: Vec<Arc<RouteState>>,
+    /// The live upstreams (circuit and ejection state).
+    pub upstreams: Vec<Arc<Upstream>>,
+    /// The live route configs, in `routes` order.
+    pub configs: Vec<RouteConfig>,
 }
 
 /// Builds the stack of one route.

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod admin_state;
 mod admission;
 mod binary;
 mod bounds;
