@@ -7,7 +7,8 @@ use criterion::{criterion_group, criterion_main};
 mod alloc;
 mod router;
 mod store;
+mod storm;
 mod upstream;
 
-criterion_group!(benches, router::bench, store::bench);
+criterion_group!(benches, router::bench, store::bench, storm::bench);
 criterion_main!(benches, upstream::benches);

@@ -29,7 +29,7 @@ fn limits() -> [Gcra; 2] {
 }
 
 /// `n` key indices following Zipf(s = 1) over `CLIENTS` keys, by inverse CDF.
-fn zipf_indices(n: usize) -> Vec<usize> {
+pub fn zipf_indices(n: usize) -> Vec<usize> {
     let mut cdf = Vec::with_capacity(CLIENTS);
     let mut sum = 0.0;
     for k in 1..=CLIENTS {

@@ -25,6 +25,7 @@ use crate::stack::Registry;
 use crate::stats::ShedSamples;
 
 mod clients;
+mod dashboard;
 mod state;
 
 /// What the admin API reads and triggers; handed over by the gateway.
@@ -61,6 +62,9 @@ impl Admin {
                 rsp
             }
             (&Method::GET, "/api/v1/config") => json_response(StatusCode::OK, json!(self.ctx.status.info())),
+            (&Method::GET, p) if p.starts_with("/dashboard") => dashboard::asset(p).unwrap_or_else(|| {
+                json_response(StatusCode::NOT_FOUND, json!({"error": "not_found", "path": path}))
+            }),
             (&Method::GET, "/api/v1/state") => json_response(StatusCode::OK, state::snapshot(&self.ctx)),
             (&Method::GET, "/api/v1/events") => state::events(self.ctx.clone()),
             (&Method::POST, "/api/v1/reload") => {

@@ -107,10 +107,17 @@ impl AuthGuard {
         h.write(client.as_bytes());
         let key = h.finish();
         let recent_ms = u64::try_from(self.config.recently_authorized.as_millis()).unwrap_or(u64::MAX);
-        let authorized = self.authorized.peek(key).is_some_and(|at| now_ms.saturating_sub(at) <= recent_ms);
-        if status.is_success() {
-            self.authorized.with(key, |at| *at = now_ms);
-        } else if !authorized {
+        // One map operation: read the last 2xx and record this one (0: never).
+        let success = status.is_success();
+        let last = self.authorized.with(key, |at| {
+            let last = *at;
+            if success {
+                *at = now_ms;
+            }
+            last
+        });
+        let authorized = last != 0 && now_ms.saturating_sub(last) <= recent_ms;
+        if !success && !authorized {
             // Neither evidence of health nor of an anomaly: a client that
             // never succeeded, or a failure to someone not recently authorized.
             return false;

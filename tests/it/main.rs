@@ -8,6 +8,7 @@ mod admission;
 mod binary;
 mod bounds;
 mod circuit_breaker;
+mod dashboard;
 mod errors;
 mod proxy;
 mod rate_limit;

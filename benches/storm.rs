@@ -1,0 +1,80 @@
+//! The storm detector and the auth guard on the request path with 1,000,000
+//! tracked clients (Zipf keys), and the memory they cost per client. Not
+//! measured: reading a small body for the fingerprint (the bench hashes
+//! method, path and query only).
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{BenchmarkId, Criterion, Throughput};
+use http::{Method, StatusCode, Uri};
+use levee::config::units::Rate;
+use levee::config::{AuthGuardConfig, StormConfig};
+use levee::stack::auth_guard::AuthGuard;
+use levee::stack::storm::Storm;
+use tokio::time::Instant;
+
+const CLIENTS: usize = 1_000_000;
+
+fn storm_config() -> StormConfig {
+    StormConfig {
+        enabled: true,
+        interval: Duration::from_secs(1),
+        growth_factor: 2.0,
+        growth_intervals: 3,
+        min_rate: "5/s".parse::<Rate>().unwrap(),
+        duplicate_window: Duration::from_secs(2),
+        max_duplicates: 3,
+        quarantine: Duration::from_secs(60),
+    }
+}
+
+fn guard_config() -> AuthGuardConfig {
+    AuthGuardConfig {
+        enabled: true,
+        window: Duration::from_secs(10),
+        min_responses: 50,
+        max_401_ratio: 0.3,
+        recently_authorized: Duration::from_secs(600),
+    }
+}
+
+pub fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let _enter = rt.enter();
+    let clients: Vec<String> = (0..CLIENTS).map(|i| format!("device-{i}")).collect();
+    let uri: Uri = "/v1/device/status?x=1".parse().unwrap();
+
+    let before = crate::alloc::live_bytes();
+    let storm = Storm::start("bench", &storm_config(), CLIENTS);
+    let guard = AuthGuard::new("bench", &guard_config(), CLIENTS);
+    let now = Instant::now();
+    for client in &clients {
+        let fp = storm.fingerprint(client, &Method::GET, &uri, None);
+        let _ = storm.observe(client, fp, now);
+        storm.finish(fp, false);
+        guard.observe(client, StatusCode::OK, now);
+    }
+    let bytes = crate::alloc::live_bytes() - before;
+    println!(
+        "storm + auth guard: {CLIENTS} clients, {bytes} bytes allocated, {:.1} bytes per client",
+        bytes as f64 / CLIENTS as f64
+    );
+
+    let order = crate::store::zipf_indices(1 << 20);
+    let mut g = c.benchmark_group("storm");
+    g.throughput(Throughput::Elements(1));
+    let mut i = 0usize;
+    g.bench_function(BenchmarkId::new("storm_and_guard", "1M_clients_zipf"), |b| {
+        b.iter(|| {
+            i = (i + 1) & ((1 << 20) - 1);
+            let client = &clients[order[i]];
+            let at = Instant::now();
+            let fp = storm.fingerprint(client, &Method::GET, &uri, None);
+            let verdict = storm.observe(client, fp, at).is_ok();
+            storm.finish(fp, false);
+            black_box((verdict, guard.observe(client, StatusCode::OK, at)))
+        })
+    });
+    g.finish();
+}
