@@ -6,9 +6,10 @@ use criterion::{criterion_group, criterion_main};
 
 mod alloc;
 mod router;
+mod stack;
 mod store;
 mod storm;
 mod upstream;
 
-criterion_group!(benches, router::bench, store::bench, storm::bench);
+criterion_group!(benches, router::bench, store::bench, storm::bench, stack::bench);
 criterion_main!(benches, upstream::benches);

@@ -93,12 +93,24 @@ pub struct Registry {
 }
 
 /// Builds the stack of one route.
-pub fn build(
+pub fn build(route: &RouteConfig, upstream: Arc<Upstream>, state: &RouteState, store: Arc<Store>) -> RouteService {
+    let pool = UpstreamService(upstream.clone());
+    build_on(route, upstream, state, store, pool)
+}
+
+/// The stack of one route on any innermost service: the upstream pool in
+/// production, a no-op in `benches/stack.rs` (the stack's own cost).
+pub fn build_on<S>(
     route: &RouteConfig,
     upstream: Arc<Upstream>,
     state: &RouteState,
     store: Arc<Store>,
-) -> RouteService {
+    inner: S,
+) -> RouteService
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Shed> + Clone + Send + Sync + 'static,
+    S::Future: Send + 'static,
+{
     let svc = ServiceBuilder::new()
         // 3a: every later stage keys its state by this identity.
         .layer(CheckLayer::new(client_id::ClientId::new(route)))
@@ -116,7 +128,7 @@ pub fn build(
         // 3f: retry idempotent failures within the upstream's budget (absent with attempts = 1).
         .option_layer(retry::RetryLayer::new(&upstream))
         // 4: the upstream pool: balance, forward, time out.
-        .service(UpstreamService(upstream));
+        .service(inner);
     BoxCloneSyncService::new(svc)
 }
 
