@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::admin::{Admin, AdminContext};
 use crate::config::reload::{ConfigStatus, ReloadHandle, ReloadResult};
 use crate::config::{self, Config, RouteConfig};
+use crate::listener::certs::{self as cert_report, CertInfo};
 use crate::listener::{self, tls::CertResolver};
 use crate::proxy::{Proxy, Route};
 use crate::router::Router;
@@ -108,6 +109,8 @@ pub struct Gateway {
     status: Arc<ConfigStatus>,
     metrics: PrometheusHandle,
     certs: Option<Arc<CertResolver>>,
+    /// The served chain's certificates, for `/readyz`.
+    cert_report: Arc<ArcSwap<Vec<CertInfo>>>,
     ready: Arc<AtomicBool>,
     reload: ReloadHandle,
     reload_rx: mpsc::Receiver<oneshot::Sender<ReloadResult>>,
@@ -121,6 +124,10 @@ impl Gateway {
             Some(t) => Some(Arc::new(CertResolver::new(t)?)),
             None => None,
         };
+        let cert_report = Arc::new(ArcSwap::from_pointee(Vec::new()));
+        if let Some(t) = &config.tls {
+            cert_report::publish(&cert_report, cert_report::report(&t.chain));
+        }
         let status = Arc::new(ConfigStatus::new(config.hash.clone(), config.admin.token.clone()));
         let (reload, reload_rx) = ReloadHandle::channel();
         let store = Store::start(config.store.clone());
@@ -132,6 +139,7 @@ impl Gateway {
             status,
             metrics,
             certs,
+            cert_report,
             ready: Arc::new(AtomicBool::new(false)),
             reload,
             reload_rx,
@@ -168,6 +176,7 @@ impl Gateway {
             reload: self.reload.clone(),
             ready: self.ready.clone(),
             registry: self.registry.clone(),
+            certs: self.cert_report.clone(),
         }));
 
         let mut tasks = tokio::task::JoinSet::new();
@@ -198,6 +207,7 @@ impl Gateway {
             config_path: self.config_path.clone(),
             status: self.status.clone(),
             certs: self.certs.clone(),
+            cert_report: self.cert_report.clone(),
         };
         let mut reload_rx = self.reload_rx;
         let reload_task = tokio::spawn(async move {
@@ -226,6 +236,7 @@ struct Reloader {
     config_path: Option<PathBuf>,
     status: Arc<ConfigStatus>,
     certs: Option<Arc<CertResolver>>,
+    cert_report: Arc<ArcSwap<Vec<CertInfo>>>,
 }
 
 impl Reloader {
@@ -248,9 +259,13 @@ impl Reloader {
         let config = config::load(path).map_err(|e| e.to_string())?;
         let current = self.runtime.load();
         check_restart_only(&current.config, &config);
-        if let (Some(certs), Some(tls)) = (&self.certs, &config.tls) {
-            certs.update(tls).map_err(|e| format!("server.tls: {e}"))?;
-        }
+        let served = match (&self.certs, &config.tls) {
+            (Some(certs), Some(tls)) => {
+                certs.update(tls).map_err(|e| format!("server.tls: {e}"))?;
+                Some(cert_report::report(&tls.chain))
+            }
+            _ => None,
+        };
         let hash = config.hash.clone();
         let token = config.admin.token.clone();
         // Client state survives a reload unless [store] itself changed.
@@ -264,6 +279,9 @@ impl Reloader {
         self.runtime.store(Arc::new(runtime));
         self.registry.store(Arc::new(registry));
         self.status.applied(hash.clone(), token);
+        if let Some(report) = served {
+            cert_report::publish(&self.cert_report, report);
+        }
         Ok(hash)
     }
 }

@@ -19,6 +19,7 @@ use serde_json::json;
 
 use crate::body::{self, Body};
 use crate::config::reload::{ConfigStatus, ReloadHandle};
+use crate::listener::certs::{self, CertInfo};
 use crate::listener::{ConnInfo, ConnLimits, Handler};
 use crate::stack::BoxFuture;
 use crate::stack::Registry;
@@ -33,6 +34,8 @@ pub struct AdminContext {
     pub ready: Arc<AtomicBool>,
     /// The live store and route limits, for `/api/v1/clients`.
     pub registry: Arc<ArcSwap<Registry>>,
+    /// The served chain's certificates (empty without TLS), for `/readyz`.
+    pub certs: Arc<ArcSwap<Vec<CertInfo>>>,
 }
 
 pub struct Admin {
@@ -95,6 +98,16 @@ impl Admin {
         if !registry.store.is_up() {
             degraded
                 .push(json!({"part": "store", "detail": "Redis is unreachable: store.on_failure applies"}));
+        }
+        let now = certs::unix_now();
+        for cert in self.ctx.certs.load().iter().filter(|c| c.expiring(now)) {
+            degraded.push(json!({
+                "part": "certificate",
+                "subject": cert.subject,
+                "position": cert.position,
+                "not_after": cert.not_after_rfc3339(),
+                "days_left": cert.days_left(now),
+            }));
         }
         let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
         json_response(

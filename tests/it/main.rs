@@ -6,6 +6,7 @@ mod support;
 mod admission;
 mod binary;
 mod bounds;
+mod certs;
 mod circuit_breaker;
 mod errors;
 mod proxy;
