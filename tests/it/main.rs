@@ -8,6 +8,7 @@ mod binary;
 mod bounds;
 mod certs;
 mod circuit_breaker;
+mod ecosystem;
 mod errors;
 mod proxy;
 mod rate_limit;
