@@ -5,8 +5,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{self, Config};
+use crate::config::{self, Config, Tls};
 use crate::gateway::{Gateway, Listeners};
+use crate::listener::certs;
 
 const DEFAULT_CONFIG: &str = "config/levee.toml";
 
@@ -41,6 +42,12 @@ fn check(path: &Path) -> ExitCode {
     match config::load(path) {
         Ok(config) => {
             print!("{}", summary(path, &config));
+            if let Some(tls) = &config.tls {
+                if !check_chain(tls) {
+                    eprintln!("{} is not valid", path.display());
+                    return ExitCode::FAILURE;
+                }
+            }
             println!("ok: {} is valid", path.display());
             ExitCode::SUCCESS
         }
@@ -50,6 +57,48 @@ fn check(path: &Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The served chain: fails when a certificate has expired; warns when one
+/// expires within 14 days, and when the chain does not lead to a root this
+/// machine trusts (each certificate signed by the next, the last one a trusted
+/// root or signed by one; see [`certs::verify_chain`]).
+fn check_chain(tls: &Tls) -> bool {
+    let now = certs::unix_now();
+    let report = certs::report(&tls.chain);
+    let mut ok = true;
+    for i in (0..tls.chain.len()).filter(|i| !report.iter().any(|c| c.position == *i)) {
+        eprintln!(
+            "warning: server.tls.cert: certificate {i} of {} does not parse as X.509",
+            tls.cert_path.display()
+        );
+    }
+    for c in &report {
+        if c.expired(now) {
+            ok = false;
+            eprintln!(
+                "error: server.tls.cert: certificate {} ({}) of {} expired on {}",
+                c.position,
+                c.subject,
+                tls.cert_path.display(),
+                c.not_after_rfc3339()
+            );
+        } else if c.expiring(now) {
+            eprintln!(
+                "warning: server.tls.cert: certificate {} ({}) of {} expires on {}, in {} days",
+                c.position,
+                c.subject,
+                tls.cert_path.display(),
+                c.not_after_rfc3339(),
+                c.days_left(now)
+            );
+        }
+    }
+    match certs::verify_chain(&tls.chain, &certs::system_roots()) {
+        Ok(root) => println!("  chain leads to the trusted root {root}"),
+        Err(e) => eprintln!("warning: server.tls.cert: {e}"),
+    }
+    ok
 }
 
 /// The human summary `levee check` prints.
@@ -67,6 +116,17 @@ pub fn summary(path: &Path, c: &Config) -> String {
             t.chain.len(),
             t.plain_http
         );
+        let now = certs::unix_now();
+        for c in certs::report(&t.chain) {
+            let _ = writeln!(
+                s,
+                "    [{}] {}  notAfter {} ({} days left)",
+                c.position,
+                c.subject,
+                c.not_after_rfc3339(),
+                c.days_left(now)
+            );
+        }
     }
     let _ = writeln!(
         s,

@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::admin::{Admin, AdminContext};
 use crate::config::reload::{ConfigStatus, ReloadHandle, ReloadResult};
 use crate::config::{self, Config, RouteConfig};
+use crate::listener::certs::{self as cert_report, CertInfo};
 use crate::listener::{self, tls::CertResolver};
 use crate::proxy::{Proxy, Route};
 use crate::router::Router;
@@ -123,6 +124,8 @@ pub struct Gateway {
     status: Arc<ConfigStatus>,
     metrics: PrometheusHandle,
     certs: Option<Arc<CertResolver>>,
+    /// The served chain's certificates, for `/readyz`.
+    cert_report: Arc<ArcSwap<Vec<CertInfo>>>,
     ready: Arc<AtomicBool>,
     reload: ReloadHandle,
     reload_rx: mpsc::Receiver<oneshot::Sender<ReloadResult>>,
@@ -136,6 +139,10 @@ impl Gateway {
             Some(t) => Some(Arc::new(CertResolver::new(t)?)),
             None => None,
         };
+        let cert_report = Arc::new(ArcSwap::from_pointee(Vec::new()));
+        if let Some(t) = &config.tls {
+            cert_report::publish(&cert_report, cert_report::report(&t.chain));
+        }
         let status = Arc::new(ConfigStatus::new(config.hash.clone(), config.admin.token.clone()));
         let (reload, reload_rx) = ReloadHandle::channel();
         let store = Store::start(config.store.clone());
@@ -148,6 +155,7 @@ impl Gateway {
             status,
             metrics,
             certs,
+            cert_report,
             ready: Arc::new(AtomicBool::new(false)),
             reload,
             reload_rx,
@@ -186,6 +194,7 @@ impl Gateway {
             registry: self.registry.clone(),
             samples: self.samples.clone(),
             started: crate::metrics::unix_now(),
+            certs: self.cert_report.clone(),
         }));
 
         let mut tasks = tokio::task::JoinSet::new();
@@ -216,6 +225,7 @@ impl Gateway {
             config_path: self.config_path.clone(),
             status: self.status.clone(),
             certs: self.certs.clone(),
+            cert_report: self.cert_report.clone(),
         };
         let mut reload_rx = self.reload_rx;
         let reload_task = tokio::spawn(async move {
@@ -246,6 +256,7 @@ struct Reloader {
     config_path: Option<PathBuf>,
     status: Arc<ConfigStatus>,
     certs: Option<Arc<CertResolver>>,
+    cert_report: Arc<ArcSwap<Vec<CertInfo>>>,
 }
 
 impl Reloader {
@@ -268,9 +279,13 @@ impl Reloader {
         let config = config::load(path).map_err(|e| e.to_string())?;
         let current = self.runtime.load();
         check_restart_only(&current.config, &config);
-        if let (Some(certs), Some(tls)) = (&self.certs, &config.tls) {
-            certs.update(tls).map_err(|e| format!("server.tls: {e}"))?;
-        }
+        let served = match (&self.certs, &config.tls) {
+            (Some(certs), Some(tls)) => {
+                certs.update(tls).map_err(|e| format!("server.tls: {e}"))?;
+                Some(cert_report::report(&tls.chain))
+            }
+            _ => None,
+        };
         let hash = config.hash.clone();
         let token = config.admin.token.clone();
         // Client state survives a reload unless [store] itself changed.
@@ -284,6 +299,9 @@ impl Reloader {
         self.runtime.store(Arc::new(runtime));
         self.registry.store(Arc::new(registry));
         self.status.applied(hash.clone(), token);
+        if let Some(report) = served {
+            cert_report::publish(&self.cert_report, report);
+        }
         Ok(hash)
     }
 }

@@ -19,6 +19,7 @@ use serde_json::json;
 
 use crate::body::{self, Body};
 use crate::config::reload::{ConfigStatus, ReloadHandle};
+use crate::listener::certs::{self, CertInfo};
 use crate::listener::{ConnInfo, ConnLimits, Handler};
 use crate::stack::BoxFuture;
 use crate::stack::Registry;
@@ -40,6 +41,8 @@ pub struct AdminContext {
     pub samples: Arc<ShedSamples>,
     /// Unix seconds at start-up.
     pub started: f64,
+    /// The served chain's certificates (empty without TLS), for `/readyz`.
+    pub certs: Arc<ArcSwap<Vec<CertInfo>>>,
 }
 
 pub struct Admin {
@@ -124,6 +127,16 @@ impl Admin {
                     "expect_traffic_within_s": config.expect_traffic_within.map(|d| d.as_secs_f64()),
                 }));
             }
+        }
+        let now_s = certs::unix_now();
+        for cert in self.ctx.certs.load().iter().filter(|c| c.expiring(now_s)) {
+            degraded.push(json!({
+                "part": "certificate",
+                "subject": cert.subject,
+                "position": cert.position,
+                "not_after": cert.not_after_rfc3339(),
+                "days_left": cert.days_left(now_s),
+            }));
         }
         let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
         json_response(

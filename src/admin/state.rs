@@ -88,7 +88,20 @@ pub fn snapshot(ctx: &AdminContext) -> serde_json::Value {
             })
         })
         .collect();
-    let certificates: Vec<serde_json::Value> = Vec::new();
+    let cert_now = crate::listener::certs::unix_now();
+    let certificates: Vec<_> = ctx
+        .certs
+        .load()
+        .iter()
+        .map(|c| {
+            json!({
+                "subject": c.subject,
+                "position": c.position,
+                "not_after": c.not_after,
+                "days_left": c.days_left(cert_now),
+            })
+        })
+        .collect();
     json!({
         "version": env!("CARGO_PKG_VERSION"),
         "now": now,

@@ -9,6 +9,7 @@
 //!   handler checks the exact size again for a JSON answer;
 //! - shutdown: stop accepting, let connections finish within the grace period.
 
+pub mod certs;
 pub mod plain_http;
 pub mod tls;
 

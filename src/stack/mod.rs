@@ -93,7 +93,12 @@ pub struct Registry {
 }
 
 /// Builds the stack of one route.
-pub fn build(route: &RouteConfig, upstream: Arc<Upstream>, state: &RouteState, store: Arc<Store>) -> RouteService {
+pub fn build(
+    route: &RouteConfig,
+    upstream: Arc<Upstream>,
+    state: &RouteState,
+    store: Arc<Store>,
+) -> RouteService {
     let pool = UpstreamService(upstream.clone());
     build_on(route, upstream, state, store, pool)
 }
