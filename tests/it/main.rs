@@ -7,6 +7,7 @@ mod admission;
 mod binary;
 mod bounds;
 mod circuit_breaker;
+mod demo;
 mod errors;
 mod proxy;
 mod rate_limit;
