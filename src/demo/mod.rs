@@ -198,29 +198,36 @@ async fn run(options: DemoOptions) -> Result<(), String> {
 }
 
 fn print_timeline(t: &Timeline) {
-    let s = |d: Duration| d.as_secs();
+    let span = |(a, b): (Duration, Duration)| format!("{}-{} s", a.as_secs(), b.as_secs());
+    let rows = [
+        ("0 s".to_string(), format!("{} steady devices, ~1 request/s each", fleet::STEADY_DEVICES), "200"),
+        (
+            format!("{} s", t.bomb.0.as_secs()),
+            "a device with a callback bug doubles its rate every second".to_string(),
+            "429 callback_bomb",
+        ),
+        (span(t.noisy), "a noisy device sends 30/s against its 10/s limit".to_string(), "429 rate_limited"),
+        (
+            span(t.failing),
+            format!("the backend fails (503); {} impatient devices retry at once", fleet::IMPATIENT_DEVICES),
+            "429 retry_storm, 503 circuit_open",
+        ),
+        (
+            span(t.unauthorized),
+            "the backend answers 401 to everyone".to_string(),
+            "503 upstream_auth_anomaly",
+        ),
+    ];
     println!("scenario ({} s):", t.total.as_secs());
-    println!("  0 s        {} steady devices, ~1 request/s each", fleet::STEADY_DEVICES);
-    println!(
-        "  {} s        a device with a callback bug doubles its rate every second  -> 429 callback_bomb",
-        s(t.bomb.0)
-    );
-    println!(
-        "  {}-{} s     a noisy device sends 30/s against its 10/s limit         -> 429 rate_limited",
-        s(t.noisy.0),
-        s(t.noisy.1)
-    );
-    println!(
-        "  {}-{} s    the backend fails (503); {} impatient devices retry at once -> 429 retry_storm, 503 circuit_open",
-        s(t.failing.0),
-        s(t.failing.1),
-        fleet::IMPATIENT_DEVICES
-    );
-    println!(
-        "  {}-{} s    the backend answers 401 to everyone                     -> 503 upstream_auth_anomaly",
-        s(t.unauthorized.0),
-        s(t.unauthorized.1)
-    );
+    for (when, what, answer) in rows {
+        println!("  {when:<9} {what:<62} -> {answer}");
+    }
+    if t.total < t.unauthorized.1 {
+        println!(
+            "  (the run ends before the last phases: --duration {} or more shows them all)",
+            t.unauthorized.1.as_secs() + 1
+        );
+    }
 }
 
 fn counts<K: std::fmt::Display>(map: &std::collections::BTreeMap<K, u64>, sep: &str) -> String {
