@@ -1,4 +1,4 @@
-//! `levee run | check | --version`: the command line of the contract.
+//! `levee run | check | demo | --version`: the command line of the contract.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -27,6 +27,18 @@ enum Command {
     Run,
     /// Validate the config, print a summary of listeners, routes and upstreams; exit 0 or 1.
     Check,
+    /// A self-contained demonstration: fake backends, the gateway and a misbehaving fleet.
+    Demo {
+        /// Overrides `server.listen`.
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Overrides `admin.listen`.
+        #[arg(long)]
+        admin: Option<std::net::SocketAddr>,
+        /// How long the fleet runs, in seconds (under 60: a compressed timeline).
+        #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u64).range(1..=crate::demo::MAX_DURATION_S))]
+        duration: u64,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -35,6 +47,11 @@ pub fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Run) {
         Command::Check => check(&path),
         Command::Run => run(&path),
+        Command::Demo { listen, admin, duration } => {
+            let _log = init_logging("warn");
+            let duration = std::time::Duration::from_secs(duration);
+            crate::demo::main(crate::demo::DemoOptions { config: path, listen, admin, duration })
+        }
     }
 }
 
@@ -172,7 +189,7 @@ pub fn summary(path: &Path, c: &Config) -> String {
 }
 
 fn run(path: &Path) -> ExitCode {
-    let _log = init_logging();
+    let _log = init_logging("info");
     let config = match config::load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -245,13 +262,13 @@ async fn shutdown_signal() {
 
 /// Logs go to stderr through a bounded, lossy queue: a stalled or closed log
 /// sink drops lines rather than blocking a request.
-fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
+fn init_logging(default_filter: &str) -> tracing_appender::non_blocking::WorkerGuard {
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(true)
         .buffered_lines_limit(64 * 1024)
         .finish(std::io::stderr());
     let filter = tracing_subscriber::EnvFilter::try_from_env("LEVEE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(writer).try_init();
     guard

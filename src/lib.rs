@@ -22,6 +22,7 @@
 //! - `config/`: the TOML contract, raw → validated once; reload status.
 //! - `gateway.rs`: assembles a runtime from a config, swaps it on reload, runs listeners.
 //! - `admin/`: health, readiness, metrics, config and reload.
+//! - `demo/`: `levee demo`, fake backends and a simulated fleet against the gateway.
 //! - `metrics.rs`: every Prometheus name, once.
 //! - `body.rs`, `context.rs`: the body type and the per-request context.
 
@@ -30,6 +31,7 @@ pub mod body;
 pub mod cli;
 pub mod config;
 pub mod context;
+pub mod demo;
 pub mod gateway;
 pub mod listener;
 pub mod metrics;

@@ -10,6 +10,7 @@ mod bounds;
 mod certs;
 mod circuit_breaker;
 mod dashboard;
+mod demo;
 mod ecosystem;
 mod errors;
 mod proxy;
