@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # levee vs nginx: the same load, the same backend, the same CPU, in the same run.
 #
-#   bash benches/load/run.sh [proxy|clients|hot|redis ...]     (default: all four)
+#   bash benches/load/run.sh [proxy|clients|hot|redis|failing|storm ...]   (default: all six)
 #
 # Modes:
 #   proxy    plain reverse proxy, no limits
@@ -11,6 +11,14 @@
 #            of refusing (429), and the share of 429s
 #   redis    levee with store.kind = "redis" against levee in memory, both in `clients`
 #            (a throwaway redis-server; "skipped: <reason>" when levee cannot do it yet)
+#   failing  one upstream, two endpoints: A answers 200, B always 503; one retry on 503
+#            (levee: retry attempts 2 budget 0.2, outlier consecutive_failures 5; nginx:
+#            proxy_next_upstream http_503, tries 2): req/s, 503 share at the client, and the
+#            request rate at the backends (stub_status; B's access log)
+#   storm    storm.py instead of wrk: 1,000 steady clients at 1/s + one bomb doubling
+#            2/s -> 512/s for STORM_SECONDS (12); limit 100/s burst 100 per client, levee's
+#            storm detector as shipped: when the bomb is first refused, how many of its
+#            requests got through, the steady clients' success rate and p99
 #
 # Environment: DURATION (10s) measured run, WARMUP (2s) before each, CONNECTIONS (64),
 # THREADS (1, wrk), PROXY_CPU (1), LOAD_CPU (0: wrk, backend, redis), LEVEE_BIN (skip
@@ -42,7 +50,7 @@ set -euo pipefail
 
 # The exact command, for the results file (before the defaults below are filled in).
 CMD=""
-for v in DURATION WARMUP CONNECTIONS THREADS PROXY_CPU LOAD_CPU LEVEE_BIN PERF PERF_DURATION; do
+for v in IDLE_WAIT STORM_SECONDS DURATION WARMUP CONNECTIONS THREADS PROXY_CPU LOAD_CPU LEVEE_BIN PERF PERF_DURATION; do
   if [ -n "${!v+x}" ]; then CMD+="$v=${!v} "; fi
 done
 CMD+="bash benches/load/run.sh${*:+ $*}"
@@ -60,6 +68,7 @@ PERF=${PERF:-0}
 PERF_DURATION=${PERF_DURATION:-5}
 KEEP_TMP=${KEEP_TMP:-0}
 IDLE_WAIT=${IDLE_WAIT:-600}
+STORM_SECONDS=${STORM_SECONDS:-12}
 CLIENTS=10000
 
 
@@ -67,11 +76,11 @@ say() { printf '[load] %s\n' "$*" >&2; }
 die() { printf '[load] error: %s\n' "$*" >&2; exit 1; }
 
 # ---------------------------------------------------------------------------- modes
-ALL_MODES=(proxy clients hot redis)
+ALL_MODES=(proxy clients hot redis failing storm)
 MODES=("$@")
 [ ${#MODES[@]} -eq 0 ] && MODES=("${ALL_MODES[@]}")
 for m in "${MODES[@]}"; do
-  case "$m" in proxy|clients|hot|redis) ;; *) die "unknown mode '$m' (expected: ${ALL_MODES[*]})" ;; esac
+  case "$m" in proxy|clients|hot|redis|failing|storm) ;; *) die "unknown mode '$m' (expected: ${ALL_MODES[*]})" ;; esac
 done
 want() { local m; for m in "${MODES[@]}"; do [ "$m" = "$1" ] && return 0; done; return 1; }
 
@@ -235,8 +244,16 @@ start_nginx() { # NAME CPU CONF PORT
 # The nginx under test. LIMIT: none | clients | hot. limit_req_log_level info keeps
 # nginx from writing an error-log line per refusal (levee logs none either).
 proxy_nginx_conf() { # FILE PORT LIMIT
-  local file=$1 port=$2 limit=$3 zone="" lim=""
+  local file=$1 port=$2 limit=$3 zone="" lim="" servers="server 127.0.0.1:$BACKEND_PORT;"
   case "$limit" in
+    failing)
+      # both endpoints, default max_fails=1 fail_timeout=10s: a 503 that is retried on
+      # the other server also marks the failing one down for 10 s
+      servers="server 127.0.0.1:$BACKEND_PORT; server 127.0.0.1:$FAIL_PORT;"
+      lim="proxy_next_upstream error timeout http_503; proxy_next_upstream_tries 2;" ;;
+    storm)
+      zone="limit_req_zone \$http_x_device_id zone=dev:64m rate=100r/s;"
+      lim="limit_req zone=dev burst=100 nodelay; limit_req_status 429; limit_req_log_level info;" ;;
     clients)
       zone="limit_req_zone \$http_x_device_id zone=dev:64m rate=1000r/s;"
       lim="limit_req zone=dev burst=1000 nodelay; limit_req_status 429; limit_req_log_level info;" ;;
@@ -246,7 +263,7 @@ proxy_nginx_conf() { # FILE PORT LIMIT
   esac
   nginx_conf "$file" nginx "
     upstream backend {
-        server 127.0.0.1:$BACKEND_PORT;
+        $servers
         keepalive 64;
         keepalive_requests 10000000;
     }
@@ -277,13 +294,26 @@ levee_conf() { # FILE PORT ADMIN_PORT LIMIT STORE
       # deny: a store failure shows up as 503s instead of a silent fall-back to memory
       printf '[store]\nkind = "redis"\nurl = "redis://127.0.0.1:%s"\non_failure = "deny"\n\n' "$REDIS_PORT"
     fi
-    printf '[upstreams.backend]\nendpoints = ["127.0.0.1:%s"]\nmax_concurrency = 100000\n\n' "$BACKEND_PORT"
+    if [ "$limit" = failing ]; then
+      printf '[upstreams.backend]\nendpoints = ["127.0.0.1:%s", "127.0.0.1:%s"]\nmax_concurrency = 100000\n\n' \
+        "$BACKEND_PORT" "$FAIL_PORT"
+      printf '[upstreams.backend.outlier]\nconsecutive_failures = 5\n\n'
+      printf '[upstreams.backend.retry]\nattempts = 2\nbudget = 0.2\non = ["connect", "502", "503", "504"]\n\n'
+    else
+      printf '[upstreams.backend]\nendpoints = ["127.0.0.1:%s"]\nmax_concurrency = 100000\n\n' "$BACKEND_PORT"
+    fi
     printf '[[routes]]\nname = "bench"\npath_prefix = "/"\nupstream = "backend"\nclient_key = "header:x-device-id"\n'
     case "$limit" in
       clients) printf '\n[[routes.limits]]\nrate = "1000/s"\nburst = 1000\n' ;;
-      hot) printf '\n[[routes.limits]]\nrate = "100/s"\nburst = 100\n' ;;
+      hot|storm) printf '\n[[routes.limits]]\nrate = "100/s"\nburst = 100\n' ;;
     esac
-    printf '\n[routes.storm]\nenabled = false\n'
+    if [ "$limit" = storm ]; then
+      # as shipped in config/levee.toml
+      printf '\n[routes.storm]\nenabled = true\ninterval = "1s"\ngrowth_factor = 2.0\ngrowth_intervals = 3\n'
+      printf 'min_rate = "5/s"\nduplicate_window = "2s"\nmax_duplicates = 3\nquarantine = "60s"\n'
+    else
+      printf '\n[routes.storm]\nenabled = false\n'
+    fi
   } >"$file"
 }
 
@@ -376,9 +406,18 @@ redis_cmds() { # "commands scripts" Redis has run so far; commands include those
         END { print c + 0, s + 0 }'
 }
 
+backend_counts() { # "requests failing" the backend nginx has served so far (all endpoints; the 503 one)
+  local n f
+  n=$(python3 -c 'import sys, urllib.request as u
+print(u.urlopen("http://127.0.0.1:%s/" % sys.argv[1], timeout=5).read().decode().split("\n")[2].split()[2])' "$STATUS_PORT" 2>/dev/null)
+  f=$(wc -l <"$TMP/backend/fail.log" 2>/dev/null)
+  echo "${n:-0} ${f:-0}"
+}
+
 # One measured run: warm-up, then DURATION with CPU accounting. Sets R_* variables.
 measure() { # LABEL PORT PROXY_PID SCRIPT|""
   local label=$1 port=$2 pid=$3 script=$4 out="$TMP/wrk-$1.txt" args=()
+  if [ "$script" = storm ]; then storm_measure "$@"; return; fi
   [ -n "$script" ] && args=(-s "$script")
   wait_idle
   say "  $label: warm-up $WARMUP"
@@ -388,6 +427,8 @@ measure() { # LABEL PORT PROXY_PID SCRIPT|""
   say "  $label: measuring $DURATION (wrk -t$THREADS -c$CONNECTIONS --latency${script:+ -s $(basename "$script")})"
   local t0 t1 c0a c1a r0=0 r1=0 s0=0 s1=0
   [ "${R_REDIS:-0}" = 1 ] && read -r r0 s0 < <(redis_cmds)
+  local q0=0 q1=0 f0=0 f1=0
+  [ "${R_BACKEND:-0}" = 1 ] && { sleep 0.5; read -r q0 f0 < <(backend_counts); }
   read -r c0a t0 < <(cpu_busy "$LOAD_CPU")
   read -r c1a t1 < <(cpu_busy "$PROXY_CPU")
   local ua sa ub sb
@@ -403,6 +444,11 @@ measure() { # LABEL PORT PROXY_PID SCRIPT|""
   read -r c0b t0b < <(cpu_busy "$LOAD_CPU")
   read -r c1b t1b < <(cpu_busy "$PROXY_CPU")
   [ "${R_REDIS:-0}" = 1 ] && read -r r1 s1 < <(redis_cmds)
+  [ "${R_BACKEND:-0}" = 1 ] && { sleep 0.5; read -r q1 f1 < <(backend_counts); }
+  # requests at the backends per second of the run (minus the stub_status request itself)
+  R_UP_RPS=$(awk -v d="$((q1 - q0 - 1))" -v s="$wall" 'BEGIN{printf "%.0f", d / s}')
+  R_UP_FAIL=$(awk -v d="$((f1 - f0))" -v s="$wall" 'BEGIN{printf "%.0f", d / s}')
+  R_FAIL_ALL=$f1   # B's requests since the backend started: includes the warm-up
 
   R_RPS=$(awk '/^Requests\/sec:/{printf "%.0f", $2}' "$out")
   R_P50=$(to_ms "$(awk '$1 == "50%" {print $2}' "$out")")
@@ -428,12 +474,46 @@ measure() { # LABEL PORT PROXY_PID SCRIPT|""
   say "  $label: ${R_RPS} req/s, p50 ${R_P50} ms, p99 ${R_P99} ms, proxy CPU ${R_CPU}% (user ${R_USR}, system ${R_SYS}), core $LOAD_CPU ${R_CORE0}%, non-2xx ${R_NON2XX}${R_STATUS:+, $R_STATUS}"
 }
 
+# Mode storm: storm.py (1,000 steady clients at 1/s, one bomb doubling 2/s -> 512/s,
+# STORM_SECONDS) on core LOAD_CPU instead of wrk. Sets S_* (and R_CPU).
+storm_measure() { # LABEL PORT PROXY_PID storm
+  local label=$1 port=$2 pid=$3 out="$TMP/storm-$1.json" ua sa ub sb w0 w1 wall
+  wait_idle
+  say "  $label: storm.py for ${STORM_SECONDS}s (1000 steady clients at 1/s, a bomb doubling 2/s -> 512/s)"
+  read -r ua sa < <(tree_ticks "$pid")
+  w0=$EPOCHREALTIME
+  timeout $(( STORM_SECONDS + 60 )) taskset -c "$LOAD_CPU" \
+    python3 "$HERE/storm.py" "$port" --duration "$STORM_SECONDS" >"$out" 2>"$TMP/storm-$label.err" \
+    || { cat "$TMP/storm-$label.err" >&2; die "storm.py against $label failed"; }
+  w1=$EPOCHREALTIME
+  read -r ub sb < <(tree_ticks "$pid")
+  wall=$(awk -v a="$w0" -v b="$w1" 'BEGIN{printf "%.3f", b - a}')
+  R_CPU=$(awk -v d="$((ub - ua + sb - sa))" -v hz="$CLK_TCK" -v s="$wall" 'BEGIN{printf "%.0f", 100 * d / hz / s}')
+  eval "$(python3 - "$out" <<'PY'
+import json, shlex, sys
+d = json.load(open(sys.argv[1]))
+f = lambda v: "-" if v is None else str(v)
+codes = " ".join(f"{k}:{v}" for k, v in sorted(d["steady_codes"].items()))
+first = "never" if d["bomb_first_refusal_s"] is None else f'{d["bomb_first_refusal_s"]} s'
+why = f(d["bomb_refusal_status"]) + (f' {d["bomb_refusal_reason"]}' if d["bomb_refusal_reason"] else "")
+for k, v in [("S_FIRST", first), ("S_RATE", f(d["bomb_rate_at_refusal"])), ("S_WHY", why),
+             ("S_BOK", f(d["bomb_ok"])), ("S_BSENT", f(d["bomb_sent"])), ("S_BERR", f(d["bomb_errors"])),
+             ("S_SOK", f(d["steady_success_pct"])), ("S_SSENT", f(d["steady_sent"])),
+             ("S_P50", f(d["steady_p50_ms"])), ("S_P99", f(d["steady_p99_ms"])), ("S_CODES", codes)]:
+    print(f"{k}={shlex.quote(v)}")
+PY
+)"
+  say "  $label: bomb first refused after $S_FIRST (at $S_RATE/s, $S_WHY), bomb accepted $S_BOK of $S_BSENT; steady: $S_SOK% ok of $S_SSENT ($S_CODES), p50 $S_P50 ms, p99 $S_P99 ms; proxy CPU $R_CPU%"
+}
+srow() { echo "| $1 | $S_FIRST | $S_RATE | $S_WHY | $S_BOK / $S_BSENT | $S_SOK% of $S_SSENT | $S_P50 | $S_P99 | $R_CPU |"; }
+
 # PERF=1: one more run of PERF_DURATION, after the measured one (so that perf does not
 # touch the measured numbers): system calls per request for every proxy (perf stat on
 # tracepoints) and, for levee, where its CPU goes (perf record).
 profile() { # LABEL PORT PROXY_PID SCRIPT|""
   local label=$1 port=$2 pid=$3 script=$4 args=() pids ev rec="" n
   [ "$PERF" = 1 ] || return 0
+  [ "$script" = storm ] && return 0
   [ -n "$script" ] && args=(-s "$script")
   pids=$(tree_pids "$pid" | paste -sd,)
   ev=raw_syscalls:sys_enter,syscalls:sys_enter_writev,syscalls:sys_enter_write,syscalls:sys_enter_sendto,syscalls:sys_enter_sendmsg
@@ -492,7 +572,8 @@ table() { # TITLE EXTRA_HEADER RATIO_LABEL ROW_A ROW_B  (ratio = B / A)
   out "### $title"
   out ""
   out "| proxy | req/s | p50 ms | p99 ms | proxy CPU % (user+sys) | req/CPU-s | core $LOAD_CPU busy % | non-2xx |${extra:+ $extra |}"
-  out "|---|---:|---:|---:|---:|---:|---:|---:|${extra:+---:|}"
+  local xsep=""; [ -n "$extra" ] && xsep=$(awk -v e="$extra" 'BEGIN{ n = gsub(/\|/, "", e); for (i = 0; i <= n; i++) printf "---:|" }')
+  out "|---|---:|---:|---:|---:|---:|---:|---:|$xsep"
   out "| $la | $ra | $pa5 | $pa9 | $ca | $ea | $ka | $na |${extra:+ $xa |}"
   out "| $lb | $rb | $pb5 | $pb9 | $cb | $eb | $kb | $nb |${extra:+ $xb |}"
   out "| **$rlabel** | **$(ratio "$rb" "$ra")** | $(ratio "$pb5" "$pa5") | $(ratio "$pb9" "$pa9") | | $(ratio "$eb" "$ea") | | |${extra:+ |}"
@@ -531,10 +612,21 @@ start_levee() { # CONF PORT -> LAST_PID, or returns 1
 
 # ---------------------------------------------------------------------------- backend
 free_port; BACKEND_PORT=$PORT
+free_port; FAIL_PORT=$PORT       # mode failing: a second endpoint that always answers 503
+free_port; STATUS_PORT=$PORT     # stub_status: requests served by the backend nginx
 nginx_conf "$TMP/backend.conf" backend "
     server {
         listen 127.0.0.1:$BACKEND_PORT;
         location / { return 200 \"ok\n\"; }
+    }
+    server {
+        listen 127.0.0.1:$FAIL_PORT;
+        access_log $TMP/backend/fail.log combined buffer=64k flush=200ms;
+        location / { return 503 \"down\n\"; }
+    }
+    server {
+        listen 127.0.0.1:$STATUS_PORT;
+        location / { stub_status; }
     }"
 say "starting the backend (nginx, return 200) on 127.0.0.1:$BACKEND_PORT, core $LOAD_CPU"
 start_nginx backend "$LOAD_CPU" "$TMP/backend.conf" "$BACKEND_PORT"
@@ -666,6 +758,42 @@ for mode in "${MODES[@]}"; do
       R_REDIS=0
     fi
     forget "$REDIS_PID"
+    ;;
+  failing)
+    say "mode failing: two endpoints, one answers 200, the other always 503; retries on 503"
+    R_BACKEND=1
+    : >"$TMP/backend/fail.log"
+    run_nginx failing ""; FA=$R_FAIL_ALL; A=$(row nginx "$(awk -v n="$R_NON2XX" -v t="$R_TOTAL" 'BEGIN{ if (t > 0) printf "%.1f%%", 100 * n / t; else print "?" }')|$R_UP_RPS|$R_UP_FAIL")
+    : >"$TMP/backend/fail.log"
+    if run_levee levee failing memory ""; then
+      B=$(row levee "$(awk -v n="$R_NON2XX" -v t="$R_TOTAL" 'BEGIN{ if (t > 0) printf "%.1f%%", 100 * n / t; else print "?" }')|$R_UP_RPS|$R_UP_FAIL")
+      table "failing: endpoints A (200) and B (always 503), one retry on 503" \
+        "503 share at client | backend req/s (A+B) | of which B (503) req/s" "levee/nginx" "$A" "$B"
+      out ""
+      out "nginx: \`proxy_next_upstream error timeout http_503; proxy_next_upstream_tries 2\`, default max_fails=1 fail_timeout=10s. levee: retry attempts 2, budget 0.2, on connect/502/503/504; outlier consecutive_failures 5, default breaker; storm off. Backend requests counted at the backend nginx (stub_status; B's access log), after the ${WARMUP} warm-up. B's requests over the whole run (check, warm-up, measured): nginx $FA, levee $R_FAIL_ALL."
+    else
+      skipped "failing" "$SKIP_REASON"
+    fi
+    R_BACKEND=0
+    ;;
+  storm)
+    say "mode storm: 1000 steady clients at 1/s, one bomb doubling 2/s -> 512/s, limit 100/s burst 100 per client"
+    run_nginx storm storm; A=$(srow nginx)
+    if run_levee levee storm memory storm; then
+      B=$(srow levee)
+      out ""
+      out "### storm: 1,000 steady clients at 1/s + one bomb doubling 2/s -> 512/s for ${STORM_SECONDS} s, limit 100/s burst 100 per client"
+      out ""
+      out "| proxy | bomb's first refusal after | bomb's rate then (/s) | refusal | bomb accepted / sent | steady ok | steady p50 ms | steady p99 ms | proxy CPU % |"
+      out "|---|---:|---:|---|---:|---:|---:|---:|---:|"
+      out "$A"
+      out "$B"
+      out ""
+      out "Load: \`storm.py\` (asyncio, one keep-alive connection per steady client, a pool for the bomb, open loop, all paths distinct) on core $LOAD_CPU. nginx: \`limit_req\` 100r/s burst 100 nodelay on \$http_x_device_id. levee: the same limit + storm as shipped (interval 1s, growth_factor 2, growth_intervals 3, min_rate 5/s, quarantine 60s)."
+      if [ -n "$NOTES" ]; then out ""; printf '%s' "$NOTES" | tee -a "$REPORT"; NOTES=""; fi
+    else
+      skipped "storm" "$SKIP_REASON"
+    fi
     ;;
   esac
 done
