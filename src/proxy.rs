@@ -12,7 +12,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use metrics::{Counter, Histogram, SharedString};
 use tokio::time::Instant;
-use tower::Service;
+use tower::ServiceExt;
 
 use crate::body::{self, Body, Limited};
 use crate::config::RouteConfig;
@@ -223,13 +223,7 @@ impl Proxy {
         let body = body::boxed(Limited::new(body::boxed(incoming), server.max_body_bytes, too_large.clone()));
         let req = Request::from_parts(parts, body);
 
-        // Called directly rather than through `oneshot`: the stack's future is a
-        // concrete boxed type, which keeps this async fn's `Send` proof simple.
-        let mut service = route.service.clone();
-        if let Err(shed) = std::future::poll_fn(|cx| service.poll_ready(cx)).await {
-            return Err((Some(route), shed));
-        }
-        match service.call(req).await {
+        match route.service.clone().oneshot(req).await {
             Ok(rsp) => Ok((route, rsp)),
             // The upstream try failed because the client's body outgrew the limit.
             Err(_) if too_large.load(Ordering::Relaxed) => {

@@ -92,7 +92,7 @@ impl AuthGuard {
     }
 
     fn ms(&self, now: Instant) -> u64 {
-        u64::try_from(now.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX) + 1
+        super::millis_since(self.epoch, now)
     }
 
     pub fn tripped(&self) -> bool {

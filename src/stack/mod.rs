@@ -137,6 +137,12 @@ where
     BoxCloneSyncService::new(svc)
 }
 
+/// Milliseconds from `epoch` to `now`, plus one so that 0 can mean "never":
+/// the clock of the storm detector and the auth guard.
+pub(crate) fn millis_since(epoch: tokio::time::Instant, now: tokio::time::Instant) -> u64 {
+    u64::try_from(now.saturating_duration_since(epoch).as_millis()).unwrap_or(u64::MAX).saturating_add(1)
+}
+
 /// The request's context, which the listener always sets.
 pub fn context<B>(req: &Request<B>) -> Result<&RequestContext, Shed> {
     req.extensions()

@@ -104,8 +104,7 @@ where
 /// `RateLimit-Policy` and `RateLimit` for the decision's tightest limit.
 fn headers(limits: &RouteLimits, d: &Decision) -> Vec<(HeaderName, HeaderValue)> {
     let Some(i) = d.tightest else { return Vec::new() };
-    let Some(policy) = limits.policies.get(i) else { return Vec::new() };
-    let name = limits.limits[i].rate.to_string();
+    let (Some(policy), Some(name)) = (limits.policies.get(i), limits.names.get(i)) else { return Vec::new() };
     // `t`: seconds until the bucket is full again (allowed), or until the
     // request would pass (refused); rounded up, 0 only for an untouched bucket.
     let t = match (d.allowed, d.reset.is_zero()) {
@@ -113,7 +112,7 @@ fn headers(limits: &RouteLimits, d: &Decision) -> Vec<(HeaderName, HeaderValue)>
         (true, false) => retry_after_secs(Some(d.reset)),
         (false, _) => retry_after_secs(Some(d.retry_after)),
     };
-    let value = HeaderValue::from_str(&format!("\"{name}\";r={};t={t}", d.remaining))
+    let value = HeaderValue::from_str(&format!("{name};r={};t={t}", d.remaining))
         .unwrap_or(HeaderValue::from_static("\"limit\""));
     vec![(RATELIMIT_POLICY, policy.clone()), (RATELIMIT, value)]
 }

@@ -47,6 +47,8 @@ pub struct RouteLimits {
     us: Vec<Gcra>,
     /// `RateLimit-Policy` of each limit, e.g. `"10/s";q=20;w=2`.
     pub policies: Vec<HeaderValue>,
+    /// Each limit's policy name as `RateLimit` quotes it, e.g. `"10/s"`.
+    pub names: Vec<String>,
 }
 
 impl RouteLimits {
@@ -64,6 +66,7 @@ impl RouteLimits {
             .collect();
         RouteLimits {
             route: Arc::from(route),
+            names: limits.iter().map(|l| format!("\"{}\"", l.rate)).collect(),
             us: limits.iter().map(|l| Gcra::new(l, Duration::from_micros(1))).collect(),
             ns,
             limits,

@@ -91,7 +91,7 @@ impl Storm {
     }
 
     fn ms(&self, now: Instant) -> u64 {
-        u64::try_from(now.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX) + 1
+        super::millis_since(self.epoch, now)
     }
 
     fn client_key(&self, client: &str) -> u64 {
