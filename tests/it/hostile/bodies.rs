@@ -1,0 +1,1 @@
+//! Hostile input: bodies. (Tests follow.)

@@ -1,0 +1,1 @@
+//! Hostile input: config. (Tests follow.)

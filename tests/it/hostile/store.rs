@@ -1,0 +1,1 @@
+//! Hostile input: store. (Tests follow.)
