@@ -37,12 +37,24 @@ pub struct RawServer {
     pub listen: String,
     /// Connections beyond this wait in the kernel's accept backlog.
     pub max_connections: usize,
-    /// Time allowed for a request's whole head to arrive (slowloris bound).
+    /// From accept (or the end of the previous request) until a complete
+    /// request head, whatever the protocol (slowloris, idle and preface-only
+    /// sockets).
     pub header_read_timeout: Dur,
+    /// A keep-alive connection with no request in flight is closed after this
+    /// (HTTP/2: GOAWAY).
+    pub idle_timeout: Dur,
+    /// Longest gap between two reads of a request body; past it: 408.
+    pub body_read_timeout: Dur,
+    /// A body up to this size (declared `Content-Length`) is read whole before
+    /// the request takes an upstream slot; larger bodies stream.
+    pub buffer_body_bytes: ByteSize,
     /// Request heads larger than this get 431.
     pub max_header_bytes: ByteSize,
     /// Request bodies larger than this get 413.
     pub max_body_bytes: ByteSize,
+    /// Concurrent streams per HTTP/2 connection.
+    pub h2_max_concurrent_streams: u32,
     /// How long in-flight requests may finish after SIGTERM.
     pub shutdown_grace: Dur,
     /// The optional HTTPS listener.
@@ -55,8 +67,12 @@ impl Default for RawServer {
             listen: "0.0.0.0:8080".into(),
             max_connections: 10_000,
             header_read_timeout: d("10s"),
+            idle_timeout: d("60s"),
+            body_read_timeout: d("15s"),
+            buffer_body_bytes: ByteSize(64 << 10),
             max_header_bytes: ByteSize(16_384),
             max_body_bytes: ByteSize(10 << 20),
+            h2_max_concurrent_streams: 100,
             shutdown_grace: d("30s"),
             tls: None,
         }
@@ -94,14 +110,18 @@ pub enum PlainHttp {
 #[serde(deny_unknown_fields, default)]
 pub struct RawAdmin {
     pub listen: String,
-    /// When set, mutating admin calls need `Authorization: Bearer <token>`;
-    /// when empty, they are accepted from loopback only.
+    /// When set, every admin call but `/healthz`, `/readyz` and `/metrics`
+    /// needs `Authorization: Bearer <token>`; when empty, mutating calls are
+    /// accepted from loopback only.
     pub token: String,
+    /// Host names the admin listener answers to besides IP literals and
+    /// `localhost` (DNS-rebinding defence).
+    pub hosts: Vec<String>,
 }
 
 impl Default for RawAdmin {
     fn default() -> Self {
-        RawAdmin { listen: "127.0.0.1:9901".into(), token: String::new() }
+        RawAdmin { listen: "127.0.0.1:9901".into(), token: String::new(), hosts: Vec::new() }
     }
 }
 

@@ -33,8 +33,12 @@ pub struct Server {
     pub listen: SocketAddr,
     pub max_connections: usize,
     pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub body_read_timeout: Duration,
+    pub buffer_body_bytes: u64,
     pub max_header_bytes: usize,
     pub max_body_bytes: u64,
+    pub h2_max_concurrent_streams: u32,
     pub shutdown_grace: Duration,
 }
 
@@ -53,6 +57,8 @@ pub struct Admin {
     pub listen: SocketAddr,
     /// `None`: mutating calls are accepted from loopback only.
     pub token: Option<String>,
+    /// Host names answered besides IP literals and `localhost`, lowercased.
+    pub hosts: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -169,6 +175,7 @@ pub(super) fn validate(raw: RawConfig, base_dir: &Path, hash: String) -> Result<
     let admin = Admin {
         listen: addr(&raw.admin.listen, KeyPath::root().key("admin").key("listen"))?,
         token: Some(raw.admin.token.clone()).filter(|t| !t.is_empty()),
+        hosts: raw.admin.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
     };
     let store = store(&raw.store)?;
     let mut upstreams = Vec::with_capacity(raw.upstreams.len());
@@ -229,8 +236,15 @@ fn server(s: &raw::RawServer) -> Result<Server> {
         listen: addr(&s.listen, p.key("listen"))?,
         max_connections: at_least(s.max_connections, 1, p.key("max_connections"))?,
         header_read_timeout: positive(s.header_read_timeout.0, p.key("header_read_timeout"))?,
+        idle_timeout: positive(s.idle_timeout.0, p.key("idle_timeout"))?,
+        body_read_timeout: positive(s.body_read_timeout.0, p.key("body_read_timeout"))?,
+        buffer_body_bytes: s.buffer_body_bytes.0.min(s.max_body_bytes.0),
         max_header_bytes: max_header_bytes as usize,
         max_body_bytes: s.max_body_bytes.0,
+        h2_max_concurrent_streams: match s.h2_max_concurrent_streams {
+            1..=10_000 => s.h2_max_concurrent_streams,
+            n => return invalid(p.key("h2_max_concurrent_streams"), format!("must be between 1 and 10000, got {n}")),
+        },
         shutdown_grace: s.shutdown_grace.0,
     })
 }
