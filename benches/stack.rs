@@ -6,7 +6,6 @@
 
 use std::hint::black_box;
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use criterion::{Criterion, Throughput};
@@ -52,7 +51,8 @@ pub fn bench(c: &mut Criterion) {
         request_id: http::HeaderValue::from_static("bench"),
         route: Arc::from("device-api"),
         started: tokio::time::Instant::now(),
-        body_too_large: Arc::new(AtomicBool::new(false)),
+        body_fault: Default::default(),
+        body_buffered: true,
     };
 
     let mut g = c.benchmark_group("stack");

@@ -1,18 +1,24 @@
 //! The one body type of the request path, and two small wrappers around it.
 //!
-//! Bodies are streamed both ways and never buffered whole. `Body` is a boxed
-//! stream so that relayed upstream bodies, levee's own small JSON answers and
-//! wrapped bodies are one type behind the route stack.
+//! Bodies are streamed both ways; only a request body of at most
+//! `server.buffer_body_bytes` is read whole, before it takes an upstream slot
+//! (`proxy.rs`). `Body` is a boxed stream so that relayed upstream bodies,
+//! levee's own small JSON answers and wrapped bodies are one type behind the
+//! route stack.
 
+use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full};
+
+use crate::respond::Reason;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -79,24 +85,62 @@ where
 #[error("request body exceeds {0} bytes")]
 pub struct BodyTooLarge(pub u64);
 
-/// Counts the bytes of a streamed request body and fails it past `limit`,
-/// raising `tripped` so the caller can answer 413 rather than 502 when the
-/// upstream request fails because of it. `Content-Length` is checked before
-/// streaming starts; this catches chunked bodies.
-pub struct Limited {
-    inner: Body,
-    remaining: u64,
-    limit: u64,
-    tripped: Arc<AtomicBool>,
-}
+/// The request body stalled longer than `server.body_read_timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error("request body stalled for {0:?}")]
+pub struct BodyStalled(pub Duration);
 
-impl Limited {
-    pub fn new(inner: Body, limit: u64, tripped: Arc<AtomicBool>) -> Self {
-        Limited { inner, remaining: limit, limit, tripped }
+/// What went wrong with a client's request body, if anything. Set by
+/// [`ClientBody`], read when an upstream try fails, so that the failure is
+/// charged to the client (408, 413, 499) and never to the upstream.
+#[derive(Debug, Default)]
+pub struct BodyFault(AtomicU8);
+
+impl BodyFault {
+    const NONE: u8 = 0;
+    const TOO_LARGE: u8 = 1;
+    const STALLED: u8 = 2;
+    const CUT_OFF: u8 = 3;
+
+    /// The client's fault, as levee's answer, if the body failed.
+    pub fn reason(&self) -> Option<Reason> {
+        match self.0.load(Ordering::Relaxed) {
+            Self::TOO_LARGE => Some(Reason::BodyTooLarge),
+            Self::STALLED => Some(Reason::RequestTimeout),
+            Self::CUT_OFF => Some(Reason::ClientClosed),
+            _ => None,
+        }
+    }
+
+    fn set(&self, fault: u8) {
+        // The first fault is the cause; what follows is its consequence.
+        let _ = self.0.compare_exchange(Self::NONE, fault, Ordering::Relaxed, Ordering::Relaxed);
     }
 }
 
-impl http_body::Body for Limited {
+/// A client's request body, bounded from its first byte: at most `limit`
+/// bytes (`Content-Length` is checked before streaming; this catches chunked
+/// and HTTP/2 bodies), and at most `gap` between two frames. A body that
+/// breaks any bound, or that the client cuts off, fails with an error and
+/// records why in its [`BodyFault`].
+pub struct ClientBody {
+    inner: Body,
+    remaining: u64,
+    limit: u64,
+    gap: Duration,
+    /// The deadline of the next frame; reset on each one.
+    stall: Pin<Box<tokio::time::Sleep>>,
+    fault: Arc<BodyFault>,
+}
+
+impl ClientBody {
+    pub fn new(inner: Body, limit: u64, gap: Duration, fault: Arc<BodyFault>) -> Self {
+        let stall = Box::pin(tokio::time::sleep(gap));
+        ClientBody { inner, remaining: limit, limit, gap, stall, fault }
+    }
+}
+
+impl http_body::Body for ClientBody {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -110,14 +154,27 @@ impl http_body::Body for Limited {
                 if let Some(data) = frame.data_ref() {
                     let n = data.len() as u64;
                     if n > this.remaining {
-                        this.tripped.store(true, Ordering::Relaxed);
+                        this.fault.set(BodyFault::TOO_LARGE);
                         return Poll::Ready(Some(Err(BodyTooLarge(this.limit).into())));
                     }
                     this.remaining -= n;
                 }
+                let next = tokio::time::Instant::now() + this.gap;
+                this.stall.as_mut().reset(next);
                 Poll::Ready(Some(Ok(frame)))
             }
-            other => other,
+            Poll::Ready(Some(Err(e))) => {
+                this.fault.set(BodyFault::CUT_OFF);
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                if this.stall.as_mut().poll(cx).is_ready() {
+                    this.fault.set(BodyFault::STALLED);
+                    return Poll::Ready(Some(Err(BodyStalled(this.gap).into())));
+                }
+                Poll::Pending
+            }
         }
     }
 

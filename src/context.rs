@@ -3,10 +3,11 @@
 //! read it and add what they learn (the client key) as extensions of their own.
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use tokio::time::Instant;
+
+use crate::body::BodyFault;
 
 /// The scheme the client spoke to levee with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,8 +33,12 @@ pub struct RequestContext {
     pub request_id: http::HeaderValue,
     pub route: Arc<str>,
     pub started: Instant,
-    /// Raised by `body::Limited` when the streamed body passed `max_body_bytes`.
-    pub body_too_large: Arc<AtomicBool>,
+    /// Why the client's body failed, if it did (`body::ClientBody`).
+    pub body_fault: Arc<BodyFault>,
+    /// The body is in memory (empty, or read whole before the stack): it can
+    /// be hashed by the storm detector and replayed by a retry. A streamed
+    /// body is sent once and never waited for inside the stack.
+    pub body_buffered: bool,
 }
 
 /// A new request id: 128 random bits in hex.

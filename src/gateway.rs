@@ -199,6 +199,7 @@ impl Gateway {
 
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(listener::serve(
+            "http",
             listeners.http,
             None,
             proxy.clone(),
@@ -208,6 +209,7 @@ impl Gateway {
         ));
         if let Some((l, acceptor)) = tls {
             tasks.spawn(listener::serve(
+                "https",
                 l,
                 Some(acceptor),
                 proxy.clone(),
@@ -217,7 +219,7 @@ impl Gateway {
             ));
         }
         // The admin listener keeps its own small bound: it must answer while the proxy is saturated.
-        tasks.spawn(listener::serve(listeners.admin, None, admin, 256, stop_rx.clone(), grace));
+        tasks.spawn(listener::serve("admin", listeners.admin, None, admin, 256, stop_rx.clone(), grace));
 
         let reloader = Reloader {
             runtime: self.runtime.clone(),

@@ -28,6 +28,7 @@
 
 pub mod admin;
 pub mod body;
+pub mod classify;
 pub mod cli;
 pub mod config;
 pub mod context;
@@ -35,6 +36,7 @@ pub mod demo;
 pub mod gateway;
 pub mod listener;
 pub mod metrics;
+pub mod path;
 pub mod proxy;
 pub mod respond;
 pub mod router;

@@ -31,6 +31,7 @@ pub const CONFIG_RELOADS_TOTAL: &str = "levee_config_reloads_total";
 pub const CONFIG_LAST_RELOAD_SUCCESS: &str = "levee_config_last_reload_success_timestamp_seconds";
 pub const TLS_CERT_NOT_AFTER: &str = "levee_tls_cert_not_after_timestamp_seconds";
 pub const BUILD_INFO: &str = "levee_build_info";
+pub const CONNECTIONS_CLOSED_TOTAL: &str = "levee_connections_closed_total";
 
 /// Latency buckets from 100µs to 30s: a gateway's own overhead and a slow backend
 /// both land in a bucket of their own.
@@ -59,9 +60,30 @@ pub fn install() -> PrometheusHandle {
             }
             describe();
             metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            spawn_upkeep(handle.clone());
             handle
         })
         .clone()
+}
+
+/// How often histogram samples are folded into their buckets.
+const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The recorder keeps every histogram sample until something drains it, and
+/// only a scrape did: with nobody scraping, memory grew by ~80 MB/min at 45k
+/// req/s, exactly when the metrics pipeline is down and no alert fires. A
+/// thread of its own folds the samples into the fixed buckets every second,
+/// so metrics memory is bounded by one second of samples whatever the
+/// scrape interval. A plain thread, not a task: it must run whatever runtime
+/// (or none) the embedding program has.
+fn spawn_upkeep(handle: PrometheusHandle) {
+    let spawned = std::thread::Builder::new().name("levee-metrics-upkeep".into()).spawn(move || loop {
+        std::thread::sleep(UPKEEP_EVERY);
+        handle.run_upkeep();
+    });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the metrics upkeep thread; histogram memory grows until scraped");
+    }
 }
 
 fn describe() {
@@ -100,6 +122,10 @@ fn describe() {
     describe_gauge!(CONFIG_LAST_RELOAD_SUCCESS, "Unix time of the last applied config.");
     describe_gauge!(TLS_CERT_NOT_AFTER, "notAfter of every certificate of every served chain.");
     describe_gauge!(BUILD_INFO, "Always 1; the version label says which levee runs.");
+    describe_counter!(
+        CONNECTIONS_CLOSED_TOTAL,
+        "Client connections levee closed, by listener and reason (idle, header_timeout, h2_abuse, ...)."
+    );
 }
 
 /// Seconds since the Unix epoch, for timestamp gauges.

@@ -2,7 +2,6 @@
 //! policy, the route's stack, and levee's answer and metrics. This is the
 //! outermost frame of the request path drawn in `lib.rs`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -14,7 +13,10 @@ use metrics::{Counter, Histogram, SharedString};
 use tokio::time::Instant;
 use tower::ServiceExt;
 
-use crate::body::{self, Body, Limited};
+use http_body::Body as _;
+use http_body_util::BodyExt;
+
+use crate::body::{self, Body, BodyFault, ClientBody};
 use crate::config::RouteConfig;
 use crate::context::{new_request_id, RequestContext, Scheme};
 use crate::gateway::Runtime;
@@ -180,58 +182,150 @@ impl Proxy {
                     .detail(format!("request head exceeds {} bytes", server.max_header_bytes)),
             ));
         }
-        let host = req.uri().host().or_else(|| req.headers().get(HOST).and_then(|h| h.to_str().ok()));
-        let Some(route) = rt.router.find(host, req.uri().path()) else {
+        let host = match authority(&req) {
+            Ok(host) => host,
+            Err(shed) => return Err((None, shed)),
+        };
+        let path = match crate::path::normalize(req.uri().path()) {
+            Ok(path) => path,
+            Err(e) => return Err((None, Shed::new(Reason::BadRequest).detail(e.to_string()))),
+        };
+        let Some(route) = rt.router.find(host, &path) else {
             return Err((None, Shed::new(Reason::NoRoute)));
         };
         let declared =
             req.headers().get(CONTENT_LENGTH).map(|v| v.to_str().ok().and_then(|s| s.parse::<u64>().ok()));
-        match declared {
+        let declared = match declared {
             Some(None) => {
                 return Err((Some(route), Shed::new(Reason::BadRequest).detail("invalid Content-Length")))
             }
             Some(Some(n)) if n > server.max_body_bytes => {
                 return Err((Some(route), body_too_large(server.max_body_bytes)));
             }
-            _ => {}
-        }
+            Some(Some(n)) => Some(n),
+            None => None,
+        };
         if route.config.tls_only && conn.scheme == Scheme::Http {
             if let Some(tls) = &rt.config.tls {
-                match plain_http::decide(
-                    tls.plain_http,
-                    &req,
-                    host,
-                    self.https_port.unwrap_or(tls.listen.port()),
-                ) {
-                    None => {}
-                    Some(Ok(redirect)) => return Ok((route, redirect)),
-                    Some(Err(refusal)) => return Err((Some(route), refusal)),
+                let port = self.https_port.unwrap_or(tls.listen.port());
+                if let Some(answer) = plain_http::decide(tls.plain_http, &req, host, port) {
+                    return Err((Some(route), answer));
                 }
             }
         }
 
-        let too_large = Arc::new(AtomicBool::new(false));
+        let normalized = match path {
+            std::borrow::Cow::Owned(normal) => Some(normal),
+            std::borrow::Cow::Borrowed(_) => None,
+        };
         let (mut parts, incoming) = req.into_parts();
+        if let Some(normal) = normalized {
+            // The upstream receives the path levee routed and limited on.
+            parts.uri = with_path(&parts.uri, &normal);
+        }
+        let fault = Arc::new(BodyFault::default());
+        let (body, buffered) = if incoming.is_end_stream() {
+            (body::empty(), true)
+        } else {
+            let body = ClientBody::new(
+                body::boxed(incoming),
+                server.max_body_bytes,
+                server.body_read_timeout,
+                fault.clone(),
+            );
+            match declared {
+                // Read a small body whole before it takes an admission slot or a
+                // breaker probe (NGINX's request buffering): a client that stalls
+                // it holds its own connection, never anyone else's slot.
+                Some(n) if n <= server.buffer_body_bytes => match body.collect().await {
+                    Ok(collected) => (body::full(collected.to_bytes()), true),
+                    Err(_) => return Err((Some(route), client_fault(&fault, server))),
+                },
+                _ => (body::boxed(body), false),
+            }
+        };
         parts.extensions.insert(RequestContext {
             peer: conn.peer,
             scheme: conn.scheme,
             request_id,
             route: route.name.clone(),
             started,
-            body_too_large: too_large.clone(),
+            body_fault: fault.clone(),
+            body_buffered: buffered,
         });
-        let body = body::boxed(Limited::new(body::boxed(incoming), server.max_body_bytes, too_large.clone()));
         let req = Request::from_parts(parts, body);
 
         match route.service.clone().oneshot(req).await {
             Ok(rsp) => Ok((route, rsp)),
-            // The upstream try failed because the client's body outgrew the limit.
-            Err(_) if too_large.load(Ordering::Relaxed) => {
-                Err((Some(route), body_too_large(server.max_body_bytes)))
-            }
+            // The upstream try failed because of the client's body: its fault.
+            Err(_) if fault.reason().is_some() => Err((Some(route), client_fault(&fault, server))),
             Err(shed) => Err((Some(route), shed)),
         }
     }
+}
+
+/// levee's answer to a request whose body failed (the fault is set).
+fn client_fault(fault: &BodyFault, server: &crate::config::Server) -> Shed {
+    match fault.reason() {
+        Some(Reason::BodyTooLarge) => body_too_large(server.max_body_bytes),
+        Some(Reason::RequestTimeout) => Shed::new(Reason::RequestTimeout)
+            .detail(format!("the request body stalled for more than {:?}", server.body_read_timeout)),
+        _ => Shed::new(Reason::ClientClosed).detail("the client cut its request body off"),
+    }
+}
+
+/// The one authority of a request (SPEC: "One authority"): the absolute-form
+/// target's or `:authority`, else `Host`. A request with two `Host` headers,
+/// or whose target and `Host` disagree, is refused: a front proxy and levee
+/// could otherwise each route it on a different one.
+fn authority<B>(req: &Request<B>) -> Result<Option<&str>, Shed> {
+    let mut hosts = req.headers().get_all(HOST).iter();
+    let header = hosts.next();
+    if hosts.next().is_some() {
+        return Err(Shed::new(Reason::BadRequest).detail("more than one Host header"));
+    }
+    let header = match header.map(|h| h.to_str()) {
+        Some(Ok(h)) => Some(h),
+        Some(Err(_)) => return Err(Shed::new(Reason::BadRequest).detail("invalid Host header")),
+        None => None,
+    };
+    match (req.uri().authority(), header) {
+        (Some(target), Some(h)) if !same_authority(target, h) => {
+            Err(Shed::new(Reason::BadRequest).detail("the request target's authority and Host disagree"))
+        }
+        (Some(target), _) => Ok(Some(target.as_str())),
+        (None, Some(h)) => Ok(Some(h)),
+        (None, None) => Ok(None),
+    }
+}
+
+/// Whether `Host` names what the target's authority names: the same host
+/// (case-insensitively), and the same port when both say one (`Host:
+/// localhost` beside `:authority: localhost:8443` is one server to a router
+/// that routes on host names).
+fn same_authority(target: &http::uri::Authority, host: &str) -> bool {
+    let Ok(host) = host.parse::<http::uri::Authority>() else {
+        return false;
+    };
+    target.host().eq_ignore_ascii_case(host.host())
+        && match (target.port_u16(), host.port_u16()) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        }
+}
+
+/// `uri` with its path replaced by `path` (query, scheme and authority kept).
+fn with_path(uri: &http::Uri, path: &str) -> http::Uri {
+    let pq = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
+    let mut parts = uri.clone().into_parts();
+    match http::uri::PathAndQuery::try_from(pq) {
+        Ok(pq) => parts.path_and_query = Some(pq),
+        Err(_) => return uri.clone(),
+    }
+    http::Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
 }
 
 fn body_too_large(limit: u64) -> Shed {
@@ -249,7 +343,9 @@ impl Handler for Proxy {
         let server = &self.runtime.load().config.server;
         ConnLimits {
             header_read_timeout: server.header_read_timeout,
+            idle_timeout: server.idle_timeout,
             max_header_bytes: server.max_header_bytes,
+            h2_max_concurrent_streams: server.h2_max_concurrent_streams,
         }
     }
 

@@ -17,6 +17,12 @@ use crate::stack::client_id::ClientKey;
 
 pub const X_LEVEE_REASON: HeaderName = HeaderName::from_static("x-levee-reason");
 
+/// NGINX's "client closed request": never sent (nobody is listening), only counted.
+const CLIENT_CLOSED: StatusCode = match StatusCode::from_u16(499) {
+    Ok(s) => s,
+    Err(_) => StatusCode::BAD_REQUEST,
+};
+
 /// Why levee answered itself. One variant per row of the SPEC's answer table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Reason {
@@ -36,10 +42,17 @@ pub enum Reason {
     BodyTooLarge,
     HeadersTooLarge,
     TlsRequired,
+    /// 308 to https on a `tls_only` route (`plain_http = "redirect"`).
+    TlsRedirect,
+    /// The request body stalled longer than `body_read_timeout`.
+    RequestTimeout,
+    /// The client went away or cut its body off; nobody reads this answer, but
+    /// metrics and the storm detector count it (499, as NGINX logs it).
+    ClientClosed,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 16] = [
+    pub const ALL: [Reason; 19] = [
         Reason::RateLimited,
         Reason::CallbackBomb,
         Reason::RetryStorm,
@@ -56,6 +69,9 @@ impl Reason {
         Reason::BodyTooLarge,
         Reason::HeadersTooLarge,
         Reason::TlsRequired,
+        Reason::TlsRedirect,
+        Reason::RequestTimeout,
+        Reason::ClientClosed,
     ];
 
     pub fn status(self) -> StatusCode {
@@ -72,6 +88,9 @@ impl Reason {
             BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             TlsRequired => StatusCode::UPGRADE_REQUIRED,
+            TlsRedirect => StatusCode::PERMANENT_REDIRECT,
+            RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ClientClosed => CLIENT_CLOSED,
         }
     }
 
@@ -95,6 +114,9 @@ impl Reason {
             BodyTooLarge => "body_too_large",
             HeadersTooLarge => "headers_too_large",
             TlsRequired => "tls_required",
+            TlsRedirect => "tls_redirect",
+            RequestTimeout => "request_timeout",
+            ClientClosed => "client_closed",
         }
     }
 
@@ -169,6 +191,10 @@ impl Shed {
         h.insert(X_LEVEE_REASON, HeaderValue::from_static(self.reason.as_str()));
         if let Some(secs) = retry_after_s {
             h.insert(RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if self.reason == Reason::RequestTimeout {
+            // The rest of the stalled body may still arrive: the connection cannot be reused.
+            h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
         }
         for (name, value) in self.headers {
             h.append(name, value);

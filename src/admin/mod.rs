@@ -189,7 +189,7 @@ pub fn json_response(status: StatusCode, value: serde_json::Value) -> Response<B
 
 impl Handler for Admin {
     fn limits(&self) -> ConnLimits {
-        ConnLimits { header_read_timeout: std::time::Duration::from_secs(10), max_header_bytes: 16 * 1024 }
+        ConnLimits::admin()
     }
 
     fn handle(self: Arc<Self>, req: Request<Incoming>, conn: ConnInfo) -> BoxFuture<Response<Body>> {

@@ -3,29 +3,32 @@
 //!
 //! - `max_connections`: beyond it levee stops accepting (the kernel's backlog
 //!   holds the rest) rather than accepting and failing;
-//! - `header_read_timeout`: a client that trickles its head (slowloris), or
-//!   never finishes a TLS handshake, is disconnected;
+//! - every socket is bounded in time from accept (`conn.rs`): the TLS
+//!   handshake, protocol detection and the first head by
+//!   `header_read_timeout`, an idle connection by `idle_timeout`, HTTP/2
+//!   floods by GOAWAY; TCP keepalive finds peers that vanished;
 //! - `max_header_bytes`: hyper's read buffer is bounded by it (431), and the
 //!   handler checks the exact size again for a JSON answer;
 //! - shutdown: stop accepting, let connections finish within the grace period.
 
 pub mod certs;
+pub mod conn;
 pub mod plain_http;
 pub mod tls;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use socket2::{SockRef, TcpKeepalive};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
+
+use conn::CloseReason;
 
 use crate::body::Body;
 use crate::context::Scheme;
@@ -43,7 +46,21 @@ pub struct ConnInfo {
 #[derive(Debug, Clone, Copy)]
 pub struct ConnLimits {
     pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
     pub max_header_bytes: usize,
+    pub h2_max_concurrent_streams: u32,
+}
+
+impl ConnLimits {
+    /// The admin listener's: the SPEC's defaults.
+    pub fn admin() -> Self {
+        ConnLimits {
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_header_bytes: 16 * 1024,
+            h2_max_concurrent_streams: 100,
+        }
+    }
 }
 
 /// Answers requests; the gateway and the admin API each implement it.
@@ -53,8 +70,10 @@ pub trait Handler: Send + Sync + 'static {
 }
 
 /// Accepts on `listener` until `shutdown` turns true, then waits up to `grace`
-/// for open connections to finish their requests.
+/// for open connections to finish their requests. `name` is the `listener`
+/// label of `levee_connections_closed_total` (`http`, `https`, `admin`).
 pub async fn serve<H: Handler>(
+    name: &'static str,
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     handler: Arc<H>,
@@ -62,8 +81,9 @@ pub async fn serve<H: Handler>(
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) {
-    let graceful = GracefulShutdown::new();
-    let slots = Arc::new(Semaphore::new(max_connections));
+    let max_connections = u32::try_from(max_connections).unwrap_or(u32::MAX).max(1);
+    let slots = Arc::new(Semaphore::new(max_connections as usize));
+    let closed = Arc::new(conn::Closed::new(name));
     loop {
         let permit = tokio::select! {
             _ = stopped(&mut shutdown) => break,
@@ -81,35 +101,49 @@ pub async fn serve<H: Handler>(
                 }
             },
         };
+        let accepted = Instant::now();
         let _ = stream.set_nodelay(true);
+        // A peer that vanished without a FIN (a device that lost power) is
+        // found and its slot freed, even on a connection with a long request.
+        let keepalive =
+            TcpKeepalive::new().with_time(Duration::from_secs(60)).with_interval(Duration::from_secs(10));
+        let _ = SockRef::from(&stream).set_tcp_keepalive(&keepalive);
         let limits = handler.limits();
         let handler = handler.clone();
-        let watcher = graceful.watcher();
         let tls = tls.clone();
+        let closed = closed.clone();
+        let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            match tls {
+            let reason = match tls {
                 None => {
-                    let conn = ConnInfo { peer, scheme: Scheme::Http };
-                    serve_conn(TokioIo::new(stream), conn, limits, handler, watcher).await;
+                    let info = ConnInfo { peer, scheme: Scheme::Http };
+                    conn::serve(stream, info, limits, handler, shutdown, accepted).await
                 }
                 Some(acceptor) => {
-                    let handshake =
-                        tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await;
-                    match handshake {
+                    let deadline = accepted + limits.header_read_timeout;
+                    match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
                         Ok(Ok(tls_stream)) => {
-                            let conn = ConnInfo { peer, scheme: Scheme::Https };
-                            serve_conn(TokioIo::new(tls_stream), conn, limits, handler, watcher).await;
+                            let info = ConnInfo { peer, scheme: Scheme::Https };
+                            conn::serve(tls_stream, info, limits, handler, shutdown, accepted).await
                         }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            CloseReason::TlsHandshake
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            CloseReason::TlsHandshake
+                        }
                     }
                 }
-            }
+            };
+            closed.count(reason);
         });
     }
     drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+    // Every open connection holds a slot: all slots back means all closed.
+    if tokio::time::timeout(grace, slots.acquire_many(max_connections)).await.is_err() {
         tracing::warn!(?grace, "connections still open after the shutdown grace period; closing them");
     }
 }
@@ -117,35 +151,4 @@ pub async fn serve<H: Handler>(
 /// Completes once shutdown is signalled (or its sender is gone).
 async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
-}
-
-async fn serve_conn<I, H>(
-    io: I,
-    conn: ConnInfo,
-    limits: ConnLimits,
-    handler: Arc<H>,
-    watcher: hyper_util::server::graceful::Watcher,
-) where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    H: Handler,
-{
-    let service = hyper::service::service_fn(move |req| {
-        let handler = handler.clone();
-        async move { Ok::<_, Infallible>(handler.handle(req, conn).await) }
-    });
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        // hyper refuses buffers under 8 KiB; the handler checks the exact limit.
-        .max_buf_size(limits.max_header_bytes.max(8192) + 1024);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
-    let connection = builder.serve_connection(io, service).into_owned();
-    if let Err(e) = watcher.watch(connection).await {
-        tracing::debug!(peer = %conn.peer, error = %e, "connection ended with an error");
-    }
 }

@@ -7,20 +7,16 @@
 //! HTTP for 17 hours. A 426 with a readable body is an error someone sees.
 
 use http::header::{HeaderValue, CONNECTION, LOCATION, UPGRADE};
-use http::{Request, Response, StatusCode};
+use http::Request;
 
-use crate::body::{self, Body};
 use crate::config::PlainHttp;
 use crate::respond::{Reason, Shed};
 
-/// `None` when the request may be served over plain HTTP; else the redirect,
-/// or the refusal for `respond.rs` to answer.
-pub fn decide<B>(
-    policy: PlainHttp,
-    req: &Request<B>,
-    host: Option<&str>,
-    https_port: u16,
-) -> Option<Result<Response<Body>, Shed>> {
+/// `None` when the request may be served over plain HTTP; else levee's answer
+/// for `respond.rs`: the 308 `tls_redirect` (an answer levee makes itself, so
+/// it never counts as a success and a route that only redirects goes stale),
+/// or the 426 refusal.
+pub fn decide<B>(policy: PlainHttp, req: &Request<B>, host: Option<&str>, https_port: u16) -> Option<Shed> {
     if policy == PlainHttp::Serve {
         return None;
     }
@@ -28,17 +24,19 @@ pub fn decide<B>(
     match policy {
         PlainHttp::Serve => None,
         PlainHttp::Redirect => {
-            let mut rsp = Response::new(body::empty());
-            *rsp.status_mut() = StatusCode::PERMANENT_REDIRECT;
-            if let Ok(v) = HeaderValue::from_str(&url) {
-                rsp.headers_mut().insert(LOCATION, v);
-            }
-            Some(Ok(rsp))
+            let shed =
+                Shed::new(Reason::TlsRedirect).detail(format!("this route is served over HTTPS: use {url}"));
+            Some(match HeaderValue::from_str(&url) {
+                Ok(v) => shed.header(LOCATION, v),
+                Err(_) => shed,
+            })
         }
-        PlainHttp::Reject => Some(Err(Shed::new(Reason::TlsRequired)
-            .detail(format!("this route is served over HTTPS only: use {url}"))
-            .header(UPGRADE, HeaderValue::from_static("TLS/1.2, HTTP/1.1"))
-            .header(CONNECTION, HeaderValue::from_static("Upgrade")))),
+        PlainHttp::Reject => Some(
+            Shed::new(Reason::TlsRequired)
+                .detail(format!("this route is served over HTTPS only: use {url}"))
+                .header(UPGRADE, HeaderValue::from_static("TLS/1.2, HTTP/1.1"))
+                .header(CONNECTION, HeaderValue::from_static("Upgrade")),
+        ),
     }
 }
 
@@ -74,15 +72,13 @@ mod tests {
     #[test]
     fn reject_names_the_url() {
         let req = Request::get("/p").body(()).unwrap();
-        let rsp = decide(PlainHttp::Reject, &req, Some("h:80"), 8443)
-            .unwrap()
-            .unwrap_err()
-            .into_response(Some("r"));
+        let rsp = decide(PlainHttp::Reject, &req, Some("h:80"), 8443).unwrap().into_response(Some("r"));
         assert_eq!(rsp.status(), 426);
         assert_eq!(rsp.headers()[UPGRADE], "TLS/1.2, HTTP/1.1");
         assert!(decide(PlainHttp::Serve, &req, Some("h"), 8443).is_none());
-        let redirect = decide(PlainHttp::Redirect, &req, Some("h"), 8443).unwrap().unwrap();
+        let redirect = decide(PlainHttp::Redirect, &req, Some("h"), 8443).unwrap().into_response(Some("r"));
         assert_eq!(redirect.status(), 308);
+        assert_eq!(redirect.headers()["x-levee-reason"], "tls_redirect");
         assert_eq!(redirect.headers()[LOCATION], "https://h:8443/p");
     }
 }

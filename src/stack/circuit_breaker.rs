@@ -21,23 +21,15 @@ use tower::{Layer, Service};
 
 use super::BoxFuture;
 use crate::body::Body;
+use crate::classify::Outcome;
 use crate::respond::{Reason, Shed};
 use crate::upstream::circuit_breaker::Ticket;
 use crate::upstream::Upstream;
 
 /// What an answer says about the upstream: `Some(true)` a failure,
-/// `Some(false)` a success, `None` nothing.
+/// `Some(false)` a success, `None` nothing ([`Outcome::upstream_failed`]).
 pub fn failed(result: &Result<Response<Body>, Shed>) -> Option<bool> {
-    match result {
-        Ok(rsp) => Some(rsp.status().is_server_error()),
-        Err(shed) => match shed.reason {
-            Reason::UpstreamUnreachable
-            | Reason::UpstreamTimeout
-            | Reason::BadUpstreamResponse
-            | Reason::RetryBudget => Some(true),
-            _ => None,
-        },
-    }
+    Outcome::of(result).upstream_failed()
 }
 
 /// The refusal: `Retry-After` is the time left open plus up to half of

@@ -2,9 +2,10 @@
 //!
 //! A request is retried only when all of these hold:
 //! - its method is idempotent: GET, HEAD, OPTIONS, PUT, DELETE;
-//! - its body can be replayed: empty, or at most [`MAX_REPLAY_BYTES`] by its
-//!   declared length, in which case it is buffered before the first try. A
-//!   larger or chunked body is streamed once and never retried;
+//! - its body can be replayed: it is in memory, read whole by `proxy.rs`
+//!   before the stack (empty, or at most `server.buffer_body_bytes`). A larger
+//!   or chunked body is streamed once and never retried, and never waited for
+//!   here, inside an admission slot;
 //! - the try failed in a way listed in `retry.on` (`connect`, `timeout`, or a
 //!   relayed status), and fewer than `attempts` tries were made;
 //! - the budget ([`crate::upstream::retry_budget`]) allows one more retry.
@@ -34,13 +35,11 @@ use tower::{Layer, Service};
 
 use super::BoxFuture;
 use crate::body::{self, Body};
+use crate::classify::Outcome;
 use crate::config::RetryConfig;
 use crate::metrics as m;
 use crate::respond::{self, Reason, Shed};
 use crate::upstream::{EndpointHint, Upstream};
-
-/// Larger request bodies are never buffered, so never retried.
-pub const MAX_REPLAY_BYTES: u64 = 64 * 1024;
 
 /// Whether a request with this method may be sent twice.
 pub fn idempotent(method: &Method) -> bool {
@@ -49,6 +48,9 @@ pub fn idempotent(method: &Method) -> bool {
 
 /// Whether the try's outcome is one `retry.on` lists.
 pub fn retryable(policy: &RetryConfig, result: &Result<Response<Body>, Shed>) -> bool {
+    if !Outcome::of(result).may_retry() {
+        return false;
+    }
     match result {
         Ok(rsp) => policy.on_status.contains(&rsp.status().as_u16()),
         Err(shed) => match shed.reason {
@@ -132,13 +134,14 @@ where
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         // The request deposits at its arrival, a clock read the listener made already.
-        match super::context(&req) {
-            Ok(ctx) => self.upstream.budget.deposit(ctx.started),
+        let buffered = match super::context(&req) {
+            Ok(ctx) => {
+                self.upstream.budget.deposit(ctx.started);
+                ctx.body_buffered
+            }
             Err(shed) => return Box::pin(std::future::ready(Err(shed))),
-        }
-        let replayable = idempotent(req.method())
-            && (req.body().is_end_stream()
-                || req.body().size_hint().upper().is_some_and(|n| n <= MAX_REPLAY_BYTES));
+        };
+        let replayable = buffered && idempotent(req.method());
         if !replayable {
             return Box::pin(self.inner.call(req));
         }

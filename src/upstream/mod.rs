@@ -26,6 +26,7 @@ use metrics::{Counter, Histogram, SharedString};
 use tokio::time::Instant;
 
 use crate::body::{Body, Guarded};
+use crate::classify::Outcome;
 use crate::config::UpstreamConfig;
 use crate::context::RequestContext;
 use crate::metrics as m;
@@ -147,15 +148,24 @@ impl Upstream {
         let result = forward::send(&self.client, &endpoint.authority, req, &ctx, self.config.timeout).await;
         let now = Instant::now();
         self.duration.record(now.duration_since(start).as_secs_f64());
-        let failed = result.as_ref().map_or(true, |rsp| rsp.status().is_server_error());
-        self.outlier.record(idx, failed, now);
         match result {
             Ok(rsp) => {
+                if let Some(failed) = Outcome::of_status(rsp.status()).upstream_failed() {
+                    self.outlier.record(idx, failed, now);
+                }
                 self.count(idx, rsp.status().as_u16());
                 let (parts, body) = rsp.into_parts();
                 Ok(Response::from_parts(parts, Guarded::wrap(body, guard)))
             }
+            // The try failed because the client's body did (too large, stalled,
+            // cut off): the client's fault, never the endpoint's.
+            Err(_) if ctx.body_fault.reason().is_some() => {
+                self.count(idx, error_code("client_fault"));
+                let reason = ctx.body_fault.reason().unwrap_or(Reason::ClientClosed);
+                Err(Shed::new(reason))
+            }
             Err(e) => {
+                self.outlier.record(idx, true, now);
                 let (label, reason) = match &e {
                     ForwardError::Connect(_) => ("connect_error", Reason::UpstreamUnreachable),
                     ForwardError::Timeout(_) => ("timeout", Reason::UpstreamTimeout),
@@ -190,6 +200,7 @@ fn error_code(label: &str) -> u16 {
     match label {
         "connect_error" => 1,
         "timeout" => 2,
+        "client_fault" => 4,
         _ => 3,
     }
 }
@@ -199,6 +210,7 @@ fn status_label(code: u16) -> SharedString {
         1 => SharedString::const_str("connect_error"),
         2 => SharedString::const_str("timeout"),
         3 => SharedString::const_str("bad_response"),
+        4 => SharedString::const_str("client_fault"),
         200 => SharedString::const_str("200"),
         204 => SharedString::const_str("204"),
         404 => SharedString::const_str("404"),

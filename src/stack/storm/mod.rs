@@ -28,6 +28,7 @@ use tower::{Layer, Service};
 use super::client_id::Identity;
 use super::BoxFuture;
 use crate::body::{self, Body};
+use crate::classify::Outcome;
 use crate::config::StormConfig;
 use crate::metrics as m;
 use crate::respond::{Reason, Shed};
@@ -299,30 +300,27 @@ where
             }
             let mut guard = InFlight { storm, fingerprint, failed: true };
             let result = inner.call(req).await;
-            guard.failed = match &result {
-                Ok(rsp) => rsp.status().is_server_error(),
-                Err(_) => true,
-            };
+            guard.failed = Outcome::of(&result).is_failure_for_client();
             drop(guard);
             result
         })
     }
 }
 
-/// Reads a body of known small size so it can be part of the fingerprint, and
-/// puts it back; anything else passes through untouched.
+/// Takes a small body that `proxy.rs` already read whole, so it can be part of
+/// the fingerprint, and puts it back; anything else passes through untouched.
+/// A streamed body is never waited for here: this stage runs inside an
+/// admission slot, and a client that stalls its body must not hold one.
 async fn small_body(req: Request<Body>) -> Result<(Request<Body>, Option<Bytes>), Shed> {
-    let len = req
-        .headers()
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let buffered = req.extensions().get::<crate::context::RequestContext>().is_some_and(|c| c.body_buffered);
+    let len = http_body::Body::size_hint(req.body()).exact();
     match len {
-        Some(n) if n > 0 && n <= MAX_HASHED_BODY => {
+        Some(n) if buffered && n > 0 && n <= MAX_HASHED_BODY => {
             let (parts, b) = req.into_parts();
-            let read = tokio::time::timeout(Duration::from_secs(10), b.collect()).await;
+            // In memory already: this completes at once.
+            let read = b.collect().await;
             match read {
-                Ok(Ok(collected)) => {
+                Ok(collected) => {
                     let bytes = collected.to_bytes();
                     Ok((Request::from_parts(parts, body::full(bytes.clone())), Some(bytes)))
                 }

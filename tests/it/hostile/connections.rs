@@ -1,1 +1,161 @@
-//! Hostile input: connections. (Tests follow.)
+//! Sockets: every connection is bounded in time from accept, whatever it sends
+//! (nothing, `P`, the bare HTTP/2 preface, an idle keep-alive), and HTTP/2
+//! floods end in GOAWAY without a request reaching the backend.
+
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::h2frame::{self, frame};
+use super::{closed_within, raw};
+use crate::support::gateway::metric_value;
+use crate::support::{base_config, exclusive, upstream_and_route, Backend, TestGateway};
+
+#[tokio::test]
+async fn silent_and_preface_only_sockets_cannot_hold_the_connection_slots() {
+    let _x = exclusive().await;
+    let backend = Backend::start().await;
+    let config = base_config()
+        .replace("header_read_timeout = \"1s\"", "header_read_timeout = \"1s\"\nmax_connections = 40")
+        + &upstream_and_route("b-slots", &[backend.addr], "hostile-slots", "/");
+    let gw = TestGateway::start(&config).await;
+    let closed_before =
+        metric_value(&gw.metrics().await, "levee_connections_closed_total", &["reason=\"header_timeout\""])
+            .unwrap_or(0.0);
+
+    // 60 attackers for 40 slots: silent, the first preface byte, the whole preface.
+    let mut attackers = Vec::new();
+    for i in 0..60 {
+        let mut s = TcpStream::connect(gw.http).await.unwrap();
+        match i % 3 {
+            0 => {}
+            1 => s.write_all(b"P").await.unwrap(),
+            _ => s.write_all(h2frame::PREFACE).await.unwrap(),
+        }
+        attackers.push(s);
+    }
+    // A real client still gets through, once the first 40 time out.
+    let started = tokio::time::Instant::now();
+    let rsp = tokio::time::timeout(
+        Duration::from_secs(10),
+        raw(gw.http, b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"),
+    )
+    .await
+    .expect("the gateway stayed down behind idle sockets");
+    assert!(rsp.starts_with("HTTP/1.1 200"), "{rsp}");
+    assert!(started.elapsed() < Duration::from_secs(8), "served only after {:?}", started.elapsed());
+    // Every attacker is closed within about two timeouts (accept may wait for a slot).
+    for (i, s) in attackers.iter_mut().enumerate() {
+        assert!(closed_within(s, Duration::from_secs(6)).await.is_some(), "attacker {i} still open");
+    }
+    let closed_after =
+        metric_value(&gw.metrics().await, "levee_connections_closed_total", &["reason=\"header_timeout\""])
+            .unwrap_or(0.0);
+    assert!(closed_after - closed_before >= 60.0, "{closed_before} -> {closed_after}");
+    assert_eq!(backend.requests(), 1);
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_after_idle_timeout() {
+    let backend = Backend::start().await;
+    let config = base_config()
+        .replace("header_read_timeout = \"1s\"", "header_read_timeout = \"30s\"\nidle_timeout = \"1s\"")
+        + &upstream_and_route("b-idle", &[backend.addr], "hostile-idle", "/");
+    let gw = TestGateway::start(&config).await;
+    let mut s = TcpStream::connect(gw.http).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
+    // The response arrives, then nothing: closed after ~1 s, long before the 30 s head timeout.
+    let took = closed_within(&mut s, Duration::from_secs(10)).await.expect("idle connection never closed");
+    assert!(took >= Duration::from_millis(900), "closed after {took:?}, before idle_timeout");
+    assert_eq!(backend.requests(), 1);
+}
+
+#[tokio::test]
+async fn an_idle_h2_connection_gets_goaway_after_idle_timeout() {
+    let backend = Backend::start().await;
+    let config = base_config()
+        .replace("header_read_timeout = \"1s\"", "header_read_timeout = \"30s\"\nidle_timeout = \"1s\"")
+        + &upstream_and_route("b-h2idle", &[backend.addr], "hostile-h2idle", "/");
+    let gw = TestGateway::start(&config).await;
+    let mut s = TcpStream::connect(gw.http).await.unwrap();
+    let mut hello = h2frame::start();
+    hello.extend(frame(
+        h2frame::HEADERS,
+        h2frame::END_STREAM | h2frame::END_HEADERS,
+        1,
+        &h2frame::get_root(),
+    ));
+    s.write_all(&hello).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let code = h2frame::read_goaway(&mut s, Duration::from_secs(10))
+        .await
+        .expect("no GOAWAY on an idle h2 connection");
+    assert_eq!(code, 0, "a graceful GOAWAY (NO_ERROR)");
+    assert!(started.elapsed() >= Duration::from_millis(900), "GOAWAY after {:?}", started.elapsed());
+    assert_eq!(backend.requests(), 1);
+}
+
+#[tokio::test]
+async fn rapid_reset_gets_goaway_and_nothing_is_forwarded() {
+    let backend = Backend::start().await;
+    let gw = TestGateway::start(
+        &(base_config() + &upstream_and_route("b-reset", &[backend.addr], "hostile-reset", "/")),
+    )
+    .await;
+    let mut s = TcpStream::connect(gw.http).await.unwrap();
+    let mut flood = h2frame::start();
+    for i in 0..500u32 {
+        let id = 2 * i + 1;
+        flood.extend(frame(
+            h2frame::HEADERS,
+            h2frame::END_STREAM | h2frame::END_HEADERS,
+            id,
+            &h2frame::get_root(),
+        ));
+        flood.extend(frame(h2frame::RST_STREAM, 0, id, &8u32.to_be_bytes())); // CANCEL
+    }
+    // The server may close mid-write; what it answered is what matters.
+    let _ = s.write_all(&flood).await;
+    let code =
+        h2frame::read_goaway(&mut s, Duration::from_secs(10)).await.expect("no GOAWAY for a reset flood");
+    assert_eq!(code, h2frame::ENHANCE_YOUR_CALM);
+    assert!(
+        closed_within(&mut s, Duration::from_secs(10)).await.is_some(),
+        "the flooding connection stayed open"
+    );
+    assert_eq!(backend.requests(), 0, "a reset stream was forwarded");
+    // The gateway itself is fine.
+    let ok = raw(gw.http, b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").await;
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    let m = gw.metrics().await;
+    assert!(
+        metric_value(&m, "levee_connections_closed_total", &["reason=\"h2_abuse\""]).unwrap_or(0.0) >= 1.0
+    );
+}
+
+#[tokio::test]
+async fn a_continuation_flood_gets_goaway_and_nothing_is_forwarded() {
+    let backend = Backend::start().await;
+    let gw = TestGateway::start(
+        &(base_config() + &upstream_and_route("b-cont", &[backend.addr], "hostile-cont", "/")),
+    )
+    .await;
+    let mut s = TcpStream::connect(gw.http).await.unwrap();
+    let mut flood = h2frame::start();
+    flood.extend(frame(h2frame::HEADERS, h2frame::END_STREAM, 1, &h2frame::get_root()));
+    // Header block fragments that never end: x-a: <value>, literal, new name.
+    let mut fragment = vec![0x00, 0x03, b'x', b'-', b'a', 0x7f, 0x81, 0x07];
+    fragment.extend(std::iter::repeat_n(b'v', 0x7f + 0x381));
+    for _ in 0..2000 {
+        flood.extend(frame(h2frame::CONTINUATION, 0, 1, &fragment));
+    }
+    let _ = s.write_all(&flood).await;
+    let code = h2frame::read_goaway(&mut s, Duration::from_secs(10)).await;
+    assert!(code.is_some(), "no GOAWAY for a CONTINUATION flood");
+    assert!(
+        closed_within(&mut s, Duration::from_secs(10)).await.is_some(),
+        "the flooding connection stayed open"
+    );
+    assert_eq!(backend.requests(), 0);
+}

@@ -1,0 +1,135 @@
+//! What one answer says, decided once. Every reader of "did it fail?" (the
+//! circuit breaker, outlier detection, retry, the storm detector, the auth
+//! guard, staleness and the request metrics) reads an [`Outcome`] from here,
+//! so that they cannot disagree, and so that the one rule that matters most is
+//! written once: **a client's fault is never held against the upstream**.
+//!
+//! Before this module, "failed" was decided in six places, and a body that was
+//! too large, too slow or cut off by the client failed the upstream try and was
+//! counted by the breaker and the outlier detector: 25 oversized uploads and 25
+//! vanishing clients opened the circuit for everyone.
+
+use http::{Response, StatusCode};
+
+use crate::body::Body;
+use crate::respond::{Reason, Shed};
+
+/// The meaning of one answer (a try's, or the request's final one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// The upstream answered 1xx, 2xx or 3xx.
+    Success,
+    /// The upstream answered 401: healthy transport, a question for the auth guard.
+    Unauthorized,
+    /// The upstream answered another 4xx: the upstream is healthy, the request was not.
+    Rejected,
+    /// The upstream failed: a relayed 5xx, no connection, no head in time, a
+    /// broken response, or levee's own retry refused after such a failure.
+    UpstreamFailure,
+    /// The client failed: a body too large, too slow or cut off, a client
+    /// that went away. Counts against the client only.
+    ClientFault,
+    /// levee answered before forwarding (a shed, a bad request, a redirect):
+    /// says nothing about the upstream.
+    Refused,
+}
+
+impl Outcome {
+    /// The one table.
+    pub fn of(result: &Result<Response<Body>, Shed>) -> Outcome {
+        match result {
+            Ok(rsp) => Outcome::of_status(rsp.status()),
+            Err(shed) => Outcome::of_reason(shed.reason),
+        }
+    }
+
+    /// A relayed status.
+    pub fn of_status(status: StatusCode) -> Outcome {
+        match status.as_u16() {
+            401 => Outcome::Unauthorized,
+            400..=499 => Outcome::Rejected,
+            500..=599 => Outcome::UpstreamFailure,
+            _ => Outcome::Success,
+        }
+    }
+
+    /// levee's own answer.
+    pub fn of_reason(reason: Reason) -> Outcome {
+        use Reason::*;
+        match reason {
+            UpstreamUnreachable | UpstreamTimeout | BadUpstreamResponse | RetryBudget => {
+                Outcome::UpstreamFailure
+            }
+            BodyTooLarge | RequestTimeout | ClientClosed => Outcome::ClientFault,
+            RateLimited | CallbackBomb | RetryStorm | CircuitOpen | Overloaded | UpstreamAuthAnomaly
+            | StoreUnavailable | NoRoute | BadRequest | HeadersTooLarge | TlsRequired | TlsRedirect => {
+                Outcome::Refused
+            }
+        }
+    }
+
+    /// For the circuit breaker and outlier detection: `Some(true)` the
+    /// upstream failed, `Some(false)` it is healthy, `None` nothing is known
+    /// (and a half-open probe is given back).
+    pub fn upstream_failed(self) -> Option<bool> {
+        match self {
+            Outcome::UpstreamFailure => Some(true),
+            Outcome::Success | Outcome::Unauthorized | Outcome::Rejected => Some(false),
+            Outcome::ClientFault | Outcome::Refused => None,
+        }
+    }
+
+    /// For the storm detector: a request whose repetition is a retry (it did
+    /// not succeed: the upstream failed, levee refused it, or the client broke it).
+    pub fn is_failure_for_client(self) -> bool {
+        matches!(self, Outcome::UpstreamFailure | Outcome::ClientFault | Outcome::Refused)
+    }
+
+    /// For staleness: a route is alive while the upstream answers it. Only a
+    /// relayed answer below 400 counts; a 308 levee makes itself never does.
+    pub fn is_success(self) -> bool {
+        self == Outcome::Success
+    }
+
+    /// For retry: whether another try may help at all (the policy then
+    /// decides which failures it retries).
+    pub fn may_retry(self) -> bool {
+        self == Outcome::UpstreamFailure
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_faults_never_count_against_the_upstream() {
+        for r in Reason::ALL {
+            let o = Outcome::of_reason(r);
+            if matches!(r, Reason::BodyTooLarge | Reason::RequestTimeout | Reason::ClientClosed) {
+                assert_eq!(o, Outcome::ClientFault, "{r:?}");
+            }
+            if o != Outcome::UpstreamFailure {
+                assert_eq!(o.upstream_failed(), None, "{r:?} says nothing about the upstream");
+                assert!(!o.may_retry(), "{r:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn relayed_statuses() {
+        assert_eq!(Outcome::of_status(StatusCode::OK), Outcome::Success);
+        assert_eq!(Outcome::of_status(StatusCode::PERMANENT_REDIRECT), Outcome::Success);
+        assert_eq!(Outcome::of_status(StatusCode::UNAUTHORIZED), Outcome::Unauthorized);
+        assert_eq!(Outcome::of_status(StatusCode::NOT_FOUND), Outcome::Rejected);
+        assert_eq!(Outcome::of_status(StatusCode::NOT_FOUND).upstream_failed(), Some(false));
+        assert_eq!(Outcome::of_status(StatusCode::BAD_GATEWAY).upstream_failed(), Some(true));
+    }
+
+    #[test]
+    fn levee_answers_are_never_a_success() {
+        for r in Reason::ALL {
+            assert!(!Outcome::of_reason(r).is_success(), "{r:?}");
+        }
+    }
+}

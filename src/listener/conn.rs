@@ -1,0 +1,420 @@
+//! One accepted connection, bounded in time from its first byte to its last.
+//!
+//! hyper bounds a request head once it knows the protocol, but three states
+//! were bounded by nothing, and each let a laptop hold every connection slot
+//! of the gateway: a socket that sends nothing (or only `P`, the first byte of
+//! the HTTP/2 preface) while the protocol is being detected, an HTTP/2
+//! connection that never opens a stream, and an idle HTTP/2 connection. So
+//! levee detects the protocol itself, under the same deadline, and a watchdog
+//! beside each connection enforces the rest:
+//!
+//! | state | bound | then |
+//! |---|---|---|
+//! | from accept to the first complete request head, any protocol | `header_read_timeout` | closed (`header_timeout`) |
+//! | a later HTTP/1.1 head, from the end of the previous request | `header_read_timeout` (hyper's own timer) | closed (`header_timeout`) |
+//! | no request in flight, after one completed | `idle_timeout` | graceful close, GOAWAY on h2 (`idle`) |
+//! | an h2 client cancelling streams faster than it completes them | 64 cancellations more than completions | GOAWAY (`h2_abuse`) |
+//!
+//! The h2 crate itself answers the classic floods with GOAWAY
+//! `ENHANCE_YOUR_CALM`: streams reset before levee accepts them (rapid reset,
+//! CVE-2023-44487), CONTINUATION floods and header lists past
+//! `max_header_bytes`; those streams never reach the handler, so nothing of
+//! them is forwarded. Every close is counted in
+//! `levee_connections_closed_total{listener,reason}`.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use hyper::server::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use metrics::Counter;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+
+use super::{ConnInfo, ConnLimits, Handler};
+use crate::body::Guarded;
+use crate::metrics as m;
+
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// After a graceful close (idle, abuse), how long the peer has to go away
+/// before the socket is dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// Cancelled streams beyond completed ones that make an h2 client abusive.
+const MAX_EXCESS_CANCELS: u32 = 64;
+
+/// Why a connection ended: the `reason` label of `levee_connections_closed_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The peer closed (or broke) the connection.
+    ClientClosed,
+    /// No complete request head within `header_read_timeout`.
+    HeaderTimeout,
+    /// No request in flight for `idle_timeout`.
+    Idle,
+    /// An HTTP/2 flood: rapid reset, CONTINUATION, or cancellations.
+    H2Abuse,
+    /// The client spoke something that is not HTTP.
+    ProtocolError,
+    /// The TLS handshake failed or did not finish within `header_read_timeout`.
+    TlsHandshake,
+    /// levee is shutting down.
+    Shutdown,
+}
+
+impl CloseReason {
+    const ALL: [CloseReason; 7] = [
+        CloseReason::ClientClosed,
+        CloseReason::HeaderTimeout,
+        CloseReason::Idle,
+        CloseReason::H2Abuse,
+        CloseReason::ProtocolError,
+        CloseReason::TlsHandshake,
+        CloseReason::Shutdown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::ClientClosed => "client_closed",
+            CloseReason::HeaderTimeout => "header_timeout",
+            CloseReason::Idle => "idle",
+            CloseReason::H2Abuse => "h2_abuse",
+            CloseReason::ProtocolError => "protocol_error",
+            CloseReason::TlsHandshake => "tls_handshake",
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// `levee_connections_closed_total` handles of one listener, registered once.
+pub struct Closed([Counter; 7]);
+
+impl Closed {
+    pub fn new(listener: &'static str) -> Self {
+        Closed(CloseReason::ALL.map(|r| {
+            metrics::counter!(m::CONNECTIONS_CLOSED_TOTAL, "listener" => listener, "reason" => r.as_str())
+        }))
+    }
+
+    pub fn count(&self, reason: CloseReason) {
+        self.0[reason as usize].increment(1);
+    }
+}
+
+/// What the watchdog knows of a connection's requests.
+struct Activity {
+    accepted: Instant,
+    /// Requests whose head arrived.
+    started: AtomicU64,
+    /// Requests whose response is not yet finished (body included).
+    in_flight: AtomicU32,
+    /// Milliseconds from `accepted` to the moment `in_flight` last fell to 0.
+    idle_since_ms: AtomicU64,
+    /// Requests answered, and requests the client cancelled before that.
+    completed: AtomicU32,
+    cancelled: AtomicU32,
+    /// Woken when the client turns abusive.
+    abuse: Notify,
+    /// Woken by the first request: the watchdog's deadline changes from the
+    /// head timeout to the idle one. Later requests wake nothing (the
+    /// watchdog looks again once per `idle_timeout` while requests run).
+    first: Notify,
+}
+
+impl Activity {
+    fn new(accepted: Instant) -> Self {
+        Activity {
+            accepted,
+            started: AtomicU64::new(0),
+            in_flight: AtomicU32::new(0),
+            idle_since_ms: AtomicU64::new(0),
+            completed: AtomicU32::new(0),
+            cancelled: AtomicU32::new(0),
+            abuse: Notify::new(),
+            first: Notify::new(),
+        }
+    }
+
+    fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        if self.started.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.first.notify_one();
+        }
+        InFlight(self.clone())
+    }
+
+    fn abusive(&self) -> bool {
+        let cancelled = self.cancelled.load(Ordering::Relaxed);
+        cancelled > self.completed.load(Ordering::Relaxed).saturating_add(MAX_EXCESS_CANCELS)
+    }
+
+    /// The next moment the watchdog must look, or the verdict now.
+    fn check(&self, now: Instant, limits: &ConnLimits) -> Result<Instant, CloseReason> {
+        if self.started.load(Ordering::Acquire) == 0 {
+            let deadline = self.accepted + limits.header_read_timeout;
+            return if now >= deadline { Err(CloseReason::HeaderTimeout) } else { Ok(deadline) };
+        }
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            // Requests are bounded by their own timeouts; look again later.
+            return Ok(now + limits.idle_timeout);
+        }
+        let idle_since = self.accepted + Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire));
+        let deadline = idle_since + limits.idle_timeout;
+        if now >= deadline {
+            Err(CloseReason::Idle)
+        } else {
+            Ok(deadline)
+        }
+    }
+}
+
+/// One request of the connection, until its response is finished or dropped.
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let a = &self.0;
+        let ms = u64::try_from(a.accepted.elapsed().as_millis()).unwrap_or(u64::MAX);
+        a.idle_since_ms.store(ms, Ordering::Release);
+        a.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Marks a request cancelled unless its handler finished.
+struct Answering {
+    activity: Arc<Activity>,
+    done: bool,
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        let counter = if self.done { &self.activity.completed } else { &self.activity.cancelled };
+        counter.fetch_add(1, Ordering::Relaxed);
+        if !self.done && self.activity.abusive() {
+            self.activity.abuse.notify_one();
+        }
+    }
+}
+
+/// Serves one accepted connection (after TLS, if any) until it ends, and says why.
+pub async fn serve<I, H>(
+    mut io: I,
+    conn: ConnInfo,
+    limits: ConnLimits,
+    handler: Arc<H>,
+    shutdown: watch::Receiver<bool>,
+    accepted: Instant,
+) -> CloseReason
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Handler,
+{
+    let deadline = accepted + limits.header_read_timeout;
+    let (h2, prefix) = match tokio::time::timeout_at(deadline, detect(&mut io)).await {
+        Err(_) => return CloseReason::HeaderTimeout,
+        Ok(None) => return CloseReason::ClientClosed,
+        Ok(Some(detected)) => detected,
+    };
+    let io = TokioIo::new(Prefixed { prefix, io });
+    let activity = Arc::new(Activity::new(accepted));
+    let service = {
+        let activity = activity.clone();
+        hyper::service::service_fn(move |req| {
+            let handler = handler.clone();
+            let in_flight = activity.begin();
+            let answering = Answering { activity: activity.clone(), done: false };
+            async move {
+                // Moved whole (not just its field) so that it drops with the future.
+                let mut answering = answering;
+                let rsp = handler.handle(req, conn).await;
+                answering.done = true;
+                let (parts, body) = rsp.into_parts();
+                Ok::<_, std::convert::Infallible>(http::Response::from_parts(
+                    parts,
+                    Guarded::wrap(body, in_flight),
+                ))
+            }
+        })
+    };
+    if h2 {
+        let mut builder = http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(limits.h2_max_concurrent_streams)
+            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+        let conn = builder.serve_connection(io, service);
+        tokio::pin!(conn);
+        watch(conn, |c| c.graceful_shutdown(), &activity, &limits, shutdown).await
+    } else {
+        let mut builder = http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            // hyper refuses buffers under 8 KiB; the handler checks the exact limit.
+            .max_buf_size(limits.max_header_bytes.max(8192) + 1024);
+        let conn = builder.serve_connection(io, service);
+        tokio::pin!(conn);
+        watch(conn, |c| c.graceful_shutdown(), &activity, &limits, shutdown).await
+    }
+}
+
+/// Reads until the protocol is known: `Some(true)` for the HTTP/2 preface,
+/// `Some(false)` for anything else (HTTP/1.1, or garbage hyper will answer
+/// 400), `None` when the peer closed first. The bytes read are handed back.
+async fn detect<I: AsyncRead + Unpin>(io: &mut I) -> Option<(bool, Bytes)> {
+    let mut buf = BytesMut::with_capacity(H2_PREFACE.len());
+    loop {
+        match io.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(_) => {}
+        }
+        let n = buf.len().min(H2_PREFACE.len());
+        if buf[..n] != H2_PREFACE[..n] {
+            return Some((false, buf.freeze()));
+        }
+        if n == H2_PREFACE.len() {
+            return Some((true, buf.freeze()));
+        }
+    }
+}
+
+/// Drives `conn` beside the watchdog until it ends; `close` starts a graceful close.
+async fn watch<C>(
+    mut conn: Pin<&mut C>,
+    close: impl Fn(Pin<&mut C>),
+    activity: &Activity,
+    limits: &ConnLimits,
+    mut shutdown: watch::Receiver<bool>,
+) -> CloseReason
+where
+    C: Future<Output = Result<(), hyper::Error>>,
+{
+    // Set once a graceful close began: why, and when to give up on the peer.
+    let mut closing: Option<(CloseReason, Option<Instant>)> = None;
+    let mut first_seen = false;
+    loop {
+        let now = Instant::now();
+        let wake = match closing {
+            Some((_, Some(hard))) => hard,
+            Some((_, None)) => now + limits.idle_timeout,
+            None => match activity.check(now, limits) {
+                Ok(at) => at,
+                Err(CloseReason::HeaderTimeout) => return CloseReason::HeaderTimeout,
+                Err(reason) => {
+                    close(conn.as_mut());
+                    closing = Some((reason, Some(now + CLOSE_GRACE)));
+                    continue;
+                }
+            },
+        };
+        tokio::select! {
+            ended = conn.as_mut() => {
+                return match (closing, ended) {
+                    (Some((reason, _)), _) => reason,
+                    (None, Ok(())) => CloseReason::ClientClosed,
+                    (None, Err(e)) => close_reason(&e),
+                };
+            }
+            _ = tokio::time::sleep_until(wake) => {
+                if let Some((reason, Some(_))) = closing {
+                    if reason != CloseReason::Idle || activity.in_flight.load(Ordering::Acquire) == 0 {
+                        return reason;
+                    }
+                    // A request slipped in before the close: let it finish.
+                    closing = Some((reason, Some(Instant::now() + CLOSE_GRACE)));
+                }
+            }
+            _ = activity.first.notified(), if !first_seen => first_seen = true,
+            _ = activity.abuse.notified(), if closing.is_none() => {
+                close(conn.as_mut());
+                closing = Some((CloseReason::H2Abuse, Some(Instant::now() + CLOSE_GRACE)));
+            }
+            _ = shutdown.wait_for(|s| *s), if closing.is_none() => {
+                // In-flight requests finish; the listener bounds the wait by the grace.
+                close(conn.as_mut());
+                closing = Some((CloseReason::Shutdown, None));
+            }
+        }
+    }
+}
+
+/// Why hyper ended a connection with an error.
+fn close_reason(e: &hyper::Error) -> CloseReason {
+    if e.is_timeout() {
+        return CloseReason::HeaderTimeout;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            if h2.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM) {
+                return CloseReason::H2Abuse;
+            }
+            return if h2.is_io() { CloseReason::ClientClosed } else { CloseReason::ProtocolError };
+        }
+        source = err.source();
+    }
+    if e.is_parse() || e.is_parse_too_large() {
+        CloseReason::ProtocolError
+    } else {
+        CloseReason::ClientClosed
+    }
+}
+
+/// An IO that first replays the bytes read while detecting the protocol.
+struct Prefixed<I> {
+    prefix: Bytes,
+    io: I,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.prefix.has_remaining() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
