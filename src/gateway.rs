@@ -195,6 +195,7 @@ impl Gateway {
             samples: self.samples.clone(),
             started: crate::metrics::unix_now(),
             certs: self.cert_report.clone(),
+            hosts: self.runtime.load().config.admin.hosts.clone(),
         }));
 
         let mut tasks = tokio::task::JoinSet::new();
@@ -316,6 +317,9 @@ fn check_restart_only(old: &Config, new: &Config) {
     }
     if old.admin.listen != new.admin.listen {
         restart("admin.listen");
+    }
+    if old.admin.hosts != new.admin.hosts {
+        restart("admin.hosts");
     }
     if old.server.max_connections != new.server.max_connections {
         restart("server.max_connections");

@@ -11,6 +11,7 @@ use tokio::time::Instant;
 
 use super::json_response;
 use crate::body::Body;
+use crate::stack::client_id::query_param;
 use crate::stack::Registry;
 
 pub const PREFIX: &str = "/api/v1/clients/";
@@ -22,11 +23,8 @@ pub fn parse(path: &str, query: Option<&str>) -> Option<(String, Option<String>)
         return None;
     }
     let key = percent_encoding::percent_decode_str(raw).decode_utf8().ok()?.into_owned();
-    let route = query.and_then(|q| {
-        q.split('&')
-            .find_map(|p| p.strip_prefix("route="))
-            .map(|r| percent_encoding::percent_decode_str(r).decode_utf8_lossy().into_owned())
-    });
+    // The same query rule as a `query:NAME` client key: form-urlencoded, first `route` wins.
+    let route = query.and_then(|q| query_param(q, "route"));
     Some((key, route))
 }
 
@@ -90,5 +88,9 @@ mod tests {
         );
         assert_eq!(parse("/api/v1/clients/10.0.0.1", None), Some(("10.0.0.1".into(), None)));
         assert_eq!(parse("/api/v1/clients/", None), None);
+        // Form-urlencoded, first occurrence wins: `+` is a space, `%2B` a plus.
+        assert_eq!(parse("/api/v1/clients/k", Some("route=a+b&route=c")).unwrap().1.as_deref(), Some("a b"));
+        assert_eq!(parse("/api/v1/clients/k", Some("x=1&route=a%2Bb")).unwrap().1.as_deref(), Some("a+b"));
+        assert_eq!(parse("/api/v1/clients/k", Some("myroute=x")).unwrap().1, None);
     }
 }

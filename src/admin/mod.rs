@@ -2,16 +2,24 @@
 //!
 //! It gets small handles from the gateway at start-up (the metrics handle, the
 //! config status, a reload handle, the readiness flag) and never imports the
-//! gateway itself. Mutating calls are protected: with `admin.token` set they need
-//! `Authorization: Bearer <token>`; without one they are accepted from loopback
-//! only.
+//! gateway itself.
+//!
+//! Every request passes [`guard`] before a handler runs: the `Host` check, the
+//! `Origin` check on mutating calls, and the token. With `admin.token` set,
+//! every call but `/healthz`, `/readyz`, `/metrics` and the dashboard's static
+//! files needs `Authorization: Bearer <token>` (the state, events and client
+//! endpoints show client keys); without one, mutating calls are accepted from
+//! loopback only. The event stream takes the token in the same header: the
+//! dashboard reads it with a streaming `fetch`, not `EventSource`, so a token
+//! never travels in a URL (where proxies' and browsers' histories keep it).
+//! Every admin response forbids framing.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -27,6 +35,7 @@ use crate::stats::ShedSamples;
 
 mod clients;
 mod dashboard;
+mod guard;
 mod state;
 
 /// What the admin API reads and triggers; handed over by the gateway.
@@ -43,6 +52,9 @@ pub struct AdminContext {
     pub started: f64,
     /// The served chain's certificates (empty without TLS), for `/readyz`.
     pub certs: Arc<ArcSwap<Vec<CertInfo>>>,
+    /// `admin.hosts`, lowercased: the names answered besides IP literals and
+    /// `localhost` (read at start-up, like `admin.listen`).
+    pub hosts: Vec<String>,
 }
 
 pub struct Admin {
@@ -55,6 +67,34 @@ impl Admin {
     }
 
     async fn serve(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
+        let mut rsp = match self.admit(&req, conn) {
+            Ok(()) => self.route(req).await,
+            Err(refusal) => *refusal,
+        };
+        forbid_framing(rsp.headers_mut());
+        rsp
+    }
+
+    /// The admin rules, before any handler: Host, then Origin on mutating calls,
+    /// then the token (or, without one, loopback only for mutating calls).
+    fn admit<B>(&self, req: &Request<B>, conn: ConnInfo) -> Result<(), guard::Refusal> {
+        let target = guard::host(req, &self.ctx.hosts)?;
+        let mutating = guard::mutating(req.method());
+        if mutating {
+            guard::same_origin(req.headers(), &target)?;
+        }
+        match self.ctx.status.admin_token() {
+            Some(_) if public(req.method(), req.uri().path()) => Ok(()),
+            Some(token) => guard::bearer(req.headers(), &token),
+            None if mutating && !conn.peer.ip().is_loopback() => Err(Box::new(json_response(
+                StatusCode::FORBIDDEN,
+                json!({"error": "forbidden", "detail": "admin.token is empty: mutating calls are accepted from loopback only"}),
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    async fn route(&self, req: Request<Incoming>) -> Response<Body> {
         let path = req.uri().path().to_string();
         match (req.method(), path.as_str()) {
             (&Method::GET, "/healthz") => json_response(StatusCode::OK, json!({"status": "ok"})),
@@ -70,27 +110,19 @@ impl Admin {
             }),
             (&Method::GET, "/api/v1/state") => json_response(StatusCode::OK, state::snapshot(&self.ctx)),
             (&Method::GET, "/api/v1/events") => state::events(self.ctx.clone()),
-            (&Method::POST, "/api/v1/reload") => {
-                if let Err(rsp) = self.authorize(&req, conn) {
-                    return *rsp;
-                }
-                match self.ctx.reload.reload().await {
-                    Ok(hash) => json_response(StatusCode::OK, json!({"result": "applied", "hash": hash})),
-                    Err(error) => json_response(
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        json!({"result": "rejected", "error": error}),
-                    ),
-                }
-            }
+            (&Method::POST, "/api/v1/reload") => match self.ctx.reload.reload().await {
+                Ok(hash) => json_response(StatusCode::OK, json!({"result": "applied", "hash": hash})),
+                Err(error) => json_response(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    json!({"result": "rejected", "error": error}),
+                ),
+            },
             (&Method::GET, p) if p.starts_with(clients::PREFIX) => match clients::parse(p, req.uri().query())
             {
                 Some((key, route)) => clients::get(&self.ctx.registry, &key, route.as_deref()).await,
                 None => json_response(StatusCode::NOT_FOUND, json!({"error": "not_found", "path": path})),
             },
             (&Method::DELETE, p) if p.starts_with(clients::PREFIX) => {
-                if let Err(rsp) = self.authorize(&req, conn) {
-                    return *rsp;
-                }
                 match clients::parse(p, req.uri().query()) {
                     Some((key, route)) => clients::delete(&self.ctx.registry, &key, route.as_deref()).await,
                     None => json_response(StatusCode::NOT_FOUND, json!({"error": "not_found", "path": path})),
@@ -144,40 +176,23 @@ impl Admin {
             json!({"ready": ready, "config": self.ctx.status.info().hash, "degraded": degraded}),
         )
     }
-
-    /// The guard of mutating calls. The admin listener is the one place levee
-    /// answers 401: it faces operators, not devices, and a wrong token must say so.
-    fn authorize<B>(&self, req: &Request<B>, conn: ConnInfo) -> Result<(), Box<Response<Body>>> {
-        match self.ctx.status.admin_token() {
-            None if conn.peer.ip().is_loopback() => Ok(()),
-            None => Err(Box::new(json_response(
-                StatusCode::FORBIDDEN,
-                json!({"error": "forbidden", "detail": "admin.token is empty: mutating calls are accepted from loopback only"}),
-            ))),
-            Some(token) => {
-                let given = req
-                    .headers()
-                    .get(AUTHORIZATION)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.strip_prefix("Bearer "))
-                    .unwrap_or("");
-                if constant_time_eq(given.as_bytes(), token.as_bytes()) {
-                    Ok(())
-                } else {
-                    let mut rsp = json_response(
-                        StatusCode::UNAUTHORIZED,
-                        json!({"error": "unauthorized", "detail": "send Authorization: Bearer <admin.token>"}),
-                    );
-                    rsp.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-                    Err(Box::new(rsp))
-                }
-            }
-        }
-    }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Calls that need no token: probes and scrapers (which carry none) and the
+/// dashboard's static files (the page asks for the token itself).
+fn public(method: &Method, path: &str) -> bool {
+    matches!(path, "/healthz" | "/readyz" | "/metrics")
+        || (method == Method::GET && dashboard::is_asset(path))
+}
+
+/// No admin page may be framed (clickjacking the Reset buttons): CSP
+/// `frame-ancestors 'none'` for today's browsers, `X-Frame-Options` for older ones.
+fn forbid_framing(headers: &mut http::HeaderMap) {
+    headers
+        .entry(HeaderName::from_static("content-security-policy"))
+        .or_insert(HeaderValue::from_static("frame-ancestors 'none'"));
+    headers.insert(HeaderName::from_static("x-frame-options"), HeaderValue::from_static("DENY"));
+    headers.insert(HeaderName::from_static("x-content-type-options"), HeaderValue::from_static("nosniff"));
 }
 
 pub fn json_response(status: StatusCode, value: serde_json::Value) -> Response<Body> {

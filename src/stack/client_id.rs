@@ -138,10 +138,8 @@ fn extract<B>(source: &KeySource, req: &Request<B>, peer: SocketAddr) -> Option<
             (!v.is_empty()).then(|| ClientKey::from_bytes(v))
         }
         KeySource::Query(name) => {
-            let q = req.uri().query()?;
-            let raw = form_pair(q, name)?;
-            let decoded: Vec<u8> = percent_encoding::percent_decode(raw.as_bytes()).collect();
-            (!decoded.is_empty()).then(|| ClientKey::from_bytes(&decoded))
+            let value = query_param(req.uri().query()?, name)?;
+            (!value.is_empty()).then(|| ClientKey::from_bytes(value.as_bytes()))
         }
         KeySource::Bearer => {
             let v = req.headers().get(http::header::AUTHORIZATION)?.as_bytes();
@@ -152,11 +150,14 @@ fn extract<B>(source: &KeySource, req: &Request<B>, peer: SocketAddr) -> Option<
     }
 }
 
-fn form_pair<'q>(query: &'q str, name: &str) -> Option<&'q str> {
-    query.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (k == name).then_some(v)
-    })
+/// The value of the first `name` parameter in `query`, decoded by the one rule
+/// levee uses for query strings (client keys and the admin API alike):
+/// `application/x-www-form-urlencoded` through `form_urlencoded::parse`, so
+/// `+` is a space, names are decoded too, and the first occurrence wins.
+/// Bytes that are not UTF-8 become U+FFFD, which is not printable ASCII: such
+/// a key is hashed by [`ClientKey::from_bytes`] like any other odd key.
+pub fn query_param(query: &str, name: &str) -> Option<String> {
+    form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
 }
 
 #[cfg(test)]
@@ -187,6 +188,30 @@ mod tests {
         assert_eq!(spaced, extract(&q, &req("/?device=d%207", &[]), peer()).unwrap());
         assert_eq!(extract(&q, &req("/?device=abc", &[]), peer()).unwrap().as_str(), "abc");
         assert_eq!(extract(&KeySource::Ip, &req("/", &[]), peer()).unwrap().as_str(), "10.1.2.3");
+    }
+
+    #[test]
+    fn query_keys_follow_form_urlencoding_and_the_first_occurrence_wins() {
+        let q = KeySource::Query("device".into());
+        let key = |uri: &str| extract(&q, &req(uri, &[]), peer()).map(|k| k.as_str().to_string());
+        // A second `device=` cannot override the first (one rule, everywhere).
+        assert_eq!(key("/?device=first&device=second").as_deref(), Some("first"));
+        // Names are decoded too: `dev%69ce` is `device`.
+        assert_eq!(key("/?dev%69ce=abc").as_deref(), Some("abc"));
+        // `+` is a space, as `%20` is: the same (hashed) key either way.
+        assert_eq!(key("/?device=a+b"), key("/?device=a%20b"));
+        assert!(key("/?device=a+b").unwrap().starts_with("h:"));
+        // Percent-escapes of printable ASCII decode to the same key as the plain spelling.
+        assert_eq!(key("/?device=%61bc").as_deref(), Some("abc"));
+        // A prefix of the name is another parameter; an empty value is no key.
+        assert_eq!(key("/?devices=abc"), None);
+        assert_eq!(key("/?device=&device=late"), None);
+        assert_eq!(key("/?device"), None);
+        // Invalid UTF-8 after decoding is hashed, never kept.
+        assert!(key("/?device=%FF%FE").unwrap().starts_with("h:"));
+        // Long values are bounded.
+        let long = format!("/?device={}", "a".repeat(4 * MAX_KEY_BYTES));
+        assert!(key(&long).unwrap().len() <= MAX_KEY_BYTES);
     }
 
     #[test]

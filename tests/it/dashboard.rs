@@ -94,6 +94,36 @@ async fn the_dashboard_shows_routes_shed_reasons_offenders_and_a_stale_route_ala
     eprintln!("dashboard screenshot: {}", screenshot.display());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_an_admin_token_the_dashboard_asks_for_it_and_shows_no_data_without_it() {
+    let _one_at_a_time = crate::support::exclusive().await;
+    let backend = Backend::start().await;
+    let config = base_config().replace("[admin]", "[admin]\ntoken = \"dash-s3cret\"")
+        + &upstream_and_route("dash-tok-up", &[backend.addr], "dash-token-route", "/v1/dash").replace(
+            "upstream = \"dash-tok-up\"",
+            "upstream = \"dash-tok-up\"\nclient_key = \"header:x-device-id\"",
+        )
+        + "[[routes.limits]]\nrate = \"1/m\"\n";
+    let gw = TestGateway::start(&config).await;
+    let c = Client::new();
+    for expected in [200, 429] {
+        let rsp = c.get_with(gw.http, "/v1/dash/x", &[("x-device-id", "dash-secret-device")]).await;
+        assert_eq!(rsp.status, expected);
+    }
+    // The page loads without the token; its data does not.
+    assert_eq!(c.get(gw.admin, "/dashboard").await.status, 200);
+    assert_eq!(c.get(gw.admin, "/api/v1/state").await.status, 401);
+
+    let screenshot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dashboard-token.png");
+    let dom = render(&format!("http://{}/dashboard", gw.admin), &screenshot).await;
+    let form = section(&dom, "id=\"auth\"", "</form>");
+    assert!(!form.contains("hidden"), "the token form stays hidden:\n{form}");
+    assert!(form.contains("type=\"password\""), "no token input:\n{form}");
+    assert!(dom.contains("admin token needed"), "the status does not say a token is needed:\n{dom}");
+    assert!(!dom.contains("dash-token-route"), "state reached the page without the token:\n{dom}");
+    assert!(!dom.contains("dash-secret-device"), "a client key reached the page without the token:\n{dom}");
+}
+
 /// `html` from the first `start` to the next `end` after it.
 fn section<'a>(html: &'a str, start: &str, end: &str) -> &'a str {
     let from = html.find(start).unwrap_or_else(|| panic!("{start} not in the page:\n{html}"));

@@ -1,6 +1,12 @@
 // levee dashboard: vanilla JS, no libraries, no network beyond levee's admin API.
 // Every string from the server is put into the DOM with textContent (client keys
 // are attacker-controlled); nothing here ever parses data as markup.
+//
+// With admin.token set, the API answers 401 until the page sends the token: the
+// page then shows a small form, keeps the token in sessionStorage (this tab's
+// session only) and sends it as `Authorization: Bearer` on every call. The event
+// stream is read with a streaming fetch rather than EventSource, because
+// EventSource cannot send headers and a token in a URL ends up in logs.
 (function () {
   "use strict";
 
@@ -9,6 +15,8 @@
   var POLL_MS = 2000;          // fallback polling period
   var FEED_MAX = 20;
   var STREAM_AFTER_MS = 6000;  // see "start" below
+  var RECONNECT_MS = 3000;     // a dropped event stream is reopened after this
+  var EVENT_MAX = 4 << 20;     // an event larger than this ends the stream
   var SVG_NS = "http://www.w3.org/2000/svg";
   // The admin API relative to this page ("/dashboard" or "/dashboard/", also
   // behind a reverse proxy that adds a path prefix).
@@ -29,7 +37,10 @@
   var lastDataAt = 0;          // Date.now() of last data
   var feed = [];
   var fetching = false;
-  var es = null;
+  var streaming = false;       // the event stream is open and delivering
+  var streamOpen = false;      // a stream request is in flight or open
+  var streamWanted = false;    // the start delay has passed
+  var locked = false;          // the API answered 401: a token is needed
   var alarmShape = null;       // alarm texts without numbers: re-announce only on change
 
   // ---------- small DOM helpers (text only) ----------
@@ -492,31 +503,114 @@
     var age = lastDataAt ? (Date.now() - lastDataAt) / 1000 : Infinity;
     var icon = conn.querySelector(".conn-icon"), text = conn.querySelector(".conn-text");
     var cls, i, t;
-    if (!lastDataAt) { cls = "conn conn-wait"; i = "…"; t = "connecting"; }
+    if (locked) { cls = "conn conn-down"; i = "⚿"; t = "admin token needed"; }
+    else if (!lastDataAt) { cls = "conn conn-wait"; i = "…"; t = "connecting"; }
     else if (age > STALE_DATA_S) { cls = "conn conn-down"; i = "⚠"; t = "DISCONNECTED · last data " + fmtDur(age) + " ago"; }
-    else { cls = "conn conn-live"; i = "●"; t = es && es.readyState === 1 ? "live" : "live (polling)"; }
+    else { cls = "conn conn-live"; i = "●"; t = streaming ? "live" : "live (polling)"; }
     if (conn.className !== cls) conn.className = cls;
     if (icon.textContent !== i) icon.textContent = i;
     if (text.textContent !== t) text.textContent = t;
     document.body.classList.toggle("data-old", !!lastDataAt && age > STALE_DATA_S);
   }
 
+  // ---------- the admin API, with the token when there is one ----------
+  function tokenGet() { try { return sessionStorage.getItem("levee-admin-token"); } catch (e) { return null; } }
+  function tokenSet(v) { try { if (v) sessionStorage.setItem("levee-admin-token", v); else sessionStorage.removeItem("levee-admin-token"); } catch (e) { /* private mode */ } }
+
+  function api(path, opts) {
+    opts = opts || {};
+    var h = opts.headers || {};
+    var token = tokenGet();
+    if (token) h.Authorization = "Bearer " + token;
+    opts.headers = h;
+    opts.cache = "no-store";
+    opts.credentials = "omit";
+    return fetch(BASE + path, opts).then(function (r) {
+      if (r.status === 401) askToken(token ? "That token was refused." : "");
+      return r;
+    });
+  }
+
+  function askToken(why) {
+    tokenSet(null);
+    var first = !locked;
+    locked = true;
+    var form = $("auth");
+    form.hidden = false;
+    setText("auth-msg", why || "");
+    if (first) $("auth-token").focus();
+    tick();
+  }
+
+  function unlock(ev) {
+    ev.preventDefault();
+    var input = $("auth-token");
+    var token = input.value.trim();
+    if (!token) return;
+    tokenSet(token);
+    input.value = "";
+    locked = false;
+    $("auth").hidden = true;
+    setText("auth-msg", "");
+    tick();
+    poll();
+    if (streamWanted) connect();
+  }
+
   function poll() {
-    if (fetching) return;
+    if (fetching || locked) return;
     fetching = true;
-    fetch(BASE + "api/v1/state", { cache: "no-store", headers: { accept: "application/json" } })
+    api("api/v1/state", { headers: { accept: "application/json" } })
       .then(function (r) { if (!r.ok) throw new Error("HTTP " + r.status); return r.json(); })
       .then(ingest)
       .catch(function () { /* the watchdog shows "disconnected" */ })
       .then(function () { fetching = false; });
   }
 
+  // One Server-Sent Events block ("event: x\ndata: {...}").
+  function dispatch(block) {
+    var name = "message", data = [];
+    block.split("\n").forEach(function (line) {
+      if (line.indexOf("event:") === 0) name = line.slice(6).trim();
+      else if (line.indexOf("data:") === 0) data.push(line.slice(5).replace(/^ /, ""));
+    });
+    if (!data.length) return;
+    var value;
+    try { value = JSON.parse(data.join("\n")); } catch (e) { return; /* ignore a bad frame */ }
+    if (name === "state") ingest(value);
+    else if (name === "shed") ingestShed(value);
+  }
+
   function connect() {
-    if (typeof EventSource === "undefined") return;
-    try { es = new EventSource(BASE + "api/v1/events"); } catch (e) { es = null; return; }
-    es.addEventListener("state", function (m) { try { ingest(JSON.parse(m.data)); } catch (e) { /* ignore bad frame */ } });
-    es.addEventListener("shed", function (m) { try { ingestShed(JSON.parse(m.data)); } catch (e) { /* ignore */ } });
-    es.addEventListener("error", function () { tick(); });
+    streamWanted = true;
+    if (streamOpen || locked) return;
+    if (typeof ReadableStream === "undefined" || typeof TextDecoder === "undefined") return; // polling only
+    streamOpen = true;
+    api("api/v1/events", { headers: { accept: "text/event-stream" } })
+      .then(function (r) {
+        if (!r.ok || !r.body) throw new Error("HTTP " + r.status);
+        var reader = r.body.getReader(), decoder = new TextDecoder(), buf = "";
+        streaming = true;
+        tick();
+        function pump() {
+          return reader.read().then(function (chunk) {
+            if (chunk.done) throw new Error("the stream ended");
+            buf += decoder.decode(chunk.value, { stream: true });
+            var i;
+            while ((i = buf.indexOf("\n\n")) >= 0) { dispatch(buf.slice(0, i)); buf = buf.slice(i + 2); }
+            if (buf.length > EVENT_MAX) { reader.cancel(); throw new Error("oversized event"); }
+            return pump();
+          });
+        }
+        return pump();
+      })
+      .catch(function () { /* reopened below; polling covers the gap */ })
+      .then(function () {
+        streaming = false;
+        streamOpen = false;
+        tick();
+        if (!locked) setTimeout(connect, RECONNECT_MS);
+      });
   }
 
   // ---------- admin actions ----------
@@ -527,24 +621,14 @@
     clearTimeout(toast.timer);
     toast.timer = setTimeout(function () { t.className = "toast"; }, 6000);
   }
-  function tokenGet() { try { return sessionStorage.getItem("levee-admin-token"); } catch (e) { return null; } }
-  function tokenSet(v) { try { if (v) sessionStorage.setItem("levee-admin-token", v); else sessionStorage.removeItem("levee-admin-token"); } catch (e) { /* private mode */ } }
-
   function resetClient(route, client, button) {
-    var url = BASE + "api/v1/clients/" + encodeURIComponent(client) + "?route=" + encodeURIComponent(route);
-    function send(token) {
-      var h = {};
-      if (token) h.Authorization = "Bearer " + token;
-      return fetch(url, { method: "DELETE", headers: h, cache: "no-store" });
-    }
+    var path = "api/v1/clients/" + encodeURIComponent(client) + "?route=" + encodeURIComponent(route);
     button.disabled = true;
-    send(tokenGet()).then(function (r) {
-      if (r.status !== 401) return r;
-      var token = window.prompt("levee admin token (kept for this browser session):");
-      if (!token) return r;
-      tokenSet(token);
-      return send(token).then(function (r2) { if (r2.status === 401) tokenSet(null); return r2; });
+    api(path, { method: "DELETE" }).then(function (r) {
+      if (r.status === 401) { toast("✖ Enter the admin token above, then reset again."); return; }
+      return r;
     }).then(function (r) {
+      if (!r) return;
       if (r.ok) { toast("✓ Reset " + short(client) + " on " + route + "."); poll(); return; }
       return r.text().then(function (body) {
         var why = body;
@@ -562,6 +646,7 @@
   // headless browser taking a snapshot with a virtual-time budget (the
   // integration test, wall-screen snapshot tools) pauses its clock while any
   // fetch is pending, so an open stream would keep it from ever finishing.
+  $("auth").addEventListener("submit", unlock);
   poll();
   setTimeout(connect, STREAM_AFTER_MS);
   setInterval(function () {

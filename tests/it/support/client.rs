@@ -72,6 +72,21 @@ impl Client {
         self.send(b.body(Full::default()).unwrap()).await
     }
 
+    /// Any method with extra headers (a `host` given here replaces the one from `addr`).
+    pub async fn request_with(
+        &self,
+        method: http::Method,
+        addr: SocketAddr,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> TestResponse {
+        let mut b = Request::builder().method(method).uri(format!("http://{addr}{path}"));
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        self.send(b.body(Full::default()).unwrap()).await
+    }
+
     pub async fn post(&self, addr: SocketAddr, path: &str, body: impl Into<Bytes>) -> TestResponse {
         let req = Request::post(format!("http://{addr}{path}")).body(Full::new(body.into())).unwrap();
         self.send(req).await
