@@ -243,7 +243,12 @@ fn server(s: &raw::RawServer) -> Result<Server> {
         max_body_bytes: s.max_body_bytes.0,
         h2_max_concurrent_streams: match s.h2_max_concurrent_streams {
             1..=10_000 => s.h2_max_concurrent_streams,
-            n => return invalid(p.key("h2_max_concurrent_streams"), format!("must be between 1 and 10000, got {n}")),
+            n => {
+                return invalid(
+                    p.key("h2_max_concurrent_streams"),
+                    format!("must be between 1 and 10000, got {n}"),
+                )
+            }
         },
         shutdown_grace: s.shutdown_grace.0,
     })
