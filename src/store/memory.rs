@@ -99,9 +99,9 @@ impl MemoryStore {
         let n = limits.len().min(ids.len()).min(MAX_LIMITS);
         self.map.with(key, |entry| {
             let mut next = Tats::default();
-            for i in 0..n {
-                next.ids[i] = ids[i];
-                next.tats[i] = entry.of(ids[i]);
+            for (i, &id) in ids[..n].iter().enumerate() {
+                next.ids[i] = id;
+                next.tats[i] = entry.of(id);
             }
             let out = gcra::decide(&limits[..n], &mut next.tats[..n], now);
             let mut free = n;
