@@ -32,6 +32,8 @@ use crate::config::RouteConfig;
 pub trait Tracked: Send + Sync {
     /// Entries held now.
     fn tracked(&self) -> usize;
+    /// Bytes its tables hold.
+    fn bytes(&self) -> usize;
     /// Sets the cap, evicting past it.
     fn set_capacity(&self, max_entries: usize);
 }
@@ -100,5 +102,76 @@ impl ClientBudget {
     pub fn tracked(&self) -> usize {
         let maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
         maps.iter().filter_map(Weak::upgrade).map(|m| m.tracked()).sum()
+    }
+
+    /// Bytes the live per-route maps' tables hold.
+    pub fn bytes(&self) -> usize {
+        let maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+        maps.iter().filter_map(Weak::upgrade).map(|m| m.bytes()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use http::{Method, StatusCode, Uri};
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::stack::auth_guard::AuthGuard;
+    use crate::stack::storm::Storm;
+    use crate::store::{RouteLimits, Store};
+
+    /// The README's number: six routes with limits, storm detection and the
+    /// auth guard, flooded with three times `max_clients` distinct clients per
+    /// route. Every per-client entry of the node together stays within
+    /// `max_clients`, and the tables (slack included) cost at most
+    /// `max_clients × BYTES_PER_CLIENT`.
+    #[tokio::test]
+    async fn one_budget_over_six_routes_and_the_bytes_per_client() {
+        // By construction: the largest slot (the limiter's, 64 bytes) in a
+        // table at least 3/8 full (power-of-two sizes, at most 3/4 full): 171.
+        // Measured here: 80.
+        const BYTES_PER_CLIENT: usize = 176;
+        let max_clients = 60_000;
+        let mut toml =
+            format!("[store]\nmax_clients = {max_clients}\n[upstreams.u]\nendpoints = [\"127.0.0.1:1\"]\n");
+        for r in 0..6 {
+            toml += &format!("[[routes]]\nname = \"r{r}\"\npath_prefix = \"/r{r}\"\nupstream = \"u\"\n");
+            toml += "[[routes.limits]]\nrate = \"10/s\"\n[[routes.limits]]\nrate = \"100/h\"\n";
+        }
+        let config = crate::config::parse(&toml, Path::new("."), &|_| None).unwrap();
+        let store = Store::start(config.store.clone());
+        let shares = store.plan_budget(&config.routes);
+        assert_eq!(shares, Shares { per_map: max_clients / 24, limiter: max_clients / 24 * 6 });
+        let uri: Uri = "/x".parse().unwrap();
+        let now = Instant::now();
+        let mut routes = Vec::new();
+        for r in &config.routes {
+            let storm = Storm::start(&r.name, &r.storm, shares.per_map);
+            let guard = AuthGuard::new(&r.name, &r.auth_guard, shares.per_map);
+            for m in storm.budget_maps().into_iter().chain([guard.budget_map()]) {
+                store.budget().adopt(&m);
+            }
+            routes.push((RouteLimits::new(&r.name, &r.limits), storm, guard));
+        }
+        for i in 0..3 * max_clients {
+            let client = format!("client-{i}");
+            for (limits, storm, guard) in &routes {
+                store.check(limits, &client, now).await.unwrap();
+                let fp = storm.fingerprint(&client, &Method::GET, &uri, None);
+                let _ = storm.observe(&client, fp, now);
+                storm.finish(fp, false);
+                guard.observe(&client, StatusCode::OK, now);
+            }
+        }
+        let tracked = store.tracked();
+        assert!(tracked <= max_clients, "{tracked} entries > max_clients {max_clients}");
+        assert!(tracked >= max_clients * 9 / 10, "{tracked}: the shares are used");
+        let bytes = store.memory.bytes() + store.budget().bytes();
+        let per_client = bytes / max_clients;
+        println!("{tracked} entries, {bytes} bytes of tables: {per_client} bytes per tracked client");
+        assert!(per_client <= BYTES_PER_CLIENT, "{per_client} bytes per client");
     }
 }

@@ -255,6 +255,14 @@ impl<V: Copy + Default> ClockMap<V> {
         self.len() == 0
     }
 
+    /// Bytes the tables hold (allocated slots, used or not), for the budget's
+    /// measurement: what one tracked entry costs, table slack included.
+    pub fn bytes(&self) -> usize {
+        let slots: usize =
+            self.shards.iter().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).slots.len()).sum();
+        slots * std::mem::size_of::<Slot<V>>()
+    }
+
     /// The hard cap (the requested one, rounded down to a multiple of the shard count).
     pub fn capacity(&self) -> usize {
         self.cap.load(Ordering::Relaxed)
@@ -326,6 +334,9 @@ mod table_tests {
 impl<V: Copy + Default + Send> super::budget::Tracked for ClockMap<V> {
     fn tracked(&self) -> usize {
         self.len()
+    }
+    fn bytes(&self) -> usize {
+        ClockMap::bytes(self)
     }
     fn set_capacity(&self, max_entries: usize) {
         ClockMap::set_capacity(self, max_entries);

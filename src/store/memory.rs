@@ -137,6 +137,11 @@ impl MemoryStore {
         self.map.retain(|tats| tats.live(now))
     }
 
+    /// Bytes the table holds (slots used or not).
+    pub fn bytes(&self) -> usize {
+        self.map.bytes()
+    }
+
     /// Tracked (route, client) states.
     pub fn len(&self) -> usize {
         self.map.len()
