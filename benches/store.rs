@@ -16,6 +16,8 @@ use levee::store::memory::MemoryStore;
 use std::hint::black_box;
 
 const CLIENTS: usize = 1_000_000;
+/// The memory store's ids of the two limits (their identities, see `limits`).
+const IDS: [u32; 2] = [0x1001, 0x1002];
 
 fn limits() -> [Gcra; 2] {
     let l = |count, per_s, burst| Limit {
@@ -47,7 +49,7 @@ pub fn zipf_indices(n: usize) -> Vec<usize> {
 
 fn filled(store: &MemoryStore, keys: &[u64], limits: &[Gcra]) {
     for (i, &k) in keys.iter().enumerate() {
-        store.check(k, limits, 1 + i as u64);
+        store.check(k, limits, &IDS, 1 + i as u64);
     }
 }
 
@@ -75,7 +77,7 @@ pub fn bench(c: &mut Criterion) {
     g.bench_function(BenchmarkId::new("decision", "1_client"), |b| {
         b.iter(|| {
             now += 1_000;
-            black_box(one.check(k, &limits, now))
+            black_box(one.check(k, &limits, &IDS, now))
         })
     });
 
@@ -88,7 +90,7 @@ pub fn bench(c: &mut Criterion) {
         b.iter(|| {
             i = (i + 1) & ((1 << 20) - 1);
             now += 1_000;
-            black_box(store.check(order[i], &limits, now))
+            black_box(store.check(order[i], &limits, &IDS, now))
         })
     });
 
@@ -112,7 +114,7 @@ pub fn bench(c: &mut Criterion) {
                         let limits = limits;
                         for n in 0..iters as usize {
                             let key = order[(n * 2 + t) & ((1 << 20) - 1)];
-                            black_box(s.check(key, &limits, 10_000_000 + n as u64 * 1_000));
+                            black_box(s.check(key, &limits, &IDS, 10_000_000 + n as u64 * 1_000));
                         }
                     })
                 })

@@ -69,10 +69,15 @@ impl Runtime {
             upstreams: upstreams.clone(),
             configs: config.routes.clone(),
         };
-        let max_clients = config.store.max_clients;
+        // One budget: `max_clients` split over the limiter and every route's maps.
+        let shares = store.plan_budget(&config.routes);
         let router = Router::new(config.routes.iter().map(|r: &RouteConfig| {
             let before = previous.and_then(|p| p.routes.iter().find(|s| *s.name == *r.name));
-            let state = Arc::new(RouteState::build(r, max_clients, before.map(|s| &**s)));
+            let state = Arc::new(RouteState::build(r, shares.per_map, before.map(|s| &**s)));
+            let storm = state.storm.iter().flat_map(|s| s.budget_maps());
+            for map in storm.chain(state.guard.iter().map(|g| g.budget_map())) {
+                store.budget().adopt(&map);
+            }
             registry.routes.push(state.clone());
             let service = stack::build(r, upstreams[r.upstream].clone(), &state, store.clone());
             (r.host.clone(), r.path_prefix.clone(), Route::new(r.clone(), service, state.stats.clone()))

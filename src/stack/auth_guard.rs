@@ -4,7 +4,8 @@
 //! In the outage behind it, a starved gateway answered 401, paired devices took
 //! that for "credentials revoked", re-paired, and tripled the traffic. So:
 //! levee remembers which clients got a 2xx within `recently_authorized`
-//! (bounded: a [`ClockMap`] capped at `store.max_clients`). Over a sliding
+//! (bounded: a [`ClockMap`] capped at its share of `store.max_clients`, the
+//! node's one budget). Over a sliding
 //! `window` (ten buckets), it counts the responses to those clients (every 2xx
 //! counts, since it makes its client recently authorized) and the 401s among
 //! them.
@@ -36,6 +37,7 @@ use crate::body::Body;
 use crate::config::AuthGuardConfig;
 use crate::metrics as m;
 use crate::respond::{jitter, Reason, Shed};
+use crate::store::budget::Tracked;
 use crate::store::clock::ClockMap;
 
 const BUCKETS: usize = 10;
@@ -70,7 +72,7 @@ pub struct AuthGuard {
     route: Arc<str>,
     pub config: AuthGuardConfig,
     /// Client hash → millisecond of its last 2xx.
-    authorized: ClockMap<u64>,
+    authorized: Arc<ClockMap<u64>>,
     window: Mutex<Window>,
     tripped: AtomicBool,
     epoch: Instant,
@@ -83,7 +85,7 @@ impl AuthGuard {
         Arc::new(AuthGuard {
             route: Arc::from(route),
             config: config.clone(),
-            authorized: ClockMap::new(max_clients),
+            authorized: Arc::new(ClockMap::new(max_clients)),
             window: Mutex::new(Window::default()),
             tripped: AtomicBool::new(false),
             epoch: Instant::now(),
@@ -93,6 +95,11 @@ impl AuthGuard {
 
     fn ms(&self, now: Instant) -> u64 {
         super::millis_since(self.epoch, now)
+    }
+
+    /// The per-client map, for the node's budget to cap and count.
+    pub fn budget_map(&self) -> Arc<dyn Tracked> {
+        self.authorized.clone()
     }
 
     pub fn tripped(&self) -> bool {

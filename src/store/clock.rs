@@ -14,6 +14,7 @@
 //! - **Idle expiry:** `retain` drops entries that hold no information any more
 //!   (a full bucket); the gateway runs it every few seconds.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 /// Keys are never 0: 0 marks an empty slot.
@@ -96,7 +97,7 @@ impl<V: Copy + Default> Shard<V> {
             self.slots[i].referenced = true;
             return &mut self.slots[i];
         }
-        if self.len >= self.cap {
+        while self.len >= self.cap && self.len > 0 {
             self.evict();
         }
         self.reserve_one();
@@ -148,6 +149,19 @@ impl<V: Copy + Default> Shard<V> {
         self.len -= 1;
     }
 
+    /// Sets the cap; past it, entries go (CLOCK order) and a table much larger
+    /// than the new cap needs is rebuilt smaller, so a shrunk share gives its
+    /// memory back.
+    fn set_cap(&mut self, cap: usize) {
+        self.cap = cap.max(1);
+        while self.len > self.cap {
+            self.evict();
+        }
+        if self.slots.len() > 16 && self.len * 4 < self.slots.len() {
+            self.retain(&|_| true);
+        }
+    }
+
     fn retain(&mut self, keep: &impl Fn(&V) -> bool) -> usize {
         let before = self.len;
         let kept: Vec<Slot<V>> =
@@ -167,7 +181,7 @@ impl<V: Copy + Default> Shard<V> {
 pub struct ClockMap<V> {
     shards: Box<[Mutex<Shard<V>>]>,
     mask: u64,
-    cap: usize,
+    cap: AtomicUsize,
 }
 
 impl<V: Copy + Default> ClockMap<V> {
@@ -179,8 +193,19 @@ impl<V: Copy + Default> ClockMap<V> {
         ClockMap {
             shards: (0..shards).map(|_| Mutex::new(Shard::new(per_shard))).collect(),
             mask: shards as u64 - 1,
-            cap: per_shard * shards,
+            cap: AtomicUsize::new(per_shard * shards),
         }
+    }
+
+    /// Changes the cap (a reload re-splits the node's budget, see
+    /// [`super::budget`]); entries past the new cap are evicted now.
+    pub fn set_capacity(&self, max_entries: usize) {
+        let shards = self.shards.len();
+        let per_shard = (max_entries / shards).max(1);
+        for s in self.shards.iter() {
+            s.lock().unwrap_or_else(|p| p.into_inner()).set_cap(per_shard);
+        }
+        self.cap.store(per_shard * shards, Ordering::Relaxed);
     }
 
     fn shard(&self, key: u64) -> MutexGuard<'_, Shard<V>> {
@@ -230,9 +255,17 @@ impl<V: Copy + Default> ClockMap<V> {
         self.len() == 0
     }
 
+    /// Bytes the tables hold (allocated slots, used or not), for the budget's
+    /// measurement: what one tracked entry costs, table slack included.
+    pub fn bytes(&self) -> usize {
+        let slots: usize =
+            self.shards.iter().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).slots.len()).sum();
+        slots * std::mem::size_of::<Slot<V>>()
+    }
+
     /// The hard cap (the requested one, rounded down to a multiple of the shard count).
     pub fn capacity(&self) -> usize {
-        self.cap
+        self.cap.load(Ordering::Relaxed)
     }
 }
 
@@ -295,5 +328,39 @@ mod table_tests {
         for key in 1..3000 {
             assert_eq!(shard.find(key).map(|i| shard.slots[i].value), live.contains(&key).then_some(key));
         }
+    }
+}
+
+impl<V: Copy + Default + Send> super::budget::Tracked for ClockMap<V> {
+    fn tracked(&self) -> usize {
+        self.len()
+    }
+    fn bytes(&self) -> usize {
+        ClockMap::bytes(self)
+    }
+    fn set_capacity(&self, max_entries: usize) {
+        ClockMap::set_capacity(self, max_entries);
+    }
+}
+
+#[cfg(test)]
+mod capacity_tests {
+    use super::*;
+
+    #[test]
+    fn shrinking_the_cap_evicts_at_once_and_gives_the_table_back() {
+        let m: ClockMap<u64> = ClockMap::new(10_000);
+        for i in 1..=10_000u64 {
+            m.with(i.wrapping_mul(0x9E37_79B9_7F4A_7C15), |v| *v = i);
+        }
+        assert!(m.len() >= m.capacity() * 9 / 10);
+        m.set_capacity(100);
+        assert!(m.len() <= 100, "{}", m.len());
+        let slots: usize = m.shards.iter().map(|s| s.lock().unwrap().slots.len()).sum();
+        assert!(slots <= 100 * 4, "the table shrank with the cap: {slots} slots");
+        for i in 1..=1000u64 {
+            m.with(i, |v| *v = i);
+        }
+        assert!(m.len() <= m.capacity());
     }
 }

@@ -10,6 +10,11 @@
 //! When `tat <= now` the bucket is full again: the state can be dropped,
 //! which is what lets every store expire its state by itself.
 //!
+//! A stored `tat` is capped at `now + b·T`, the most a bucket can ever be
+//! owed: a `tat` beyond it (a Redis failover to a server whose clock is
+//! behind, state written under another config) would otherwise refuse a
+//! client for longer than its limit allows.
+//!
 //! Times are integer ticks (nanoseconds in memory, microseconds in Redis) so
 //! both implementations compute the same results.
 
@@ -49,9 +54,14 @@ impl Gcra {
         }
     }
 
+    /// The stored `tat`, capped at `now + capacity`.
+    pub fn cap(&self, tat: u64, now: u64) -> u64 {
+        tat.min(now.saturating_add(self.capacity))
+    }
+
     /// Decides one request at `now` against the stored `tat` (0 when none).
     pub fn check(&self, tat: u64, now: u64) -> Verdict {
-        let new_tat = tat.max(now).saturating_add(self.interval);
+        let new_tat = self.cap(tat, now).max(now).saturating_add(self.interval);
         let used = new_tat - now;
         if used <= self.capacity {
             Verdict::Allow { tat: new_tat }
@@ -62,14 +72,14 @@ impl Gcra {
 
     /// Requests left right now with this `tat`.
     pub fn remaining(&self, tat: u64, now: u64) -> u32 {
-        let used = tat.saturating_sub(now);
+        let used = self.cap(tat, now).saturating_sub(now);
         let free = self.capacity.saturating_sub(used) / self.interval;
         u32::try_from(free).unwrap_or(u32::MAX).min(self.burst)
     }
 
     /// Ticks until the bucket is full again (and the state may be dropped).
     pub fn reset(&self, tat: u64, now: u64) -> u64 {
-        tat.saturating_sub(now)
+        self.cap(tat, now).saturating_sub(now)
     }
 }
 
@@ -137,6 +147,22 @@ mod tests {
     }
 
     #[test]
+    fn a_tat_beyond_the_capacity_is_capped() {
+        let g = gcra(10, 1, 5); // 100ms interval, capacity 500ms
+        let now = 10_000;
+        let far = now + 3_600_000; // an hour ahead: another clock, another config
+        assert_eq!(g.reset(far, now), 500);
+        assert_eq!(g.remaining(far, now), 0);
+        let Verdict::Deny { wait } = g.check(far, now) else { panic!("a full bucket refuses") };
+        assert_eq!(wait, 100, "refused for one interval, not an hour");
+        // `decide` stores the cap, so the bucket drains from there.
+        let mut tats = [far];
+        assert!(!decide(&[g], &mut tats, now).allowed);
+        assert_eq!(tats[0], now + 500, "the capped tat is stored, even on a refusal");
+        assert!(decide(&[g], &mut tats, now + 100).allowed);
+    }
+
+    #[test]
     fn state_is_droppable_once_full_again() {
         let g = gcra(5000, 3600, 5000);
         let (_, tat) = burst(&g, 0, 1, 3);
@@ -163,7 +189,13 @@ pub struct Outcome {
 
 /// Decides one request against every limit; a request must pass all of them,
 /// and a refused request consumes nothing. `tats[i]` belongs to `limits[i]`.
+/// Every `tat` is capped at `now + capacity` first (and stays capped, even on
+/// a refusal: capping takes nothing, and a cap that is not stored would be
+/// recomputed from each new `now` and never drain).
 pub fn decide(limits: &[Gcra], tats: &mut [u64], now: u64) -> Outcome {
+    for (g, tat) in limits.iter().zip(tats.iter_mut()) {
+        *tat = g.cap(*tat, now);
+    }
     let mut worst: Option<(usize, u64)> = None;
     for (i, (g, tat)) in limits.iter().zip(tats.iter()).enumerate() {
         if let Verdict::Deny { wait } = g.check(*tat, now) {

@@ -14,10 +14,15 @@
 //!   back: the cap trades accuracy for bounded memory, never the other way round.
 //! - **Idle expiry:** a client whose buckets are all full again holds no
 //!   information; `sweep` drops it (the gateway runs it every few seconds).
-//! - **Memory:** one slot is 48 bytes (key, 4 `tat`s, flags) plus the hash map's
-//!   index entry; measured in `benches/store.rs` (see the README).
+//! - **Identity, not position:** each `tat` is stored with its limit's id
+//!   ([`limit_id`]), so a reload that reorders, adds or removes limits keeps
+//!   the state of every limit that still exists, and a changed limit starts
+//!   afresh (SPEC: limiter state belongs to a limit).
+//! - **Memory:** one slot is 64 bytes (key, 4 ids, 4 `tat`s, flags; a cache
+//!   line); measured in `benches/store.rs` (see the README).
 
 use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
 
 use tokio::time::Instant;
 
@@ -27,12 +32,37 @@ use super::gcra::{self, Gcra, Outcome};
 /// The most limits one route may have (the state of each lives inline).
 pub const MAX_LIMITS: usize = 4;
 
-/// The `tat` of each limit of one client on one route (0: full bucket).
-pub type Tats = [u64; MAX_LIMITS];
+/// The state of one client on one route: the `tat` of each limit (0: full
+/// bucket), next to the id of the limit it belongs to (0: unused).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tats {
+    pub ids: [u32; MAX_LIMITS],
+    pub tats: [u64; MAX_LIMITS],
+}
 
-/// Per-node GCRA state for every (route, client), capped at `max_clients`.
+impl Tats {
+    /// The `tat` of the limit `id` (0 when it has none: a full bucket).
+    pub fn of(&self, id: u32) -> u64 {
+        self.ids.iter().position(|&i| i == id && id != 0).map_or(0, |k| self.tats[k])
+    }
+
+    /// Whether any bucket is still not full at `now`.
+    fn live(&self, now: u64) -> bool {
+        self.tats.iter().any(|&t| t > now)
+    }
+}
+
+/// The memory store's id of a limit: a hash of its identity (`2/s:b4`), never 0.
+/// Fixed (not seeded): limits come from the config, not from clients.
+pub fn limit_id(identity: &str) -> u32 {
+    // FNV-1a, 32 bits.
+    let h = identity.bytes().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+    h.max(1)
+}
+
+/// Per-node GCRA state for every (route, client), capped at its share of `max_clients`.
 pub struct MemoryStore {
-    map: ClockMap<Tats>,
+    map: Arc<ClockMap<Tats>>,
     epoch: Instant,
     seed: foldhash::fast::RandomState,
 }
@@ -40,7 +70,7 @@ pub struct MemoryStore {
 impl MemoryStore {
     pub fn new(max_clients: usize) -> Self {
         MemoryStore {
-            map: ClockMap::new(max_clients),
+            map: Arc::new(ClockMap::new(max_clients)),
             epoch: Instant::now(),
             seed: foldhash::fast::RandomState::default(),
         }
@@ -61,10 +91,35 @@ impl MemoryStore {
     }
 
     /// Decides one request of `key` at `now` (ticks) against `limits` (at most
-    /// [`MAX_LIMITS`]) and records it when allowed.
-    pub fn check(&self, key: u64, limits: &[Gcra], now: u64) -> Outcome {
-        let n = limits.len().min(MAX_LIMITS);
-        self.map.with(key, |tats| gcra::decide(&limits[..n], &mut tats[..n], now))
+    /// [`MAX_LIMITS`]; `ids[i]` is the [`limit_id`] of `limits[i]`) and records
+    /// it when allowed. The entry is rewritten with these limits first; the
+    /// state of other limits (a reload in progress, a limit removed and maybe
+    /// coming back) is kept in the free slots while it still holds anything.
+    pub fn check(&self, key: u64, limits: &[Gcra], ids: &[u32], now: u64) -> Outcome {
+        let n = limits.len().min(ids.len()).min(MAX_LIMITS);
+        self.map.with(key, |entry| {
+            let mut next = Tats::default();
+            for (i, &id) in ids[..n].iter().enumerate() {
+                next.ids[i] = id;
+                next.tats[i] = entry.of(id);
+            }
+            let out = gcra::decide(&limits[..n], &mut next.tats[..n], now);
+            let mut free = n;
+            for (&id, &tat) in entry.ids.iter().zip(&entry.tats) {
+                if free < MAX_LIMITS && id != 0 && tat > now && !ids[..n].contains(&id) {
+                    next.ids[free] = id;
+                    next.tats[free] = tat;
+                    free += 1;
+                }
+            }
+            *entry = next;
+            out
+        })
+    }
+
+    /// Sets the cap (the limiter's share of the node's budget).
+    pub fn set_capacity(&self, max_clients: usize) {
+        self.map.set_capacity(max_clients);
     }
 
     /// The state of `key`, if tracked.
@@ -79,7 +134,12 @@ impl MemoryStore {
 
     /// Drops every client whose buckets are full again; returns how many.
     pub fn sweep(&self, now: u64) -> usize {
-        self.map.retain(|tats| tats.iter().any(|&t| t > now))
+        self.map.retain(|tats| tats.live(now))
+    }
+
+    /// Bytes the table holds (slots used or not).
+    pub fn bytes(&self) -> usize {
+        self.map.bytes()
     }
 
     /// Tracked (route, client) states.
@@ -106,6 +166,8 @@ mod tests {
     use crate::config::units::Rate;
     use crate::config::Limit;
 
+    const ID: [u32; 1] = [7];
+
     fn limit(count: u32, burst: u32) -> Gcra {
         Gcra::new(
             &Limit {
@@ -121,10 +183,10 @@ mod tests {
         let s = MemoryStore::new(100);
         let l = [limit(1, 2)];
         let (a, b) = (s.key("r", "a"), s.key("r", "b"));
-        assert!(s.check(a, &l, 1).allowed);
-        assert!(s.check(a, &l, 1).allowed);
-        assert!(!s.check(a, &l, 1).allowed);
-        assert!(s.check(b, &l, 1).allowed, "b is not limited by a");
+        assert!(s.check(a, &l, &ID, 1).allowed);
+        assert!(s.check(a, &l, &ID, 1).allowed);
+        assert!(!s.check(a, &l, &ID, 1).allowed);
+        assert!(s.check(b, &l, &ID, 1).allowed, "b is not limited by a");
         assert_ne!(s.key("r1", "a"), s.key("r2", "a"), "routes keep separate state");
     }
 
@@ -134,9 +196,9 @@ mod tests {
         let l = [limit(1, 1)];
         let keep = s.key("r", "regular");
         for i in 0..100_000u64 {
-            s.check(s.key("r", &i.to_string()), &l, 1);
+            s.check(s.key("r", &i.to_string()), &l, &ID, 1);
             if i % 100 == 0 {
-                s.check(keep, &l, 1);
+                s.check(keep, &l, &ID, 1);
             }
         }
         assert!(s.len() <= s.capacity(), "{} > {}", s.len(), s.capacity());
@@ -150,7 +212,7 @@ mod tests {
         let s = MemoryStore::new(100);
         let l = [limit(10, 10)]; // 100ms interval
         let k = s.key("r", "c");
-        s.check(k, &l, 1_000);
+        s.check(k, &l, &ID, 1_000);
         assert_eq!(s.sweep(1_000), 0, "not full yet");
         assert_eq!(s.sweep(1_000 + 100_000_000), 1);
         assert!(s.is_empty());
@@ -161,10 +223,67 @@ mod tests {
         let s = MemoryStore::new(10);
         let l = [limit(1, 1)];
         let k = s.key("r", "c");
-        assert!(s.check(k, &l, 5).allowed);
-        assert!(!s.check(k, &l, 5).allowed);
+        assert!(s.check(k, &l, &ID, 5).allowed);
+        assert!(!s.check(k, &l, &ID, 5).allowed);
         assert!(s.remove(k));
         assert!(!s.remove(k));
-        assert!(s.check(k, &l, 5).allowed);
+        assert!(s.check(k, &l, &ID, 5).allowed);
+    }
+}
+
+#[cfg(test)]
+mod identity_tests {
+    use std::num::NonZeroU32;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::units::Rate;
+    use crate::config::Limit;
+
+    fn g(count: u32, per_s: u64, burst: u32) -> Gcra {
+        Gcra::new(
+            &Limit {
+                rate: Rate { count: NonZeroU32::new(count).unwrap(), per: Duration::from_secs(per_s) },
+                burst: NonZeroU32::new(burst).unwrap(),
+            },
+            Duration::from_nanos(1),
+        )
+    }
+
+    /// The issue's reload: `2/s` and `100/h` swapped. The hourly state must not
+    /// be read as per-second state (nor the other way round).
+    #[test]
+    fn a_reorder_keeps_each_limits_state_and_a_changed_limit_starts_afresh() {
+        let s = MemoryStore::new(100);
+        let k = s.key("r", "c");
+        let (second, hour) = (g(2, 1, 2), g(100, 3600, 100));
+        let (sid, hid) = (limit_id("2/s:b2"), limit_id("100/h:b100"));
+        let t0 = 1_000_000_000;
+        assert!(s.check(k, &[second, hour], &[sid, hid], t0).allowed);
+        assert!(s.check(k, &[second, hour], &[sid, hid], t0).allowed);
+        assert!(!s.check(k, &[second, hour], &[sid, hid], t0).allowed);
+        let hourly = s.peek(k).unwrap().of(hid);
+        // Reordered, 2.5 s later: the per-second bucket has refilled.
+        let t1 = t0 + 2_500_000_000;
+        let out = s.check(k, &[hour, second], &[hid, sid], t1);
+        assert!(out.allowed, "{out:?}");
+        let after = s.peek(k).unwrap();
+        assert_eq!(after.of(hid), hourly.max(t1) + hour.interval, "the hourly state carried over");
+        assert_eq!(hour.remaining(after.of(hid), t1), 97);
+        // A changed limit (burst 2 → 5) starts afresh; the removed one's state
+        // stays in a free slot while it holds anything.
+        let changed = limit_id("2/s:b5");
+        assert!(s.check(k, &[g(2, 1, 5)], &[changed], t1).allowed);
+        let e = s.peek(k).unwrap();
+        assert_eq!(e.of(changed), t1 + second.interval);
+        assert_eq!(e.of(hid), after.of(hid), "the hourly limit's state is kept meanwhile");
+    }
+
+    #[test]
+    fn limit_ids_differ_and_are_never_zero() {
+        let ids: std::collections::HashSet<u32> =
+            ["2/s:b2", "2/s:b4", "100/h:b100", "2/m:b2", "20/s:b2"].iter().map(|i| limit_id(i)).collect();
+        assert_eq!(ids.len(), 5);
+        assert!(!ids.contains(&0));
     }
 }

@@ -3,8 +3,12 @@
 //!
 //! The store outlives config reloads (the gateway rebuilds it only when
 //! `[store]` itself changes), so a reload never hands every client a fresh
-//! bucket.
+//! bucket. State is keyed by each limit's identity (rate and burst, e.g.
+//! `2/s:b4`), never by its position in `[[routes.limits]]`: a reload that
+//! reorders, adds or removes limits keeps the state of every limit that
+//! still exists, and a changed limit starts afresh.
 
+pub mod budget;
 pub mod clock;
 pub mod gcra;
 pub mod memory;
@@ -18,6 +22,7 @@ use tokio::time::Instant;
 
 use crate::config::{Limit, OnFailure, StoreConfig, StoreKind};
 use crate::metrics as m;
+use budget::{ClientBudget, Shares};
 use gcra::Gcra;
 use memory::MemoryStore;
 use redis::RedisStore;
@@ -49,6 +54,16 @@ pub struct RouteLimits {
     pub policies: Vec<HeaderValue>,
     /// Each limit's policy name as `RateLimit` quotes it, e.g. `"10/s"`.
     pub names: Vec<String>,
+    /// Each limit's identity, `<rate>:b<burst>` (e.g. `2/s:b4`): the last part
+    /// of its Redis key.
+    pub identities: Vec<String>,
+    /// Each limit's identity as the memory store's 32-bit id.
+    ids: Vec<u32>,
+}
+
+/// A limit's identity: what its state belongs to.
+pub fn identity(limit: &Limit) -> String {
+    format!("{}:b{}", limit.rate, limit.burst)
 }
 
 impl RouteLimits {
@@ -64,8 +79,11 @@ impl RouteLimits {
                     .unwrap_or(HeaderValue::from_static("\"limit\""))
             })
             .collect();
+        let identities: Vec<String> = limits.iter().map(identity).collect();
         RouteLimits {
             route: Arc::from(route),
+            ids: identities.iter().map(|i| memory::limit_id(i)).collect(),
+            identities,
             names: limits.iter().map(|l| format!("\"{}\"", l.rate)).collect(),
             us: limits.iter().map(|l| Gcra::new(l, Duration::from_micros(1))).collect(),
             ns,
@@ -106,6 +124,8 @@ pub struct Store {
     pub config: StoreConfig,
     memory: Arc<MemoryStore>,
     redis: Option<Arc<RedisStore>>,
+    /// `max_clients` over the limiter and every route's per-client maps.
+    budget: Arc<ClientBudget>,
 }
 
 impl Store {
@@ -118,8 +138,23 @@ impl Store {
         if redis.is_none() {
             metrics::gauge!(m::STORE_UP).set(1.0);
         }
-        tokio::spawn(sweep(Arc::downgrade(&memory)));
-        Arc::new(Store { config, memory, redis })
+        let budget = Arc::new(ClientBudget::new(config.max_clients));
+        tokio::spawn(sweep(Arc::downgrade(&memory), Arc::downgrade(&budget)));
+        Arc::new(Store { config, memory, redis, budget })
+    }
+
+    /// Splits `max_clients` for `routes` (a config load or reload): the
+    /// limiter's share applies now, as does every live route map's; the maps
+    /// of the routes about to be built take theirs through [`Store::budget`].
+    pub fn plan_budget(&self, routes: &[crate::config::RouteConfig]) -> Shares {
+        let shares = self.budget.plan(self.config.max_clients, routes);
+        self.memory.set_capacity(shares.limiter);
+        shares
+    }
+
+    /// The node's budget, which every per-client map of the routes joins.
+    pub fn budget(&self) -> &Arc<ClientBudget> {
+        &self.budget
     }
 
     /// Whether the configured store answers (memory always does).
@@ -141,7 +176,7 @@ impl Store {
     ) -> Result<Decision, StoreError> {
         if let Some(redis) = &self.redis {
             if redis.is_up() {
-                let keys = RedisStore::keys(&limits.route, client, limits.us.len());
+                let keys = RedisStore::keys(&limits.route, client, &limits.identities);
                 match redis.check(&keys, &limits.us).await {
                     Ok(o) => {
                         return Ok(Decision {
@@ -174,7 +209,7 @@ impl Store {
 
     fn check_local(&self, limits: &RouteLimits, client: &str, now: Instant) -> Decision {
         let key = self.memory.key(&limits.route, client);
-        let o = self.memory.check(key, &limits.ns, self.memory.ticks(now));
+        let o = self.memory.check(key, &limits.ns, &limits.ids, self.memory.ticks(now));
         Decision {
             allowed: o.allowed,
             retry_after: Duration::from_nanos(o.wait),
@@ -188,13 +223,13 @@ impl Store {
     pub async fn peek(&self, limits: &RouteLimits, client: &str, now: Instant) -> Option<Vec<LimitState>> {
         let (tats, now_ticks, gcras) = match &self.redis {
             Some(redis) if redis.is_up() => {
-                let keys = RedisStore::keys(&limits.route, client, limits.us.len());
+                let keys = RedisStore::keys(&limits.route, client, &limits.identities);
                 let (now, tats) = redis.peek(&keys).await.ok()?;
                 (tats, now, &limits.us)
             }
             _ => {
-                let tats = self.memory.peek(self.memory.key(&limits.route, client))?;
-                (tats[..limits.ns.len()].to_vec(), self.memory.ticks(now), &limits.ns)
+                let entry = self.memory.peek(self.memory.key(&limits.route, client))?;
+                (limits.ids.iter().map(|&id| entry.of(id)).collect(), self.memory.ticks(now), &limits.ns)
             }
         };
         if tats.iter().all(|&t| t <= now_ticks) {
@@ -223,29 +258,36 @@ impl Store {
     pub async fn reset(&self, limits: &RouteLimits, client: &str) -> bool {
         let mut found = self.memory.remove(self.memory.key(&limits.route, client));
         if let Some(redis) = &self.redis {
-            let keys = RedisStore::keys(&limits.route, client, limits.us.len());
+            let keys = RedisStore::keys(&limits.route, client, &limits.identities);
             found |= redis.delete(&keys).await.is_ok_and(|n| n > 0);
         }
         found
     }
 
-    /// Client states held in this node's memory.
+    /// Per-client entries held in this node's memory: the limiter's and
+    /// every route's storm and auth guard maps, which `max_clients` caps together.
     pub fn tracked(&self) -> usize {
+        self.memory.len() + self.budget.tracked()
+    }
+
+    /// The limiter's entries alone.
+    pub fn tracked_limiter(&self) -> usize {
         self.memory.len()
     }
 }
 
-/// Drops idle clients every few seconds and publishes `levee_tracked_clients`.
-async fn sweep(memory: Weak<MemoryStore>) {
+/// Drops idle clients every few seconds and publishes `levee_tracked_clients`
+/// (every per-client entry of the node, the number `max_clients` caps).
+async fn sweep(memory: Weak<MemoryStore>, budget: Weak<ClientBudget>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut n: u64 = 0;
     loop {
         tick.tick().await;
-        let Some(memory) = memory.upgrade() else { return };
+        let (Some(memory), Some(budget)) = (memory.upgrade(), budget.upgrade()) else { return };
         if n % 5 == 0 {
             memory.sweep(memory.ticks(Instant::now()));
         }
         n += 1;
-        metrics::gauge!(m::TRACKED_CLIENTS).set(memory.len() as f64);
+        metrics::gauge!(m::TRACKED_CLIENTS).set((memory.len() + budget.tracked()) as f64);
     }
 }

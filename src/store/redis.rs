@@ -2,15 +2,22 @@
 //!
 //! One `EVALSHA` of `gcra.lua` per decision evaluates every limit of one client
 //! on one route atomically; each limit's state is one key holding its GCRA `tat`
-//! and expiring by itself when the bucket is full again. The keys of a client
-//! share a hash tag (`levee:{route:client}:i`), so the script runs on one node
+//! and expiring by itself when the bucket is full again. A key names its
+//! limit's identity, not its position (`levee:{route:client}:2/s:b4`), so a
+//! reload that reorders limits finds each limit's own state. The keys of a
+//! client share a hash tag (`{route:client}`), so the script runs on one node
 //! of a Redis Cluster. Connections are multiplexed: every concurrent decision
 //! shares one pipelined connection per node.
 //!
 //! Failure handling is a small breaker around the store: a decision waits at
-//! most `store.timeout`; the first error or timeout marks the store down, after
-//! which requests stop trying Redis at all (no stall) while a background task
-//! pings it every 250 ms and marks it up again when it answers.
+//! most `store.timeout`; the first error that means "not serving" or timeout
+//! marks the store down, after which requests stop trying Redis at all (no
+//! stall) while a background task probes it every 250 ms and marks it up again
+//! when it answers. "Not serving" is a connection error, a timeout, or a reply
+//! from a server that cannot take the decision ([`not_serving`]): read-only
+//! (a demoted master), out of memory, loading, master or cluster down, busy
+//! with a script. The probe is a real decision on a probe key, not a `PING`:
+//! a read-only or full server answers `PING` and refuses every write.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
@@ -90,9 +97,10 @@ impl RedisStore {
         }
     }
 
-    /// Redis keys of one client on one route, one per limit.
-    pub fn keys(route: &str, client: &str, n: usize) -> Vec<String> {
-        (0..n).map(|i| format!("levee:{{{route}:{client}}}:{i}")).collect()
+    /// Redis keys of one client on one route, one per limit (by identity,
+    /// see [`super::identity`]).
+    pub fn keys(route: &str, client: &str, identities: &[String]) -> Vec<String> {
+        identities.iter().map(|id| format!("levee:{{{route}:{client}}}:{id}")).collect()
     }
 
     /// One decision. Fails fast when the store is down.
@@ -153,11 +161,7 @@ impl RedisStore {
         match tokio::time::timeout(self.timeout, call).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
-                if e.is_io_error()
-                    || e.is_connection_dropped()
-                    || e.is_timeout()
-                    || e.is_unrecoverable_error()
-                {
+                if not_serving(&e) {
                     self.mark(false, &e.to_string());
                 }
                 Err(StoreError::Redis(e.to_string()))
@@ -187,12 +191,33 @@ impl RedisStore {
         }
     }
 
+    /// Whether Redis takes a decision again: one run of the GCRA script on a
+    /// probe key (a write, so a read-only or full server does not pass).
     async fn ping(&self) -> bool {
         let Some(conn) = self.conn.load_full() else { return false };
         let mut conn = (*conn).clone();
-        let cmd = redis::cmd("PING");
-        let ping = cmd.query_async::<String>(&mut conn);
-        matches!(tokio::time::timeout(Duration::from_secs(1), ping).await, Ok(Ok(_)))
+        let mut inv = self.gcra.prepare_invoke();
+        inv.key("levee:{probe}:up").arg(1).arg(1_000_000);
+        let probe = inv.invoke_async::<Vec<i64>>(&mut conn);
+        matches!(tokio::time::timeout(Duration::from_secs(1), probe).await, Ok(Ok(_)))
+    }
+}
+
+/// Whether an error means Redis is not serving decisions (the store goes down
+/// and `on_failure` applies) rather than one bad call. By kind where the crate
+/// has one; `OOM` and `BUSY` have none, so by the server's error code.
+/// `NOSCRIPT` is not here: the script invocation reloads the script itself.
+pub fn not_serving(e: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind as S};
+    if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_unrecoverable_error() {
+        return true;
+    }
+    match e.kind() {
+        ErrorKind::Server(S::ReadOnly | S::BusyLoading | S::MasterDown | S::ClusterDown | S::TryAgain) => {
+            true
+        }
+        ErrorKind::Io | ErrorKind::ClusterConnectionNotFound => true,
+        _ => matches!(e.code(), Some("OOM" | "BUSY" | "READONLY" | "LOADING" | "MASTERDOWN")),
     }
 }
 

@@ -11,9 +11,16 @@ use crate::support::gateway::metric_value;
 use crate::support::redis::Redis;
 use crate::support::{base_config, upstream_and_route, Backend, Client, TestGateway};
 
-fn config(backend: std::net::SocketAddr, redis: &Redis, limit: &str, on_failure: &str) -> String {
+/// A route named `route` (unique per test: metrics and Redis keys carry it).
+fn config(
+    backend: std::net::SocketAddr,
+    redis: &Redis,
+    route: &str,
+    limit: &str,
+    on_failure: &str,
+) -> String {
     base_config()
-        + &upstream_and_route("b", &[backend], "api", "/")
+        + &upstream_and_route("b", &[backend], route, "/")
             .replace("upstream = \"b\"", "upstream = \"b\"\nclient_key = \"header:x-device-id\"")
         + limit
         // Storm detection is stage 3c; these tests look at the limits alone.
@@ -25,19 +32,26 @@ fn config(backend: std::net::SocketAddr, redis: &Redis, limit: &str, on_failure:
 }
 
 async fn redis_conn(redis: &Redis) -> redis::aio::MultiplexedConnection {
-    redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap()
+    redis.conn().await.unwrap()
 }
 
-/// Waits until the gateway's store is up (it connects in the background).
-async fn wait_store_up(gw: &TestGateway) {
-    for _ in 0..200 {
-        let ready = Client::new().get(gw.admin, "/readyz").await.json();
-        if ready["degraded"].as_array().unwrap().is_empty() {
-            return;
-        }
+/// Whether this gateway's store is up (`/api/v1/state`; the `levee_store_up`
+/// gauge is process-wide, shared by every in-process gateway).
+async fn store_up(gw: &TestGateway) -> bool {
+    Client::new().get(gw.admin, "/api/v1/state").await.json()["store"]["up"] == true
+}
+
+/// Waits until the gateway's store is `up` (it connects and probes in the background).
+async fn wait_store(gw: &TestGateway, up: bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store_up(gw).await != up {
+        assert!(Instant::now() < deadline, "the Redis store never went {}", if up { "up" } else { "down" });
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("the Redis store never came up");
+}
+
+async fn wait_store_up(gw: &TestGateway) {
+    wait_store(gw, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -45,7 +59,8 @@ async fn three_gateways_on_one_redis_enforce_one_limit() {
     let _exclusive = crate::support::exclusive().await;
     let backend = Backend::start().await;
     let redis = Redis::spawn().await;
-    let toml = config(backend.addr, &redis, "[[routes.limits]]\nrate = \"50/s\"\nburst = 50\n", "local");
+    let toml =
+        config(backend.addr, &redis, "rs-three", "[[routes.limits]]\nrate = \"50/s\"\nburst = 50\n", "local");
     let gws =
         [TestGateway::start(&toml).await, TestGateway::start(&toml).await, TestGateway::start(&toml).await];
     for gw in &gws {
@@ -90,13 +105,16 @@ async fn three_gateways_on_one_redis_enforce_one_limit() {
 async fn state_expires_by_itself_and_survives_a_gateway_restart_only_until_refilled() {
     let backend = Backend::start().await;
     let redis = Redis::spawn().await;
-    let toml = config(backend.addr, &redis, "[[routes.limits]]\nrate = \"1/s\"\nburst = 1\n", "local");
+    let toml =
+        config(backend.addr, &redis, "rs-expire", "[[routes.limits]]\nrate = \"1/s\"\nburst = 1\n", "local");
     let gw = TestGateway::start(&toml).await;
     wait_store_up(&gw).await;
     let c = Client::new();
     assert_eq!(c.get_with(gw.http, "/", &[("x-device-id", "d")]).await.status, 200);
     let mut conn = redis_conn(&redis).await;
-    let ttl: i64 = redis::cmd("PTTL").arg("levee:{api:d}:0").query_async(&mut conn).await.unwrap();
+    // The key names the limit (rate and burst), not its position.
+    let key = "levee:{rs-expire:d}:1/s:b1";
+    let ttl: i64 = redis::cmd("PTTL").arg(key).query_async(&mut conn).await.unwrap();
     assert!(ttl > 0 && ttl <= 1000, "the key expires when the bucket is full again (PTTL {ttl})");
     drop(gw);
 
@@ -105,9 +123,15 @@ async fn state_expires_by_itself_and_survives_a_gateway_restart_only_until_refil
     wait_store_up(&gw).await;
     assert_eq!(c.get_with(gw.http, "/", &[("x-device-id", "d")]).await.status, 429);
     // ...but never longer than the refill time: nothing to clear by hand.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    let exists: i64 = redis::cmd("EXISTS").arg("levee:{api:d}:0").query_async(&mut conn).await.unwrap();
-    assert_eq!(exists, 0, "the key expired by itself");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let exists: i64 = redis::cmd("EXISTS").arg(key).query_async(&mut conn).await.unwrap();
+        if exists == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the key never expired by itself");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(c.get_with(gw.http, "/", &[("x-device-id", "d")]).await.status, 200);
 
     // The admin API reads and resets the shared state.
@@ -118,7 +142,7 @@ async fn state_expires_by_itself_and_survives_a_gateway_restart_only_until_refil
         .body(Default::default())
         .unwrap();
     assert_eq!(c.send(req).await.status, 200);
-    let exists: i64 = redis::cmd("EXISTS").arg("levee:{api:d}:0").query_async(&mut conn).await.unwrap();
+    let exists: i64 = redis::cmd("EXISTS").arg(key).query_async(&mut conn).await.unwrap();
     assert_eq!(exists, 0);
 }
 
@@ -127,7 +151,13 @@ async fn redis_killed_under_load_falls_back_to_local_without_errors_or_stalls_an
     let _exclusive = crate::support::exclusive().await;
     let backend = Backend::start().await;
     let mut redis = Redis::spawn().await;
-    let toml = config(backend.addr, &redis, "[[routes.limits]]\nrate = \"1000/s\"\n", "local");
+    let toml = config(
+        backend.addr,
+        &redis,
+        "rs-killed",
+        "[[routes.limits]]\nrate = \"1000/s\"\nburst = 1000\n",
+        "local",
+    );
     let gw = TestGateway::start(&toml).await;
     wait_store_up(&gw).await;
 
@@ -162,8 +192,11 @@ async fn redis_killed_under_load_falls_back_to_local_without_errors_or_stalls_an
         0,
         "a Redis outage with on_failure = local must not fail a request"
     );
+    // No stall: a request waits for Redis at most store.timeout (100 ms). The
+    // bound allows a busy 2-core machine a second on top; a request stuck on a
+    // dead Redis (TCP retransmits, no timeout) would take far longer.
     let slowest = slowest.load(Ordering::Relaxed);
-    assert!(slowest < 100 + 100, "a request took {slowest} ms; the store timeout is 100 ms");
+    assert!(slowest < 100 + 1000, "a request took {slowest} ms; the store timeout is 100 ms");
     let ready = Client::new().get(gw.admin, "/readyz").await;
     assert_eq!(ready.status, 200, "a store outage degrades, it does not make levee unready");
     assert_eq!(ready.json()["degraded"][0]["part"], "store");
@@ -176,7 +209,11 @@ async fn redis_killed_under_load_falls_back_to_local_without_errors_or_stalls_an
     for _ in 0..20 {
         let rsp = Client::new().get_with(gw.http, "/", &[("x-device-id", "after")]).await;
         assert_eq!(rsp.status, 200);
-        exists = redis::cmd("EXISTS").arg("levee:{api:after}:0").query_async(&mut conn).await.unwrap();
+        exists = redis::cmd("EXISTS")
+            .arg("levee:{rs-killed:after}:1000/s:b1000")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
         if exists == 1 {
             break;
         }
@@ -190,8 +227,8 @@ async fn on_failure_deny_answers_503_store_unavailable_and_allow_lets_traffic_th
     let backend = Backend::start().await;
     let mut redis = Redis::spawn().await;
     let limit = "[[routes.limits]]\nrate = \"1/m\"\nburst = 1\n";
-    let deny = TestGateway::start(&config(backend.addr, &redis, limit, "deny")).await;
-    let allow = TestGateway::start(&config(backend.addr, &redis, limit, "allow")).await;
+    let deny = TestGateway::start(&config(backend.addr, &redis, "rs-deny", limit, "deny")).await;
+    let allow = TestGateway::start(&config(backend.addr, &redis, "rs-allow", limit, "allow")).await;
     wait_store_up(&deny).await;
     wait_store_up(&allow).await;
     redis.kill();
@@ -214,8 +251,11 @@ async fn levee_store_up_follows_redis() {
     let backend = Backend::start().await;
     let mut redis = Redis::spawn().await;
     let path = crate::support::temp_dir("store-up").join("levee.toml");
-    std::fs::write(&path, config(backend.addr, &redis, "[[routes.limits]]\nrate = \"10/s\"\n", "local"))
-        .unwrap();
+    std::fs::write(
+        &path,
+        config(backend.addr, &redis, "rs-gauge", "[[routes.limits]]\nrate = \"10/s\"\n", "local"),
+    )
+    .unwrap();
     let p = crate::support::process::Process::start(&path);
     let c = Client::new();
     let store_up = || async { metric_value(&c.get(p.admin, "/metrics").await.text(), "levee_store_up", &[]) };
@@ -227,14 +267,81 @@ async fn levee_store_up_follows_redis() {
     }
     assert_eq!(store_up().await, Some(1.0));
     redis.kill();
-    let _ = c.get_with(p.http, "/", &[("x-device-id", "a")]).await;
-    assert_eq!(store_up().await, Some(0.0));
-    redis.restart().await;
-    for _ in 0..100 {
-        if store_up().await == Some(1.0) {
-            break;
-        }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store_up().await != Some(0.0) {
+        assert!(Instant::now() < deadline, "levee_store_up stayed 1 with Redis killed");
+        let _ = c.get_with(p.http, "/", &[("x-device-id", "a")]).await;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(store_up().await, Some(1.0), "the store reconnects by itself");
+    redis.restart().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store_up().await != Some(1.0) {
+        assert!(Instant::now() < deadline, "the store never reconnected by itself");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every reply that means "this Redis cannot take decisions" marks the store
+/// down, as a dead connection does: out of memory (`OOM`), a demoted master
+/// (`READONLY`). `on_failure` applies meanwhile; it is up again once a
+/// decision can be written. The probe writes, so it does not flap back up on
+/// a server that answers `PING` but refuses every write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oom_and_readonly_replies_mark_the_store_down_until_redis_writes_again() {
+    let backend = Backend::start().await;
+    let redis = Redis::spawn().await;
+    let limit = "[[routes.limits]]\nrate = \"100/s\"\nburst = 100\n";
+    let gw = TestGateway::start(&config(backend.addr, &redis, "rs-notserving", limit, "deny")).await;
+    wait_store_up(&gw).await;
+    let c = Client::new();
+    let device = [("x-device-id", "w")];
+    assert_eq!(c.get_with(gw.http, "/", &device).await.status, 200);
+    let mut admin = redis_conn(&redis).await;
+    let config_set = |k: &'static str, v: &'static str| {
+        let mut cmd = redis::cmd("CONFIG");
+        cmd.arg("SET").arg(k).arg(v);
+        cmd
+    };
+
+    // Out of memory: writes fail with OOM.
+    let _: () = config_set("maxmemory-policy", "noeviction").query_async(&mut admin).await.unwrap();
+    let _: () = config_set("maxmemory", "1").query_async(&mut admin).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let rsp = c.get_with(gw.http, "/", &device).await;
+        if rsp.status == 503 {
+            assert_eq!(rsp.reason(), Some("store_unavailable"), "on_failure = deny applies");
+            break;
+        }
+        assert_eq!(rsp.status, 200, "{}", rsp.text());
+        assert!(Instant::now() < deadline, "OOM replies never marked the store down");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!store_up(&gw).await, "the store is down while Redis is out of memory");
+    // Several probe rounds (every 250 ms) later it is still down: PING would pass.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(!store_up(&gw).await, "the probe must not mark a full Redis up");
+    let _: () = config_set("maxmemory", "0").query_async(&mut admin).await.unwrap();
+    wait_store(&gw, true).await;
+    assert_eq!(c.get_with(gw.http, "/", &device).await.status, 200);
+
+    // A demoted master: a replica of a master that is not there refuses writes with READONLY.
+    let closed = crate::support::closed_port();
+    let _: () =
+        redis::cmd("REPLICAOF").arg("127.0.0.1").arg(closed.port()).query_async(&mut admin).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let rsp = c.get_with(gw.http, "/", &device).await;
+        if rsp.status == 503 {
+            assert_eq!(rsp.reason(), Some("store_unavailable"));
+            break;
+        }
+        assert_eq!(rsp.status, 200, "{}", rsp.text());
+        assert!(Instant::now() < deadline, "READONLY replies never marked the store down");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!store_up(&gw).await);
+    let _: () = redis::cmd("REPLICAOF").arg("NO").arg("ONE").query_async(&mut admin).await.unwrap();
+    wait_store(&gw, true).await;
+    assert_eq!(c.get_with(gw.http, "/", &device).await.status, 200);
 }

@@ -5,9 +5,10 @@
 //! the bug) the route alarms, and a client needs a single growth, not a streak,
 //! to be quarantined, so the fastest-growing clients go first.
 //!
-//! Bounds: per-client state lives in two [`ClockMap`]s capped at
-//! `store.max_clients` each (32 bytes of state per entry); a sweeper drops idle
-//! entries every second and publishes the quarantine gauges. Cost on the
+//! Bounds: per-client state lives in two [`ClockMap`]s (32 bytes of state per
+//! entry), each capped at its share of `store.max_clients`, the node's one
+//! budget ([`crate::store::budget`]); a sweeper drops idle entries every
+//! second and publishes the quarantine gauges. Cost on the
 //! request path: two map operations and a few atomics.
 
 pub mod duplicates;
@@ -32,6 +33,7 @@ use crate::classify::Outcome;
 use crate::config::StormConfig;
 use crate::metrics as m;
 use crate::respond::{Reason, Shed};
+use crate::store::budget::Tracked;
 use crate::store::clock::ClockMap;
 use duplicates::{Dup, DupRules};
 use growth::{Growth, GrowthRules, RouteGrowth, Verdict};
@@ -46,8 +48,8 @@ pub struct Storm {
     pub config: StormConfig,
     growth: GrowthRules,
     dups: DupRules,
-    clients: ClockMap<Growth>,
-    requests: ClockMap<Dup>,
+    clients: Arc<ClockMap<Growth>>,
+    requests: Arc<ClockMap<Dup>>,
     route_growth: RouteGrowth,
     alarm: AtomicBool,
     epoch: Instant,
@@ -58,7 +60,9 @@ pub struct Storm {
 }
 
 impl Storm {
-    /// A detector for `route`; its sweeper ends when the detector is dropped.
+    /// A detector for `route`, each of its maps capped at `max_clients` (its
+    /// share of the node's budget; see [`Storm::budget_maps`]); its sweeper
+    /// ends when the detector is dropped.
     pub fn start(route: &str, config: &StormConfig, max_clients: usize) -> Arc<Self> {
         let interval_ms = u64::try_from(config.interval.as_millis()).unwrap_or(u64::MAX).max(1);
         let min_count = (config.min_rate.per_second() * interval_ms as f64 / 1000.0).ceil().max(1.0) as u32;
@@ -77,8 +81,8 @@ impl Storm {
                 max_duplicates: config.max_duplicates,
                 max_backoff_ms: quarantine_ms,
             },
-            clients: ClockMap::new(max_clients),
-            requests: ClockMap::new(max_clients),
+            clients: Arc::new(ClockMap::new(max_clients)),
+            requests: Arc::new(ClockMap::new(max_clients)),
             route_growth: RouteGrowth::default(),
             alarm: AtomicBool::new(false),
             epoch: Instant::now(),
@@ -168,6 +172,11 @@ impl Storm {
     /// The admitted request with `fingerprint` finished.
     pub fn finish(&self, fingerprint: u64, failed: bool) {
         self.requests.with(fingerprint, |d| self.dups.finish(d, failed));
+    }
+
+    /// The per-client maps, for the node's budget to cap and count.
+    pub fn budget_maps(&self) -> [Arc<dyn Tracked>; 2] {
+        [self.clients.clone(), self.requests.clone()]
     }
 
     /// Whether the route's aggregate rate is multiplying.

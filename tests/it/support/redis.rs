@@ -1,19 +1,46 @@
-//! A real `redis-server` on a free loopback port, killed on drop; `kill()` and
+//! A real `redis-server` on a loopback port, killed on drop; `kill()` and
 //! `restart()` test what levee does when its store goes away and comes back.
+//!
+//! The port is kept across a restart: it is drawn below the kernel's ephemeral
+//! range (`ip_local_port_range`), where nothing that binds port 0 (every other
+//! test's listener, every outgoing connection) can land while the server is
+//! down, and a restart checks that the server answering is the one it started
+//! (its `process_id`), retrying while the port is briefly held.
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 pub struct Redis {
     pub addr: SocketAddr,
     child: Option<Child>,
 }
 
+/// The first port of the kernel's ephemeral range (32768 when unknown).
+fn ephemeral_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse().ok()))
+        .unwrap_or(32768)
+}
+
+/// A free port below the ephemeral range, so that no port-0 bind takes it.
+fn reserved_port() -> SocketAddr {
+    let top = ephemeral_start().max(12_000);
+    for _ in 0..1000 {
+        let port = fastrand::u16(10_000..top);
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            return l.local_addr().unwrap();
+        }
+    }
+    panic!("no free port below the ephemeral range");
+}
+
 impl Redis {
     pub async fn spawn() -> Redis {
-        let addr = super::free_port();
-        let mut r = Redis { addr, child: None };
+        let mut r = Redis { addr: reserved_port(), child: None };
         r.restart().await;
         r
     }
@@ -22,32 +49,61 @@ impl Redis {
         format!("redis://{}", self.addr)
     }
 
-    /// Starts (again) on the same port and waits until it answers.
+    /// Starts (again) on the same port and waits until it answers as itself.
     pub async fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.addr.port().to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server not found: run scripts/test-deps.sh (it installs Debian's redis-server)");
-        self.child = Some(child);
-        for _ in 0..200 {
-            if tokio::net::TcpStream::connect(self.addr).await.is_ok() {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut child = Command::new("redis-server")
+                .args([
+                    "--port",
+                    &self.addr.port().to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect(
+                    "redis-server not found: run scripts/test-deps.sh (it installs Debian's redis-server)",
+                );
+            if self.answers_as(&mut child).await {
+                self.child = Some(child);
                 return;
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            assert!(Instant::now() < deadline, "redis-server did not start on {}", self.addr);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Whether `child` came up and owns the port (not another server on it).
+    async fn answers_as(&self, child: &mut Child) -> bool {
+        for _ in 0..200 {
+            if !matches!(child.try_wait(), Ok(None)) {
+                return false; // it exited: the port was taken
+            }
+            if let Ok(mut conn) = self.conn().await {
+                let info: redis::RedisResult<String> =
+                    redis::cmd("INFO").arg("server").query_async(&mut conn).await;
+                if let Ok(info) = info {
+                    let pid = format!("process_id:{}", child.id());
+                    return info.lines().any(|l| l.trim() == pid);
+                }
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        panic!("redis-server did not start on {}", self.addr);
+        false
+    }
+
+    /// A fresh connection of the test's own.
+    pub async fn conn(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        redis::Client::open(self.url())?.get_multiplexed_async_connection().await
     }
 
     /// SIGKILL: the store vanishes mid-conversation.
