@@ -271,4 +271,38 @@ mod tests {
         // Out of order: the root first.
         assert!(verify_chain(&[ca.der().clone(), leaf.der().clone()], &[ca.der().clone()]).is_err());
     }
+
+    #[test]
+    fn chains_are_verified_through_webpki_and_say_where_they_break() {
+        let root_key = KeyPair::generate().unwrap();
+        let root = params("Test Root", true).self_signed(&root_key).unwrap();
+        let inter_key = KeyPair::generate().unwrap();
+        let inter = params("Test Intermediate", true).signed_by(&inter_key, &root, &root_key).unwrap();
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf = params("leaf.test", false).signed_by(&leaf_key, &inter, &inter_key).unwrap();
+        let (leaf, inter, root) = (leaf.der().clone(), inter.der().clone(), root.der().clone());
+        let roots = [root.clone()];
+
+        assert_eq!(verify_chain(&[leaf.clone(), inter.clone()], &roots), Ok("Test Root".to_string()));
+        assert_eq!(
+            verify_chain(&[leaf.clone(), inter.clone(), root.clone()], &roots),
+            Ok("Test Root".to_string())
+        );
+        // The intermediate left out: the leaf is not signed by the next certificate.
+        let err = verify_chain(&[leaf.clone(), root.clone()], &roots).unwrap_err();
+        assert!(
+            err.starts_with("certificate 0 (leaf.test) is not signed by certificate 1 (Test Root)"),
+            "{err}"
+        );
+        // The intermediate and the root swapped.
+        let err = verify_chain(&[leaf.clone(), root.clone(), inter.clone()], &roots).unwrap_err();
+        assert!(err.starts_with("certificate 0 (leaf.test) is not signed by certificate 1"), "{err}");
+        // Internally consistent, but no trusted root above it.
+        let err = verify_chain(&[leaf.clone(), inter.clone()], &[]).unwrap_err();
+        assert!(
+            err.contains("Test Intermediate") && err.contains("not signed by a root this machine trusts"),
+            "{err}"
+        );
+        assert!(verify_chain(&[], &roots).is_err());
+    }
 }
