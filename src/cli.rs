@@ -56,36 +56,65 @@ pub fn main() -> ExitCode {
 }
 
 fn check(path: &Path) -> ExitCode {
+    let report = check_report(path);
+    print!("{}", report.out);
+    eprint!("{}", report.err);
+    if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// What `levee check` prints, and whether the config is valid.
+#[derive(Debug, Clone, Default)]
+pub struct CheckReport {
+    pub ok: bool,
+    /// The summary (standard output).
+    pub out: String,
+    /// Errors and warnings (standard error).
+    pub err: String,
+}
+
+/// `levee check` without the printing: load and validate the config, summarise
+/// it, and check the served chain. The binary prints this report; tests (the
+/// config property test among them) call it directly.
+pub fn check_report(path: &Path) -> CheckReport {
+    use std::fmt::Write;
+    let mut r = CheckReport::default();
     match config::load(path) {
         Ok(config) => {
-            print!("{}", summary(path, &config));
+            r.out = summary(path, &config);
             if let Some(tls) = &config.tls {
-                if !check_chain(tls) {
-                    eprintln!("{} is not valid", path.display());
-                    return ExitCode::FAILURE;
+                if !check_chain(tls, &mut r) {
+                    let _ = writeln!(r.err, "{} is not valid", path.display());
+                    return r;
                 }
             }
-            println!("ok: {} is valid", path.display());
-            ExitCode::SUCCESS
+            let _ = writeln!(r.out, "ok: {} is valid", path.display());
+            r.ok = true;
         }
         Err(e) => {
-            eprintln!("error: {e}");
-            eprintln!("{} is not valid", path.display());
-            ExitCode::FAILURE
+            let _ = writeln!(r.err, "error: {e}");
+            let _ = writeln!(r.err, "{} is not valid", path.display());
         }
     }
+    r
 }
 
 /// The served chain: fails when a certificate has expired; warns when one
 /// expires within 14 days, and when the chain does not lead to a root this
 /// machine trusts (each certificate signed by the next, the last one a trusted
-/// root or signed by one; see [`certs::verify_chain`]).
-fn check_chain(tls: &Tls) -> bool {
+/// root or signed by one; see [`certs::verify_chain`]). That the key matches
+/// the leaf is part of validation, so `check` and a reload refuse it alike.
+fn check_chain(tls: &Tls, r: &mut CheckReport) -> bool {
+    use std::fmt::Write;
     let now = certs::unix_now();
     let report = certs::report(&tls.chain);
     let mut ok = true;
     for i in (0..tls.chain.len()).filter(|i| !report.iter().any(|c| c.position == *i)) {
-        eprintln!(
+        let _ = writeln!(
+            r.err,
             "warning: server.tls.cert: certificate {i} of {} does not parse as X.509",
             tls.cert_path.display()
         );
@@ -93,7 +122,8 @@ fn check_chain(tls: &Tls) -> bool {
     for c in &report {
         if c.expired(now) {
             ok = false;
-            eprintln!(
+            let _ = writeln!(
+                r.err,
                 "error: server.tls.cert: certificate {} ({}) of {} expired on {}",
                 c.position,
                 c.subject,
@@ -101,7 +131,8 @@ fn check_chain(tls: &Tls) -> bool {
                 c.not_after_rfc3339()
             );
         } else if c.expiring(now) {
-            eprintln!(
+            let _ = writeln!(
+                r.err,
                 "warning: server.tls.cert: certificate {} ({}) of {} expires on {}, in {} days",
                 c.position,
                 c.subject,
@@ -112,8 +143,12 @@ fn check_chain(tls: &Tls) -> bool {
         }
     }
     match certs::verify_chain(&tls.chain, &certs::system_roots()) {
-        Ok(root) => println!("  chain leads to the trusted root {root}"),
-        Err(e) => eprintln!("warning: server.tls.cert: {e}"),
+        Ok(root) => {
+            let _ = writeln!(r.out, "  chain leads to the trusted root {root}");
+        }
+        Err(e) => {
+            let _ = writeln!(r.err, "warning: server.tls.cert: {e}");
+        }
     }
     ok
 }

@@ -256,4 +256,6 @@ fn locate(text: &str, doc: &toml_edit::ImDocument<&str>, path: &KeyPath) -> Loca
 }
 
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
 mod tests;

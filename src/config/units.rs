@@ -34,12 +34,21 @@ macro_rules! deserialize_from_str {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Dur(pub Duration);
 
+/// No duration in the config is longer than this. Each key has its own,
+/// tighter bound (validation); this one keeps an absurd value such as
+/// `"100000000000y"` from ever being a `Duration` that a key without one could
+/// add to an `Instant`.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
+
 impl FromStr for Dur {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        humantime::parse_duration(s.trim())
-            .map(Dur)
-            .map_err(|_| format!("expected a duration such as \"250ms\", \"5s\" or \"1h\", got {s:?}"))
+        let d = humantime::parse_duration(s.trim())
+            .map_err(|_| format!("expected a duration such as \"250ms\", \"5s\" or \"1h\", got {s:?}"))?;
+        if d > MAX_DURATION {
+            return Err(format!("a duration must be at most 365 days, got {s:?}"));
+        }
+        Ok(Dur(d))
     }
 }
 
@@ -107,6 +116,12 @@ impl FromStr for Rate {
             "h" => Duration::from_secs(3600),
             _ => return Err(bad()),
         };
+        // The emission interval `per / count` is counted in microseconds in
+        // Redis (nanoseconds in memory): a faster rate would round to a zero
+        // interval, which is no limit at all.
+        if per.as_micros() < u128::from(count.get()) {
+            return Err(format!("a rate must be at most 1000000/s (one per microsecond), got {s:?}"));
+        }
         Ok(Rate { count, per })
     }
 }

@@ -9,9 +9,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::pem::PemObject;
 
 use super::raw::{self, RawConfig};
-use super::units::{KeySource, Rate};
+use super::units::{Dur, KeySource, Rate};
 use super::{Config, KeyPath};
 
 pub use super::raw::{Balance, KeyFallback, OnFailure, PlainHttp, Priority, StoreKind};
@@ -205,9 +206,43 @@ fn addr(s: &str, path: KeyPath) -> Result<SocketAddr> {
     }
 }
 
-fn positive(d: Duration, path: KeyPath) -> Result<Duration> {
+// === bounds ===
+//
+// Every duration, size and count has an upper bound, so that no value a config
+// file can hold reaches `Instant`/`Duration` arithmetic, a semaphore or an
+// allocation as something that overflows or panics later, on the request path.
+// The bounds are generous for real use and far from any overflow.
+
+const MINUTE: Duration = Duration::from_secs(60);
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(86_400);
+/// Timeouts: the longest anything may wait on a peer.
+const MAX_TIMEOUT: Duration = HOUR;
+/// Sliding windows and open/ejection times of the breaker and outlier detection.
+const MAX_WINDOW: Duration = DAY;
+/// Quarantines and "recently authorized": per-client memory kept that long at most.
+const MAX_MEMORY: Duration = Duration::from_secs(7 * 86_400);
+/// `expect_traffic_within`: a route may be expected to see traffic monthly.
+const MAX_EXPECT_TRAFFIC: Duration = Duration::from_secs(30 * 86_400);
+/// A limit's capacity (`burst` × emission interval): how long a client's state lives.
+pub const MAX_LIMIT_CAPACITY: Duration = Duration::from_secs(30 * 86_400);
+/// Request bodies (`max_body_bytes`, `buffer_body_bytes`).
+const MAX_BODY_BYTES: u64 = 1 << 30;
+/// Counts of requests, responses, failures and the like.
+const MAX_COUNT: u32 = 1_000_000;
+
+/// A non-zero duration no longer than `max`.
+fn positive(d: Duration, max: Duration, path: KeyPath) -> Result<Duration> {
     if d.is_zero() {
         return invalid(path, "must be longer than zero");
+    }
+    at_most(d, max, path)
+}
+
+/// A duration (zero allowed) no longer than `max`.
+fn at_most(d: Duration, max: Duration, path: KeyPath) -> Result<Duration> {
+    if d > max {
+        return invalid(path, format!("must be at most {}, got {}", Dur(max), Dur(d)));
     }
     Ok(d)
 }
@@ -219,11 +254,44 @@ fn ratio(v: f64, path: KeyPath, lo: f64, hi: f64) -> Result<f64> {
     Ok(v)
 }
 
-fn at_least<T: PartialOrd + std::fmt::Display + Copy>(v: T, min: T, path: KeyPath) -> Result<T> {
-    if v < min {
-        return invalid(path, format!("must be at least {min}, got {v}"));
+/// A count within `lo..=hi`.
+fn between<T: PartialOrd + std::fmt::Display + Copy>(v: T, lo: T, hi: T, path: KeyPath) -> Result<T> {
+    if v < lo || v > hi {
+        return invalid(path, format!("must be between {lo} and {hi}, got {v}"));
     }
     Ok(v)
+}
+
+/// A size in bytes no larger than `max`.
+fn bytes_at_most(v: u64, max: u64, path: KeyPath) -> Result<u64> {
+    if v > max {
+        return invalid(path, format!("must be at most {max} bytes, got {v}"));
+    }
+    Ok(v)
+}
+
+/// A limit's capacity (`burst` emission intervals) within [`MAX_LIMIT_CAPACITY`],
+/// so that `burst × interval` cannot overflow the stores' tick arithmetic and a
+/// client's state never has to be kept for longer than a month. (The rate
+/// itself is bounded where it parses: at most one event per microsecond, so the
+/// emission interval is at least one tick in both stores.)
+fn limit(rate: Rate, burst: u32, path: KeyPath) -> Result<Limit> {
+    let Some(burst) = NonZeroU32::new(burst) else {
+        return invalid(path.key("burst"), "must be at least 1");
+    };
+    let interval = rate.per / rate.count.get();
+    let capacity = interval.checked_mul(burst.get()).unwrap_or(Duration::MAX);
+    if capacity > MAX_LIMIT_CAPACITY {
+        return invalid(
+            path.key("burst"),
+            format!(
+                "burst {burst} at {rate} holds {} of state per client; at most {} is allowed",
+                Dur(capacity),
+                Dur(MAX_LIMIT_CAPACITY)
+            ),
+        );
+    }
+    Ok(Limit { rate, burst })
 }
 
 fn server(s: &raw::RawServer) -> Result<Server> {
@@ -232,25 +300,24 @@ fn server(s: &raw::RawServer) -> Result<Server> {
     if !(1024..=1 << 20).contains(&max_header_bytes) {
         return invalid(p.key("max_header_bytes"), "must be between 1024 and 1048576 bytes");
     }
+    let max_body_bytes = bytes_at_most(s.max_body_bytes.0, MAX_BODY_BYTES, p.key("max_body_bytes"))?;
+    let buffer_body_bytes = bytes_at_most(s.buffer_body_bytes.0, MAX_BODY_BYTES, p.key("buffer_body_bytes"))?;
     Ok(Server {
         listen: addr(&s.listen, p.key("listen"))?,
-        max_connections: at_least(s.max_connections, 1, p.key("max_connections"))?,
-        header_read_timeout: positive(s.header_read_timeout.0, p.key("header_read_timeout"))?,
-        idle_timeout: positive(s.idle_timeout.0, p.key("idle_timeout"))?,
-        body_read_timeout: positive(s.body_read_timeout.0, p.key("body_read_timeout"))?,
-        buffer_body_bytes: s.buffer_body_bytes.0.min(s.max_body_bytes.0),
+        max_connections: between(s.max_connections, 1, 1_000_000, p.key("max_connections"))?,
+        header_read_timeout: positive(s.header_read_timeout.0, MAX_TIMEOUT, p.key("header_read_timeout"))?,
+        idle_timeout: positive(s.idle_timeout.0, MAX_TIMEOUT, p.key("idle_timeout"))?,
+        body_read_timeout: positive(s.body_read_timeout.0, MAX_TIMEOUT, p.key("body_read_timeout"))?,
+        buffer_body_bytes: buffer_body_bytes.min(max_body_bytes),
         max_header_bytes: max_header_bytes as usize,
-        max_body_bytes: s.max_body_bytes.0,
-        h2_max_concurrent_streams: match s.h2_max_concurrent_streams {
-            1..=10_000 => s.h2_max_concurrent_streams,
-            n => {
-                return invalid(
-                    p.key("h2_max_concurrent_streams"),
-                    format!("must be between 1 and 10000, got {n}"),
-                )
-            }
-        },
-        shutdown_grace: s.shutdown_grace.0,
+        max_body_bytes,
+        h2_max_concurrent_streams: between(
+            s.h2_max_concurrent_streams,
+            1,
+            10_000,
+            p.key("h2_max_concurrent_streams"),
+        )?,
+        shutdown_grace: at_most(s.shutdown_grace.0, MAX_TIMEOUT, p.key("shutdown_grace"))?,
     })
 }
 
@@ -263,18 +330,57 @@ fn tls(t: &raw::RawTls, base_dir: &Path) -> Result<Tls> {
     };
     let pem = read(&cert_path, "cert")?;
     let chain: Vec<_> =
-        rustls_pemfile::certs(&mut pem.as_slice()).collect::<std::result::Result<_, _>>().or_else(|e| {
+        CertificateDer::pem_slice_iter(&pem).collect::<std::result::Result<_, _>>().or_else(|e| {
             invalid(p.key("cert"), format!("{}: not a PEM certificate chain: {e}", cert_path.display()))
         })?;
     if chain.is_empty() {
         return invalid(p.key("cert"), format!("{}: holds no certificate", cert_path.display()));
     }
     let pem = read(&key_path, "key")?;
-    let key = match rustls_pemfile::private_key(&mut pem.as_slice()) {
-        Ok(Some(k)) => k,
-        _ => return invalid(p.key("key"), format!("{}: holds no PEM private key", key_path.display())),
+    let Ok(key) = PrivateKeyDer::from_pem_slice(&pem) else {
+        return invalid(p.key("key"), format!("{}: holds no PEM private key", key_path.display()));
     };
+    key_matches(&chain, &key, &cert_path, &key_path)?;
     Ok(Tls { listen: addr(&t.listen, p.key("listen"))?, cert_path, chain, key, plain_http: t.plain_http })
+}
+
+/// The private key must be the leaf certificate's: a key of another
+/// certificate would load, then fail every handshake. rustls compares the
+/// key's public half with the leaf's SubjectPublicKeyInfo.
+fn key_matches(
+    chain: &[CertificateDer<'static>],
+    key: &PrivateKeyDer<'static>,
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<()> {
+    use rustls::sign::CertifiedKey;
+    use rustls::{Error, InconsistentKeys};
+    let p = KeyPath::root().key("server").key("tls");
+    let signing = match rustls::crypto::ring::sign::any_supported_type(key) {
+        Ok(k) => k,
+        Err(e) => {
+            return invalid(p.key("key"), format!("{}: unsupported private key: {e}", key_path.display()))
+        }
+    };
+    match CertifiedKey::new(chain.to_vec(), signing).keys_match() {
+        Ok(()) => Ok(()),
+        Err(Error::InconsistentKeys(InconsistentKeys::KeyMismatch)) => invalid(
+            p.key("key"),
+            format!("{} does not match the certificate in {}", key_path.display(), cert_path.display()),
+        ),
+        Err(Error::InconsistentKeys(InconsistentKeys::Unknown)) => invalid(
+            p.key("key"),
+            format!(
+                "{}: cannot tell whether this key matches the certificate in {}",
+                key_path.display(),
+                cert_path.display()
+            ),
+        ),
+        Err(e) => invalid(
+            p.key("cert"),
+            format!("{}: the first certificate (the leaf) is not valid X.509: {e}", cert_path.display()),
+        ),
+    }
 }
 
 fn store(s: &raw::RawStore) -> Result<StoreConfig> {
@@ -295,8 +401,8 @@ fn store(s: &raw::RawStore) -> Result<StoreConfig> {
         kind: s.kind,
         urls,
         on_failure: s.on_failure,
-        max_clients: at_least(s.max_clients, 1, p.key("max_clients"))?,
-        timeout: positive(s.timeout.0, p.key("timeout"))?,
+        max_clients: between(s.max_clients, 1, 100_000_000, p.key("max_clients"))?,
+        timeout: positive(s.timeout.0, MINUTE, p.key("timeout"))?,
     })
 }
 
@@ -327,17 +433,17 @@ fn upstream(name: &str, u: &raw::RawUpstream) -> Result<UpstreamConfig> {
     let cb = &u.circuit_breaker;
     let cbp = p.key("circuit_breaker");
     let circuit_breaker = BreakerConfig {
-        window: positive(cb.window.0, cbp.key("window"))?,
-        min_requests: at_least(cb.min_requests, 1, cbp.key("min_requests"))?,
+        window: positive(cb.window.0, MAX_WINDOW, cbp.key("window"))?,
+        min_requests: between(cb.min_requests, 1, MAX_COUNT, cbp.key("min_requests"))?,
         failure_rate: ratio(cb.failure_rate, cbp.key("failure_rate"), 0.01, 1.0)?,
-        open_for: positive(cb.open_for.0, cbp.key("open_for"))?,
-        half_open_requests: at_least(cb.half_open_requests, 1, cbp.key("half_open_requests"))?,
+        open_for: positive(cb.open_for.0, MAX_WINDOW, cbp.key("open_for"))?,
+        half_open_requests: between(cb.half_open_requests, 1, 10_000, cbp.key("half_open_requests"))?,
     };
     let o = &u.outlier;
     let op = p.key("outlier");
     let outlier = OutlierConfig {
-        consecutive_failures: at_least(o.consecutive_failures, 1, op.key("consecutive_failures"))?,
-        eject_for: positive(o.eject_for.0, op.key("eject_for"))?,
+        consecutive_failures: between(o.consecutive_failures, 1, MAX_COUNT, op.key("consecutive_failures"))?,
+        eject_for: positive(o.eject_for.0, MAX_WINDOW, op.key("eject_for"))?,
         max_ejected: ratio(o.max_ejected, op.key("max_ejected"), 0.0, 1.0)?,
     };
     let r = &u.retry;
@@ -360,14 +466,11 @@ fn upstream(name: &str, u: &raw::RawUpstream) -> Result<UpstreamConfig> {
             },
         }
     }
-    if !(1..=10).contains(&r.attempts) {
-        return invalid(rp.key("attempts"), format!("must be between 1 and 10, got {}", r.attempts));
-    }
     let retry = RetryConfig {
-        attempts: r.attempts,
+        attempts: between(r.attempts, 1, 10, rp.key("attempts"))?,
         budget: ratio(r.budget, rp.key("budget"), 0.0, 10.0)?,
-        backoff: r.backoff.0,
-        min_per_s: r.min_per_s,
+        backoff: at_most(r.backoff.0, MINUTE, rp.key("backoff"))?,
+        min_per_s: between(r.min_per_s, 0, MAX_COUNT, rp.key("min_per_s"))?,
         on_connect,
         on_timeout,
         on_status,
@@ -376,9 +479,9 @@ fn upstream(name: &str, u: &raw::RawUpstream) -> Result<UpstreamConfig> {
         name: name.to_string(),
         endpoints,
         balance: u.balance,
-        connect_timeout: positive(u.connect_timeout.0, p.key("connect_timeout"))?,
-        timeout: positive(u.timeout.0, p.key("timeout"))?,
-        max_concurrency: at_least(u.max_concurrency, 1, p.key("max_concurrency"))?,
+        connect_timeout: positive(u.connect_timeout.0, MAX_TIMEOUT, p.key("connect_timeout"))?,
+        timeout: positive(u.timeout.0, MAX_TIMEOUT, p.key("timeout"))?,
+        max_concurrency: between(u.max_concurrency, 1, 1_000_000, p.key("max_concurrency"))?,
         circuit_breaker,
         outlier,
         retry,
@@ -416,31 +519,28 @@ fn route(r: &raw::RawRoute, upstreams: &[UpstreamConfig], p: KeyPath) -> Result<
     let mut limits = Vec::with_capacity(r.limits.len());
     for (i, l) in r.limits.iter().enumerate() {
         let burst = l.burst.unwrap_or(l.rate.count.get());
-        let Some(burst) = NonZeroU32::new(burst) else {
-            return invalid(p.key("limits").index(i).key("burst"), "must be at least 1");
-        };
-        limits.push(Limit { rate: l.rate, burst });
+        limits.push(limit(l.rate, burst, p.key("limits").index(i))?);
     }
     let s = &r.storm;
     let sp = p.key("storm");
     let storm = StormConfig {
         enabled: s.enabled,
-        interval: positive(s.interval.0, sp.key("interval"))?,
+        interval: positive(s.interval.0, HOUR, sp.key("interval"))?,
         growth_factor: ratio(s.growth_factor, sp.key("growth_factor"), 1.1, 1000.0)?,
-        growth_intervals: at_least(s.growth_intervals, 1, sp.key("growth_intervals"))?,
+        growth_intervals: between(s.growth_intervals, 1, 100, sp.key("growth_intervals"))?,
         min_rate: s.min_rate,
-        duplicate_window: positive(s.duplicate_window.0, sp.key("duplicate_window"))?,
-        max_duplicates: at_least(s.max_duplicates, 1, sp.key("max_duplicates"))?,
-        quarantine: positive(s.quarantine.0, sp.key("quarantine"))?,
+        duplicate_window: positive(s.duplicate_window.0, MAX_WINDOW, sp.key("duplicate_window"))?,
+        max_duplicates: between(s.max_duplicates, 1, MAX_COUNT, sp.key("max_duplicates"))?,
+        quarantine: positive(s.quarantine.0, MAX_MEMORY, sp.key("quarantine"))?,
     };
     let a = &r.auth_guard;
     let ap = p.key("auth_guard");
     let auth_guard = AuthGuardConfig {
         enabled: a.enabled,
-        window: positive(a.window.0, ap.key("window"))?,
-        min_responses: at_least(a.min_responses, 1, ap.key("min_responses"))?,
+        window: positive(a.window.0, MAX_WINDOW, ap.key("window"))?,
+        min_responses: between(a.min_responses, 1, MAX_COUNT, ap.key("min_responses"))?,
         max_401_ratio: ratio(a.max_401_ratio, ap.key("max_401_ratio"), 0.0, 1.0)?,
-        recently_authorized: positive(a.recently_authorized.0, ap.key("recently_authorized"))?,
+        recently_authorized: positive(a.recently_authorized.0, MAX_MEMORY, ap.key("recently_authorized"))?,
     };
     Ok(RouteConfig {
         name: r.name.clone(),
@@ -452,7 +552,10 @@ fn route(r: &raw::RawRoute, upstreams: &[UpstreamConfig], p: KeyPath) -> Result<
         tenant_key: r.tenant_key.0.clone(),
         priority: r.priority,
         tls_only: r.tls_only,
-        expect_traffic_within: r.expect_traffic_within.0,
+        expect_traffic_within: match r.expect_traffic_within.0 {
+            Some(d) => Some(positive(d, MAX_EXPECT_TRAFFIC, p.key("expect_traffic_within"))?),
+            None => None,
+        },
         limits,
         storm,
         auth_guard,

@@ -8,16 +8,17 @@
 //! reload, a `degraded` entry of `/readyz` within [`WARN_WITHIN_DAYS`], and a
 //! `levee check` failure once expired.
 //!
-//! [`verify_chain`] is what `levee check` asks about trust, and it is
-//! deliberately modest: each certificate must be signed by the next one, and the
-//! last one must be a trusted root or be signed by one. It checks names and
-//! signatures only; it does not check validity periods of the roots, key usage,
-//! name constraints or revocation, and it does not match a server name.
+//! [`verify_chain`] is what `levee check` asks about trust: each certificate
+//! must be signed by the next one, and the last one must be a trusted root or
+//! be signed by one. The path is verified by `webpki` (the verifier rustls
+//! itself uses), not by code of ours, so names, signatures, validity periods,
+//! basic constraints, key usage and name constraints are checked the way a
+//! client checks them; revocation is not, and no server name is matched.
 
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use rustls::pki_types::CertificateDer;
+use rustls::pki_types::{CertificateDer, TrustAnchor, UnixTime};
 use x509_parser::certificate::X509Certificate;
 use x509_parser::prelude::FromDer;
 
@@ -141,41 +142,87 @@ pub fn system_roots() -> Vec<CertificateDer<'static>> {
 
 /// Checks that `chain` leads to one of `roots` (see the module doc for what is
 /// and is not checked). `Ok` names the root; `Err` says where the chain breaks.
+///
+/// Two steps, both through webpki:
+/// 1. The chain is internally consistent: certificate `i` is signed by
+///    certificate `i + 1` all the way up. webpki verifies a path only up to a
+///    trust anchor, so the chain's own last certificate serves as the anchor of
+///    this step (for each `k`, the leaf must verify through `chain[1..k]` up to
+///    `chain[k]`; the first `k` that fails names where the chain breaks).
+/// 2. The chain leads to a trusted root: its last certificate is one of
+///    `roots`, or the whole chain verifies with `roots` as the anchors.
 pub fn verify_chain(chain: &[CertificateDer], roots: &[CertificateDer]) -> Result<String, String> {
-    let mut parsed = Vec::with_capacity(chain.len());
+    let mut names = Vec::with_capacity(chain.len());
     for (i, der) in chain.iter().enumerate() {
         let (_, cert) =
             X509Certificate::from_der(der).map_err(|e| format!("certificate {i} is not valid X.509: {e}"))?;
-        parsed.push(cert);
+        names.push((short_name(cert.subject()), cert.issuer().to_string()));
     }
-    let Some(last) = parsed.last() else {
+    let (Some(leaf), Some(last)) = (chain.first(), chain.last()) else {
         return Err("the chain is empty".into());
     };
-    for (i, pair) in parsed.windows(2).enumerate() {
-        let (cert, issuer) = (&pair[0], &pair[1]);
-        if cert.issuer() != issuer.subject() || cert.verify_signature(Some(issuer.public_key())).is_err() {
-            return Err(format!(
-                "certificate {i} ({}) is not signed by certificate {} ({}): the chain is out of order or incomplete",
-                short_name(cert.subject()),
-                i + 1,
-                short_name(issuer.subject())
-            ));
+    let leaf =
+        webpki::EndEntityCert::try_from(leaf).map_err(|e| format!("certificate 0 is not valid: {e}"))?;
+    let now = UnixTime::now();
+    for k in 1..chain.len() {
+        let anchor = webpki::anchor_from_trusted_cert(&chain[k])
+            .map_err(|e| format!("certificate {k} ({}) is not valid: {e}", names[k].0))?;
+        if let Err(e) = verify(&leaf, &[anchor], &chain[1..k], now) {
+            let i = k - 1;
+            return Err(match e {
+                webpki::Error::UnknownIssuer
+                | webpki::Error::InvalidSignatureForPublicKey
+                | webpki::Error::CaUsedAsEndEntity => format!(
+                    "certificate {i} ({}) is not signed by certificate {k} ({}): the chain is out of order or incomplete",
+                    names[i].0, names[k].0
+                ),
+                e => format!("the chain up to certificate {k} ({}) does not verify: {e}", names[k].0),
+            });
         }
     }
-    for der in roots {
-        if der.as_ref() == chain[chain.len() - 1].as_ref() {
-            return Ok(short_name(last.subject()));
-        }
-        let Ok((_, root)) = X509Certificate::from_der(der) else { continue };
-        if root.subject() == last.issuer() && last.verify_signature(Some(root.public_key())).is_ok() {
-            return Ok(short_name(root.subject()));
-        }
+    let (last_name, last_issuer) = &names[chain.len() - 1];
+    if roots.iter().any(|r| r.as_ref() == last.as_ref()) {
+        return Ok(last_name.clone());
     }
-    Err(format!(
-        "the chain ends at {} (issued by {}), which is not signed by a root this machine trusts",
-        short_name(last.subject()),
-        last.issuer()
-    ))
+    // Roots that do not parse as trust anchors are skipped, as rustls skips them.
+    let (trusted, anchors): (Vec<_>, Vec<_>) =
+        roots.iter().filter_map(|r| Some((r, webpki::anchor_from_trusted_cert(r).ok()?))).unzip();
+    match verify(&leaf, &anchors, &chain[1..], now) {
+        Ok(i) => Ok(trusted
+            .get(i)
+            .and_then(|r| X509Certificate::from_der(r).ok())
+            .map_or_else(|| "a trusted root".into(), |(_, root)| short_name(root.subject()))),
+        Err(webpki::Error::UnknownIssuer) => Err(format!(
+            "the chain ends at {last_name} (issued by {last_issuer}), which is not signed by a root this machine trusts"
+        )),
+        Err(e) => Err(format!("the chain does not verify against the roots this machine trusts: {e}")),
+    }
+}
+
+/// Verifies `leaf` through `intermediates` up to one of `anchors`, for a TLS
+/// server; `Ok` is the index of the anchor reached.
+fn verify(
+    leaf: &webpki::EndEntityCert,
+    anchors: &[TrustAnchor],
+    intermediates: &[CertificateDer],
+    now: UnixTime,
+) -> Result<usize, webpki::Error> {
+    let path = leaf.verify_for_usage(
+        webpki::ALL_VERIFICATION_ALGS,
+        anchors,
+        intermediates,
+        now,
+        webpki::KeyUsage::server_auth(),
+        None,
+        None,
+    )?;
+    let reached = path.anchor();
+    Ok(anchors
+        .iter()
+        .position(|a| {
+            a.subject == reached.subject && a.subject_public_key_info == reached.subject_public_key_info
+        })
+        .unwrap_or(0))
 }
 
 #[cfg(test)]
@@ -223,5 +270,39 @@ mod tests {
         assert!(verify_chain(&chain, &[]).is_err());
         // Out of order: the root first.
         assert!(verify_chain(&[ca.der().clone(), leaf.der().clone()], &[ca.der().clone()]).is_err());
+    }
+
+    #[test]
+    fn chains_are_verified_through_webpki_and_say_where_they_break() {
+        let root_key = KeyPair::generate().unwrap();
+        let root = params("Test Root", true).self_signed(&root_key).unwrap();
+        let inter_key = KeyPair::generate().unwrap();
+        let inter = params("Test Intermediate", true).signed_by(&inter_key, &root, &root_key).unwrap();
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf = params("leaf.test", false).signed_by(&leaf_key, &inter, &inter_key).unwrap();
+        let (leaf, inter, root) = (leaf.der().clone(), inter.der().clone(), root.der().clone());
+        let roots = [root.clone()];
+
+        assert_eq!(verify_chain(&[leaf.clone(), inter.clone()], &roots), Ok("Test Root".to_string()));
+        assert_eq!(
+            verify_chain(&[leaf.clone(), inter.clone(), root.clone()], &roots),
+            Ok("Test Root".to_string())
+        );
+        // The intermediate left out: the leaf is not signed by the next certificate.
+        let err = verify_chain(&[leaf.clone(), root.clone()], &roots).unwrap_err();
+        assert!(
+            err.starts_with("certificate 0 (leaf.test) is not signed by certificate 1 (Test Root)"),
+            "{err}"
+        );
+        // The intermediate and the root swapped.
+        let err = verify_chain(&[leaf.clone(), root.clone(), inter.clone()], &roots).unwrap_err();
+        assert!(err.starts_with("certificate 0 (leaf.test) is not signed by certificate 1"), "{err}");
+        // Internally consistent, but no trusted root above it.
+        let err = verify_chain(&[leaf.clone(), inter.clone()], &[]).unwrap_err();
+        assert!(
+            err.contains("Test Intermediate") && err.contains("not signed by a root this machine trusts"),
+            "{err}"
+        );
+        assert!(verify_chain(&[], &roots).is_err());
     }
 }

@@ -35,10 +35,12 @@ impl ResolvesServerCert for CertResolver {
     }
 }
 
-/// Pairs the chain with a signing key; fails when the key type is unsupported.
+/// Pairs the chain with its signing key; fails when the key type is
+/// unsupported or the key is not the leaf certificate's (validation already
+/// refused such a config; this keeps the listener from ever serving one).
 pub fn certified_key(tls: &Tls) -> Result<CertifiedKey, rustls::Error> {
-    let key = rustls::crypto::ring::sign::any_supported_type(&tls.key)?;
-    Ok(CertifiedKey::new(tls.chain.clone(), key))
+    let provider = rustls::crypto::ring::default_provider();
+    CertifiedKey::from_der(tls.chain.clone(), tls.key.clone_key(), &provider)
 }
 
 /// The acceptor for the HTTPS listener.
