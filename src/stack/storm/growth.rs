@@ -17,8 +17,9 @@
 //! `min_rate` (raise `growth_intervals` for routes that see such ramps).
 //!
 //! A quarantine lasts `quarantine`, doubled for each relapse "soon" after the
-//! last release (within one `quarantine` plus the `growth_intervals + 1`
-//! intervals a new streak takes), at most 64×. Requests made during a
+//! last release (within one `quarantine` plus twice the `growth_intervals + 1`
+//! intervals a new streak takes: a bomb that restarts from its base rate must
+//! first climb back above `min_rate`), at most 64×. Requests made during a
 //! quarantine are still counted, so a client still multiplying when released
 //! is caught again at once.
 
@@ -61,6 +62,14 @@ pub enum Verdict {
 }
 
 impl GrowthRules {
+    /// How long after a release a new quarantine counts as a relapse: one
+    /// quarantine plus twice the time a streak takes (a bomb restarting from
+    /// its base rate first climbs back above `min_rate`).
+    pub fn relapse_window_ms(&self) -> u64 {
+        let streak = (u64::from(self.intervals) + 1).saturating_mul(self.interval_ms);
+        self.quarantine_ms.saturating_add(streak.saturating_mul(2))
+    }
+
     fn grew(&self, cur: u32, prev: u32) -> bool {
         cur >= self.min_count && prev > 0 && f64::from(cur) + 1.0 >= self.factor * f64::from(prev)
     }
@@ -86,8 +95,7 @@ impl GrowthRules {
             return Verdict::Quarantined { left_ms: s.quarantined_until - now_ms, new: false };
         }
         if self.grew(s.cur, s.prev) && s.streak.saturating_add(1) >= needed.max(1) {
-            // Soon after release: within one quarantine plus the time a streak takes.
-            let soon = self.quarantine_ms + (u64::from(self.intervals) + 1) * self.interval_ms;
+            let soon = self.relapse_window_ms();
             let relapse = s.quarantined_until > 0 && now_ms < s.quarantined_until + soon;
             s.strikes = if relapse { s.strikes.saturating_add(1).min(6) } else { 0 };
             let length = self.quarantine_ms << s.strikes;

@@ -227,7 +227,7 @@ async fn sweep(storm: Weak<Storm>) {
             bombs.fetch_add(usize::from(quarantined), Ordering::Relaxed);
             // Keep what can still matter: a quarantine (and its relapse window), or recent counts.
             let recent = u64::from(g.interval).saturating_add(2).saturating_mul(interval) >= now_ms;
-            quarantined || recent || g.quarantined_until + s.growth.quarantine_ms > now_ms
+            quarantined || recent || g.quarantined_until.saturating_add(s.growth.relapse_window_ms()) > now_ms
         });
         let storms = AtomicUsize::new(0);
         s.requests.retain(|d| {
