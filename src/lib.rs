@@ -5,8 +5,8 @@
 //! Folders follow the path of a request:
 //!
 //! ```text
-//! accept ─ listener/ ─────────────────────────────────────► 400/413/431/426
-//!   └► proxy.rs      bounds, routing, answer, metrics
+//! accept ─ listener/ ─────────────────────────────────────► closed: header_timeout | idle | h2_abuse
+//!   └► proxy.rs      one authority, one path, body read ──► 400/408/413/431/426/308
 //!     └► router.rs ───────────────────────────────────────► 404 no_route
 //!       └► stack/  (outer → inner, order written once in stack/mod.rs)
 //!           client_id      key, tenant, priority ──────────► 400 (client_key_fallback = reject)
@@ -16,6 +16,7 @@
 //!           circuit_breaker ───────────────────────────────► 503 circuit_open
 //!           retry          budget, backoff ────────────────► 503 retry_budget
 //!           └► upstream/   balance, outlier, forward ──────► 502 | 504
+//!   ◄─ classify.rs         Outcome → breaker, outlier, retry, storm, staleness
 //!   ◄─ respond.rs          Reason → status, headers, JSON
 //! ```
 //!
@@ -24,7 +25,10 @@
 //! - `admin/`: health, readiness, metrics, config and reload.
 //! - `demo/`: `levee demo`, fake backends and a simulated fleet against the gateway.
 //! - `metrics.rs`: every Prometheus name, once.
-//! - `body.rs`, `context.rs`: the body type and the per-request context.
+//! - `body.rs`, `context.rs`: the body type (and the bounds on a client's
+//!   body) and the per-request context.
+//! - `path.rs`: one path, one meaning: the normalization routing and limits rely on.
+//! - `classify.rs`: what an answer says about the upstream and the client, decided once.
 
 pub mod admin;
 pub mod body;

@@ -35,7 +35,7 @@ pub struct Route {
     duration: Histogram,
     /// `levee_requests_total` handles by (status, outcome): registered once per
     /// combination seen, so the hot path does one map lookup, not a label hash.
-    requests: DashMap<(u16, Outcome), Counter>,
+    requests: DashMap<(u16, Label), Counter>,
     /// `levee_shed_total` handles by reason.
     shed: DashMap<Reason, Counter>,
     /// Live counters for the admin API (they outlive this config version).
@@ -44,7 +44,7 @@ pub struct Route {
 
 /// The `outcome` label of `levee_requests_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Outcome {
+pub enum Label {
     /// The upstream's response, relayed.
     Forwarded,
     /// A defence refused the request (429, 503).
@@ -53,12 +53,12 @@ pub enum Outcome {
     Error,
 }
 
-impl Outcome {
+impl Label {
     fn as_str(self) -> &'static str {
         match self {
-            Outcome::Forwarded => "forwarded",
-            Outcome::Shed => "shed",
-            Outcome::Error => "error",
+            Label::Forwarded => "forwarded",
+            Label::Shed => "shed",
+            Label::Error => "error",
         }
     }
 }
@@ -86,12 +86,12 @@ impl Route {
             .increment(1);
     }
 
-    fn count(&self, status: u16, outcome: Outcome) {
+    fn count(&self, status: u16, outcome: Label) {
         record(&self.requests, &self.name, status, outcome);
     }
 }
 
-fn record(cache: &DashMap<(u16, Outcome), Counter>, route: &Arc<str>, status: u16, outcome: Outcome) {
+fn record(cache: &DashMap<(u16, Label), Counter>, route: &Arc<str>, status: u16, outcome: Label) {
     if let Some(c) = cache.get(&(status, outcome)) {
         c.increment(1);
         return;
@@ -108,7 +108,7 @@ fn record(cache: &DashMap<(u16, Outcome), Counter>, route: &Arc<str>, status: u1
 pub struct Proxy {
     runtime: Arc<ArcSwap<Runtime>>,
     /// Requests that matched no route, or failed before routing.
-    unrouted: DashMap<(u16, Outcome), Counter>,
+    unrouted: DashMap<(u16, Label), Counter>,
     unrouted_name: Arc<str>,
     /// The HTTPS listener's bound port, for redirects and 426 bodies (the
     /// configured port may be 0 in tests).
@@ -134,14 +134,14 @@ impl Proxy {
 
         let mut rsp = match self.dispatch(&rt, req, conn, request_id.clone(), started).await {
             Ok((route, rsp)) => {
-                route.count(rsp.status().as_u16(), Outcome::Forwarded);
+                route.count(rsp.status().as_u16(), Label::Forwarded);
                 route.stats.forwarded(rsp.status().as_u16());
                 route.duration.record(started.elapsed().as_secs_f64());
                 rsp
             }
             Err((route, shed)) => {
                 let reason = shed.reason;
-                let outcome = if reason.is_shed() { Outcome::Shed } else { Outcome::Error };
+                let outcome = if reason.is_shed() { Label::Shed } else { Label::Error };
                 let client = shed.client.clone();
                 let rsp = shed.into_response(route.map(|r| &*r.name));
                 match route {

@@ -3,6 +3,7 @@
 //! One file per input (sockets, bodies, paths, config, admin, store).
 
 mod admin;
+mod answers;
 mod bodies;
 mod config;
 mod connections;
