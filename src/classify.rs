@@ -12,7 +12,7 @@
 use http::{Response, StatusCode};
 
 use crate::body::Body;
-use crate::respond::{Reason, Shed};
+use crate::respond::{Reason, Shed, GRPC_STATUS};
 
 /// The meaning of one answer (a try's, or the request's final one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -38,9 +38,24 @@ impl Outcome {
     /// The one table.
     pub fn of(result: &Result<Response<Body>, Shed>) -> Outcome {
         match result {
-            Ok(rsp) => Outcome::of_status(rsp.status()),
+            Ok(rsp) => Outcome::of_response(rsp),
             Err(shed) => Outcome::of_reason(shed.reason),
         }
+    }
+
+    /// A relayed response: its status, and for gRPC its `grpc-status` when
+    /// the answer is trailers-only (as gRPC errors are): `UNAVAILABLE` (14)
+    /// is the upstream failing, just like an HTTP 503. A `grpc-status` in
+    /// trailers after messages is not seen here (the head decides).
+    pub fn of_response<B>(rsp: &Response<B>) -> Outcome {
+        let outcome = Outcome::of_status(rsp.status());
+        if outcome == Outcome::Success {
+            let unavailable = rsp.headers().get(GRPC_STATUS).is_some_and(|v| v.as_bytes() == b"14");
+            if unavailable {
+                return Outcome::UpstreamFailure;
+            }
+        }
+        outcome
     }
 
     /// A relayed status.
@@ -124,6 +139,15 @@ mod tests {
         assert_eq!(Outcome::of_status(StatusCode::NOT_FOUND), Outcome::Rejected);
         assert_eq!(Outcome::of_status(StatusCode::NOT_FOUND).upstream_failed(), Some(false));
         assert_eq!(Outcome::of_status(StatusCode::BAD_GATEWAY).upstream_failed(), Some(true));
+    }
+
+    #[test]
+    fn grpc_unavailable_is_an_upstream_failure() {
+        let mut rsp = Response::new(crate::body::empty());
+        rsp.headers_mut().insert(GRPC_STATUS, http::HeaderValue::from_static("14"));
+        assert_eq!(Outcome::of_response(&rsp), Outcome::UpstreamFailure);
+        rsp.headers_mut().insert(GRPC_STATUS, http::HeaderValue::from_static("5"));
+        assert_eq!(Outcome::of_response(&rsp), Outcome::Success);
     }
 
     #[test]

@@ -132,6 +132,7 @@ impl Proxy {
             .cloned()
             .unwrap_or_else(new_request_id);
 
+        let grpc = crate::respond::is_grpc(req.headers());
         let mut rsp = match self.dispatch(&rt, req, conn, request_id.clone(), started).await {
             Ok((route, rsp)) => {
                 route.count(rsp.status().as_u16(), Label::Forwarded);
@@ -143,7 +144,11 @@ impl Proxy {
                 let reason = shed.reason;
                 let outcome = if reason.is_shed() { Label::Shed } else { Label::Error };
                 let client = shed.client.clone();
-                let rsp = shed.into_response(route.map(|r| &*r.name));
+                let rsp = if grpc {
+                    shed.into_grpc_response(route.map(|r| &*r.name))
+                } else {
+                    shed.into_response(route.map(|r| &*r.name))
+                };
                 match route {
                     Some(r) => {
                         r.count(rsp.status().as_u16(), outcome);

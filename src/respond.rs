@@ -203,6 +203,50 @@ impl Shed {
     }
 }
 
+// === gRPC callers ===
+
+/// Whether a request is a gRPC call (`content-type: application/grpc...`).
+pub fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers.get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+const GRPC_RETRY_PUSHBACK_MS: HeaderName = HeaderName::from_static("grpc-retry-pushback-ms");
+
+/// gRPC's `RESOURCE_EXHAUSTED` and `UNAVAILABLE`.
+const GRPC_RESOURCE_EXHAUSTED: u16 = 8;
+pub const GRPC_UNAVAILABLE: u16 = 14;
+
+impl Shed {
+    /// levee's answer in gRPC's vocabulary, for a gRPC caller: a client maps
+    /// an HTTP 429 or 503 to `UNAVAILABLE`/`UNKNOWN` with no back-off hint, but
+    /// honours `grpc-status` 8 or 14 with `grpc-retry-pushback-ms`. A
+    /// "trailers-only" response: HTTP 200, the status in the headers, no
+    /// message. Answers other than 429 and 503 keep their HTTP status, which
+    /// gRPC clients map themselves.
+    pub fn into_grpc_response(self, route: Option<&str>) -> Response<Body> {
+        let code = match self.reason.status() {
+            StatusCode::TOO_MANY_REQUESTS => GRPC_RESOURCE_EXHAUSTED,
+            StatusCode::SERVICE_UNAVAILABLE => GRPC_UNAVAILABLE,
+            _ => return self.into_response(route),
+        };
+        let pushback_ms = retry_after_secs(self.retry_after).saturating_mul(1000);
+        let mut rsp = Response::new(body::empty());
+        let h = rsp.headers_mut();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        h.insert(GRPC_STATUS, HeaderValue::from(code));
+        // A reason is lower-case ASCII: no percent-encoding needed.
+        h.insert(GRPC_MESSAGE, HeaderValue::from_static(self.reason.as_str()));
+        h.insert(GRPC_RETRY_PUSHBACK_MS, HeaderValue::from(pushback_ms));
+        h.insert(X_LEVEE_REASON, HeaderValue::from_static(self.reason.as_str()));
+        for (name, value) in self.headers {
+            h.append(name, value);
+        }
+        rsp
+    }
+}
+
 /// `Retry-After` in whole seconds: rounded up, at least 1.
 pub fn retry_after_secs(d: Option<Duration>) -> u64 {
     let d = d.unwrap_or(Duration::from_secs(1));
@@ -235,6 +279,22 @@ mod tests {
             let code = rsp.status().as_u16();
             assert_eq!(rsp.headers().contains_key(RETRY_AFTER), code == 429 || code == 503, "{r:?}");
         }
+    }
+
+    #[test]
+    fn grpc_callers_get_grpc_status_and_pushback() {
+        let rsp =
+            Shed::new(Reason::RateLimited).retry_after(Duration::from_millis(1500)).into_grpc_response(None);
+        assert_eq!(rsp.status(), 200);
+        assert_eq!(rsp.headers()["grpc-status"], "8");
+        assert_eq!(rsp.headers()["grpc-retry-pushback-ms"], "2000");
+        assert_eq!(rsp.headers()["grpc-message"], "rate_limited");
+        assert_eq!(rsp.headers()[X_LEVEE_REASON], "rate_limited");
+        let rsp = Shed::new(Reason::CircuitOpen).into_grpc_response(None);
+        assert_eq!(rsp.headers()["grpc-status"], "14");
+        assert_eq!(rsp.headers()["grpc-retry-pushback-ms"], "1000");
+        // Not a refusal: the HTTP answer, which gRPC clients map themselves.
+        assert_eq!(Shed::new(Reason::NoRoute).into_grpc_response(None).status(), 404);
     }
 
     #[test]

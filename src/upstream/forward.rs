@@ -30,8 +30,21 @@ pub enum ForwardError {
     BadResponse(hyper_util::client::legacy::Error),
 }
 
-/// Builds the client used for one upstream: pooled keep-alive HTTP/1.1.
-pub fn client(connect_timeout: Duration) -> HttpClient {
+/// The clients of one upstream: pooled keep-alive HTTP/1.1 for everything
+/// but gRPC, which needs HTTP/2 end to end (trailers, streams): gRPC calls go
+/// over HTTP/2 with prior knowledge (h2c), multiplexed on few connections.
+pub struct Clients {
+    http1: HttpClient,
+    h2: HttpClient,
+}
+
+impl Clients {
+    pub fn new(connect_timeout: Duration) -> Self {
+        Clients { http1: client(connect_timeout, false), h2: client(connect_timeout, true) }
+    }
+}
+
+fn client(connect_timeout: Duration, h2: bool) -> HttpClient {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(connect_timeout));
     connector.set_nodelay(true);
@@ -40,18 +53,21 @@ pub fn client(connect_timeout: Duration) -> HttpClient {
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(1024)
         .pool_timer(hyper_util::rt::TokioTimer::new())
+        .http2_only(h2)
         .build(connector)
 }
 
 /// Rewrites `req` for `authority` and sends it; the response head must arrive within `timeout`.
 pub async fn send(
-    client: &HttpClient,
+    clients: &Clients,
     authority: &http::uri::Authority,
     mut req: Request<Body>,
     ctx: &RequestContext,
     timeout: Duration,
 ) -> Result<Response<Body>, ForwardError> {
-    prepare_request(&mut req, authority, ctx);
+    let grpc = crate::respond::is_grpc(req.headers());
+    let client = if grpc { &clients.h2 } else { &clients.http1 };
+    prepare_request(&mut req, authority, ctx, if grpc { Version::HTTP_2 } else { Version::HTTP_11 });
     let rsp = match tokio::time::timeout(timeout, client.request(req)).await {
         Err(_) => return Err(ForwardError::Timeout(timeout)),
         Ok(Err(e)) if e.is_connect() => return Err(ForwardError::Connect(e)),
@@ -66,7 +82,12 @@ pub async fn send(
     Ok(Response::from_parts(parts, body::boxed(incoming)))
 }
 
-fn prepare_request(req: &mut Request<Body>, authority: &http::uri::Authority, ctx: &RequestContext) {
+fn prepare_request(
+    req: &mut Request<Body>,
+    authority: &http::uri::Authority,
+    ctx: &RequestContext,
+    version: Version,
+) {
     // HTTP/2 clients carry the host in :authority; HTTP/1.1 upstreams need Host.
     if !req.headers().contains_key(header::HOST) {
         if let Some(host) = req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
@@ -81,7 +102,7 @@ fn prepare_request(req: &mut Request<Body>, authority: &http::uri::Authority, ct
     if let Ok(uri) = Uri::from_parts(parts) {
         *req.uri_mut() = uri;
     }
-    *req.version_mut() = Version::HTTP_11;
+    *req.version_mut() = version;
 
     let headers = req.headers_mut();
     remove_hop_by_hop(headers);

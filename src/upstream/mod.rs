@@ -33,7 +33,7 @@ use crate::metrics as m;
 use crate::respond::{Reason, Shed};
 use circuit_breaker::CircuitBreaker;
 use concurrency::Concurrency;
-use forward::{ForwardError, HttpClient};
+use forward::{Clients, ForwardError};
 use outlier::Outlier;
 use retry_budget::RetryBudget;
 
@@ -50,7 +50,7 @@ pub struct Endpoint {
 pub struct Upstream {
     pub config: UpstreamConfig,
     pub endpoints: Vec<Endpoint>,
-    client: HttpClient,
+    clients: Clients,
     rr: AtomicUsize,
     name: SharedString,
     duration: Histogram,
@@ -97,7 +97,7 @@ impl Upstream {
             budget: RetryBudget::new(&config.retry, origin),
             concurrency: Arc::new(Concurrency::new(config.max_concurrency)),
             counters: dashmap::DashMap::new(),
-            client: forward::client(config.connect_timeout),
+            clients: Clients::new(config.connect_timeout),
             duration: metrics::histogram!(m::UPSTREAM_DURATION, "upstream" => name.clone()),
             endpoints,
             rr: AtomicUsize::new(0),
@@ -145,12 +145,12 @@ impl Upstream {
         let endpoint = &self.endpoints[idx];
         let guard = InFlight::enter(self.clone(), idx);
         let start = Instant::now();
-        let result = forward::send(&self.client, &endpoint.authority, req, &ctx, self.config.timeout).await;
+        let result = forward::send(&self.clients, &endpoint.authority, req, &ctx, self.config.timeout).await;
         let now = Instant::now();
         self.duration.record(now.duration_since(start).as_secs_f64());
         match result {
             Ok(rsp) => {
-                if let Some(failed) = Outcome::of_status(rsp.status()).upstream_failed() {
+                if let Some(failed) = Outcome::of_response(&rsp).upstream_failed() {
                     self.outlier.record(idx, failed, now);
                 }
                 self.count(idx, rsp.status().as_u16());

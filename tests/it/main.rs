@@ -13,6 +13,7 @@ mod dashboard;
 mod demo;
 mod ecosystem;
 mod errors;
+mod grpc;
 mod hostile;
 mod proxy;
 mod rate_limit;
