@@ -667,7 +667,7 @@ nginx_conf "$TMP/backend.conf" backend "
         listen 127.0.0.1:$STATUS_PORT;
         location / { stub_status; }
     }
-    map \$http_x_device_id \$siege_log { flood-dev 1; rr-attacker 1; default 0; }
+    map \$http_x_device_id \$siege_log { flood-dev 1; ~^rr- 1; default 0; }
     log_format siege '\$http_x_device_id \$request_uri';
     server {
         listen 127.0.0.1:$SIEGE_BACKEND_PORT;
@@ -858,12 +858,13 @@ for mode in "${MODES[@]}"; do
       python3 "$HERE/siege.py" "$SP" --pid "$SPID" --admin "$SA" --log "$TMP/levee.log" \
         --backend-log "$TMP/backend/siege.log" --seconds "$SIEGE_SECONDS" --quiet "$SIEGE_QUIET" \
         --max-connections "$SIEGE_MAX_CONNECTIONS" --max-clients "$SIEGE_MAX_CLIENTS" \
+        --proxy-cpu "$PROXY_CPU" --load-cpu "$LOAD_CPU" \
         --md "$TMP/siege.md" --json "$TMP/siege.json" 2> >(tee "$TMP/siege.err" >&2) \
       || { tail -n 20 "$TMP/siege.err" >&2; die "siege.py failed"; }
     out ""
     out "### siege: levee under every attack at once for ${SIEGE_SECONDS} s (quiet run: ${SIEGE_QUIET} s)"
     out ""
-    out "Config: max_connections $SIEGE_MAX_CONNECTIONS, header_read_timeout 10s, idle_timeout 60s, body_read_timeout 15s (other server keys as shipped), upstream max_concurrency 200, store.max_clients $SIEGE_MAX_CLIENTS; 6 routes \`/v1/{device,account,orders,feed,search,media}\` keyed on x-device-id, 10/s burst 20 + 5000/h, storm and auth guard as shipped, plus an unlimited \`default\` route. Load (\`siege.py\`, on core $LOAD_CPU; levee alone on core $PROXY_CPU, LEVEE_WORKERS=1): 1,000 steady clients at 1/s over 100 keep-alive connections; $((SIEGE_MAX_CONNECTIONS * 9 / 10)) idle sockets (silent, \`P\`, a partial head, the h2 preface + SETTINGS) reopened as levee closes them; 36 PUTs announcing 20000 body bytes and sending 100; rapid reset on h2c (1000 HEADERS+RST_STREAM pairs/s, reconnecting after GOAWAY); one device sending \`//v1/device/..\`, \`/v1/%64evice/..\`, \`/v1/x/../device/..\` at 100/s; a new x-device-id per request at min(5000, 1,000,000 / ${SIEGE_SECONDS})/s over the 6 routes. Nobody reads /metrics until the end. Latency is from send to the whole answer; \"from schedule\" counts from when the request was due (a stall shows there)."
+    out "Config: max_connections $SIEGE_MAX_CONNECTIONS, header_read_timeout 10s, idle_timeout 60s, body_read_timeout 15s (other server keys as shipped), upstream max_concurrency 200, store.max_clients $SIEGE_MAX_CLIENTS; 6 routes \`/v1/{device,account,orders,feed,search,media}\` keyed on x-device-id, 10/s burst 20 + 5000/h, storm and auth guard as shipped, plus an unlimited \`default\` route. Load (\`siege.py\`, on core $LOAD_CPU; levee alone on core $PROXY_CPU, LEVEE_WORKERS=1): 1,000 steady clients at 1/s over 100 keep-alive connections; $((SIEGE_MAX_CONNECTIONS * 9 / 10)) idle sockets (silent, \`P\`, a partial head, the h2 preface + SETTINGS) reopened as levee closes them; 36 PUTs announcing 20000 body bytes and sending 100; rapid reset on h2c (1000 HEADERS+RST_STREAM pairs/s, a new x-device-id per stream, reconnecting after GOAWAY); one device sending \`//v1/device/..\`, \`/v1/%64evice/..\`, \`/v1/x/../device/..\` at 100/s; a new x-device-id per request at min(5000, 1,000,000 / ${SIEGE_SECONDS})/s over the 6 routes. Nobody reads /metrics until the end. Latency is from send to the whole answer; \"from schedule\" counts from when the request was due (a stall shows there). \"Waiting for a CPU\" is the run-queue delay of levee's threads (schedstat): when other work shares levee's core it inflates latency that levee did not cause. Client connections: ESTABLISHED sockets on levee's port less its accept queue (/proc/net/tcp, sampled each second while connections churn, so approximate)."
     out ""
     tee -a "$REPORT" <"$TMP/siege.md"
     [ -n "$NOTES" ] && { out ""; printf '%s' "$NOTES" | tee -a "$REPORT"; NOTES=""; }

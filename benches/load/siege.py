@@ -17,7 +17,8 @@ Two phases against one running levee (same process throughout):
    - stalled bodies: --stall PUTs announcing Content-Length 20000 and sending 100 bytes,
      each reopened once levee answers (408 request_timeout expected);
    - rapid reset on h2c: one connection at a time sending HEADERS + RST_STREAM pairs
-     (--rr-rate pairs/s), reconnecting after GOAWAY;
+     (--rr-rate pairs/s, a new x-device-id on every stream so that no limit refuses
+     them), reconnecting after GOAWAY;
    - a path-spelling flood: one device (flood-dev), --flood-rate requests/s to
      `//v1/device/..`, `/v1/%64evice/..`, `/v1/x/../device/..` (the route allows 10/s);
    - new client keys: --key-rate requests/s, each with an x-device-id never seen before,
@@ -39,7 +40,6 @@ import multiprocessing as mp
 import os
 import random
 import re
-import socket
 import struct
 import sys
 import time
@@ -325,7 +325,7 @@ def hpack_request(path, dev):
 
 async def rapid_reset(a, end, mins):
     rst = struct.pack(">I", 8)  # CANCEL
-    sent = 0
+    sent = conn_no = 0
     max_pairs = int(a.rr_rate * (a.seconds + 5))
     for _ in range(int(a.seconds * 20) + 10):  # at most 20 connections a second
         if time.monotonic() >= end or sent >= max_pairs:
@@ -338,6 +338,7 @@ async def rapid_reset(a, end, mins):
             await asyncio.sleep(0.5)
             continue
         mins.add("rr connections")
+        conn_no += 1
         w.write(H2_PREFACE + h2_frame(4, 0, 0))
         done = asyncio.Event()
 
@@ -377,7 +378,8 @@ async def rapid_reset(a, end, mins):
             while not done.is_set() and time.monotonic() < end and sent < max_pairs and sid < 2 ** 30:
                 out = []
                 for _ in range(batch):
-                    out.append(h2_frame(1, 0x5, sid, hpack_request(f"/v1/feed/rr/{sid}", "rr-attacker")))
+                    # a new device per stream, as an attacker would: the limiter refuses none
+                    out.append(h2_frame(1, 0x5, sid, hpack_request(f"/v1/feed/rr/{sid}", f"rr-{conn_no}-{sid}")))
                     out.append(h2_frame(3, 0, sid, rst))
                     sid += 2
                 w.write(b"".join(out))
@@ -457,6 +459,29 @@ def proc_main(name, a, t0, end, q):
     q.put((name, mins.dump(), err))
 
 
+def core_jiffies(cpu):
+    """(busy, total) jiffies of one core so far."""
+    with open("/proc/stat") as f:
+        for line in f:
+            p = line.split()
+            if p[0] == f"cpu{cpu}":
+                v = [int(x) for x in p[1:]]
+                return sum(v) - v[3] - v[4], sum(v)
+    return 0, 0
+
+
+def runq_wait_ns(pid):
+    """Time levee's threads have spent runnable but waiting for a CPU (schedstat)."""
+    total = 0
+    for t in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{t}/schedstat") as f:
+                total += int(f.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
 def levee_sample(pid, port):
     """RSS (KiB), CPU ticks, accepted client connections and accept backlog of levee."""
     with open(f"/proc/{pid}/status") as f:
@@ -500,6 +525,8 @@ def run_phase(a, names, seconds, pid):
             continue
         try:
             rss, ticks, conns, backlog = levee_sample(pid, a.port)
+            wait = runq_wait_ns(pid)
+            cores = [core_jiffies(c) for c in (a.load_cpu, a.proxy_cpu)]
         except (OSError, StopIteration):
             alive = False
             mon.add("levee gone")
@@ -513,7 +540,11 @@ def run_phase(a, names, seconds, pid):
         if last is not None:
             mon.add("cpu_s", (ticks - last[1]) / hz)
             mon.add("wall_s", t - last[0])
-        last = (t, ticks)
+            mon.add("runq_wait_s", (wait - last[2]) / 1e9)
+            for name, (b, tt), (b0, tt0) in zip(("load", "proxy"), cores, last[3]):
+                mon.add(f"core {name} busy", b - b0)
+                mon.add(f"core {name} total", tt - tt0)
+        last = (t, ticks, wait, cores)
     results, errors = {}, {}
     for _ in procs:
         try:
@@ -612,12 +643,17 @@ def report(a, quiet, siege, pid_end, log_panics, totals, backend):
         return f"{lo / 60:g}-{hi / 60:g} min" if a.minute == 60 else f"{lo:g}-{hi:g} s"
 
     quiet_rss = [x for m in quiet["mon"]["l"] for x in lst(quiet["mon"], m, "rss")]
+    qm = quiet["mon"]
+    qsum = lambda key: sum(cnt(qm, m, key) for m in qm["c"])
+    qwait = f"{1000 * qsum('runq_wait_s') / qsum('wall_s'):.0f}" if qsum("wall_s") else "-"
+    qbusy = lambda n: f"{100 * qsum(f'core {n} busy') / qsum(f'core {n} total'):.0f}" if qsum(f"core {n} total") else "-"
     out(f"Quiet run first (steady fleet alone, {a.quiet:g} s): {q['ok_pct'] or 0:.3f}% ok of {q['sent']}, "
         f"p50 {ms(q['p50'])} ms, p99 {ms(q['p99'])} ms (from the scheduled send: {ms(q['p99_sched'])} ms), "
-        f"levee RSS at most {max(quiet_rss or [0]) / 1024:.1f} MiB.")
+        f"levee RSS at most {max(quiet_rss or [0]) / 1024:.1f} MiB, levee waiting for a CPU {qwait} ms/s, "
+        f"core {a.proxy_cpu} (levee's) {qbusy('proxy')}% busy, core {a.load_cpu} (load) {qbusy('load')}%.")
     out("")
-    out("| minute | steady ok | steady p50 ms | steady p99 ms | p99 from schedule ms | levee RSS MiB (end / max) | levee CPU % | client connections (mean / max) | accept backlog max |")
-    out("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    out(f"| minute | steady ok | steady p50 ms | steady p99 ms | p99 from schedule ms | levee RSS MiB (end / max) | levee CPU % | levee waiting for a CPU, ms/s | core {a.proxy_cpu} (levee's) / core {a.load_cpu} (load) busy % | client connections (mean / max) | accept backlog max |")
+    out("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rss_end = {}
     for m in minutes:
         ss = steady_summary(st, [m])
@@ -626,8 +662,12 @@ def report(a, quiet, siege, pid_end, log_panics, totals, backend):
         cpu = cnt(mon, m, "cpu_s") / cnt(mon, m, "wall_s") * 100 if cnt(mon, m, "wall_s") else None
         if rss:
             rss_end[m] = rss[-1]
+        wait = cnt(mon, m, "runq_wait_s") / cnt(mon, m, "wall_s") * 1000 if cnt(mon, m, "wall_s") else None
+        busy = lambda n: (f"{100 * cnt(mon, m, f'core {n} busy') / cnt(mon, m, f'core {n} total'):.0f}"
+                          if cnt(mon, m, f"core {n} total") else "-")
         out(f"| {mlabel(m)} | {ss['ok_pct'] or 0:.3f}% of {ss['sent']} | {ms(ss['p50'])} | {ms(ss['p99'])} | {ms(ss['p99_sched'])} | "
             f"{rss[-1] / 1024 if rss else 0:.1f} / {max(rss) / 1024 if rss else 0:.1f} | {'-' if cpu is None else f'{cpu:.0f}'} | "
+            f"{'-' if wait is None else f'{wait:.0f}'} | {busy('proxy')} / {busy('load')} | "
             f"{sum(conns) / len(conns) if conns else 0:.0f} / {max(conns) if conns else 0} | {max(lst(mon, m, 'backlog') or [0])} |")
     out("")
     out("| minute | idle sockets open (min / mean of " + str(n_idle) + ") | idle closed by levee | stalled PUTs answered | rapid reset: pairs sent / GOAWAY / responses | spelling flood: sent / passed | new keys: sent / ok | shed, as the clients saw it (status x-levee-reason) |")
@@ -735,7 +775,7 @@ def backend_log(path):
     with open(path, errors="replace") as f:
         for line in f:
             dev, _, uri = line.strip().partition(" ")
-            if dev == "rr-attacker":
+            if dev.startswith("rr-"):
                 rr += 1
             elif dev == "flood-dev":
                 forms[re.sub(r"/\d+$", "/N", uri)] += 1
@@ -767,6 +807,8 @@ def main():
     ap.add_argument("--key-conns", type=int, default=24)
     ap.add_argument("--max-clients", type=int, default=100000)
     ap.add_argument("--nice", type=int, default=5)
+    ap.add_argument("--proxy-cpu", type=int, default=1, help="levee's core (busy % in the table)")
+    ap.add_argument("--load-cpu", type=int, default=0, help="the load's core (busy % in the table)")
     a = ap.parse_args()
     if a.key_rate <= 0:
         a.key_rate = min(5000.0, a.keys / a.seconds)
