@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # levee vs nginx: the same load, the same backend, the same CPU, in the same run.
 #
-#   bash benches/load/run.sh [proxy|clients|hot|redis|failing|storm ...]   (default: all six)
+#   bash benches/load/run.sh [proxy|clients|hot|redis|failing|storm|siege ...]
+#   (default: the first six; siege runs only when named: it takes SIEGE_QUIET + SIEGE_SECONDS)
 #
 # Modes:
 #   proxy    plain reverse proxy, no limits
@@ -19,6 +20,14 @@
 #            2/s -> 512/s for STORM_SECONDS (12); limit 100/s burst 100 per client, levee's
 #            storm detector as shipped: when the bomb is first refused, how many of its
 #            requests got through, the steady clients' success rate and p99
+#   siege    siege.py instead of wrk, levee alone (nginx has no equivalent defences): a quiet
+#            run of the steady fleet (1,000 clients at 1/s) for SIEGE_QUIET (60) s, then for
+#            SIEGE_SECONDS (300) the same fleet while idle sockets hold 90% of
+#            max_connections (2000), 36 stalled PUT bodies, a rapid-reset h2c connection, a
+#            path-spelling flood and a million new client keys (over 6 limited routes) hit
+#            levee, and nobody scrapes /metrics. Per minute: the fleet's success and p99,
+#            levee's RSS (/proc), client connections, what the attackers got; then the
+#            issue's targets, met or not
 #
 # Environment: DURATION (10s) measured run, WARMUP (2s) before each, CONNECTIONS (64),
 # THREADS (1, wrk), PROXY_CPU (1), LOAD_CPU (0: wrk, backend, redis), LEVEE_BIN (skip
@@ -50,7 +59,7 @@ set -euo pipefail
 
 # The exact command, for the results file (before the defaults below are filled in).
 CMD=""
-for v in IDLE_WAIT STORM_SECONDS DURATION WARMUP CONNECTIONS THREADS PROXY_CPU LOAD_CPU LEVEE_BIN PERF PERF_DURATION; do
+for v in IDLE_WAIT STORM_SECONDS SIEGE_SECONDS SIEGE_QUIET DURATION WARMUP CONNECTIONS THREADS PROXY_CPU LOAD_CPU LEVEE_BIN PERF PERF_DURATION; do
   if [ -n "${!v+x}" ]; then CMD+="$v=${!v} "; fi
 done
 CMD+="bash benches/load/run.sh${*:+ $*}"
@@ -69,6 +78,8 @@ PERF_DURATION=${PERF_DURATION:-5}
 KEEP_TMP=${KEEP_TMP:-0}
 IDLE_WAIT=${IDLE_WAIT:-600}
 STORM_SECONDS=${STORM_SECONDS:-12}
+SIEGE_SECONDS=${SIEGE_SECONDS:-300}
+SIEGE_QUIET=${SIEGE_QUIET:-60}
 CLIENTS=10000
 
 
@@ -80,7 +91,7 @@ ALL_MODES=(proxy clients hot redis failing storm)
 MODES=("$@")
 [ ${#MODES[@]} -eq 0 ] && MODES=("${ALL_MODES[@]}")
 for m in "${MODES[@]}"; do
-  case "$m" in proxy|clients|hot|redis|failing|storm) ;; *) die "unknown mode '$m' (expected: ${ALL_MODES[*]})" ;; esac
+  case "$m" in proxy|clients|hot|redis|failing|storm|siege) ;; *) die "unknown mode '$m' (expected: ${ALL_MODES[*]} siege)" ;; esac
 done
 want() { local m; for m in "${MODES[@]}"; do [ "$m" = "$1" ] && return 0; done; return 1; }
 
@@ -314,6 +325,33 @@ levee_conf() { # FILE PORT ADMIN_PORT LIMIT STORE
     else
       printf '\n[routes.storm]\nenabled = false\n'
     fi
+  } >"$file"
+}
+
+# The levee of mode siege: the shipped server bounds, written out, with room for 2,000
+# connections and 200 in flight; one memory budget of 100,000 clients; six limited routes
+# (10/s burst 20 and 5000/h per device, as shipped), storm and auth guard on; an
+# unlimited default route that a path spelling would fall to if it escaped its route.
+SIEGE_MAX_CONNECTIONS=2000
+SIEGE_MAX_CLIENTS=100000
+siege_conf() { # FILE PORT ADMIN_PORT
+  local file=$1 port=$2 admin=$3 r
+  {
+    printf '[server]\nlisten = "127.0.0.1:%s"\nmax_connections = %s\n' "$port" "$SIEGE_MAX_CONNECTIONS"
+    printf 'header_read_timeout = "10s"\nidle_timeout = "60s"\nbody_read_timeout = "15s"\nshutdown_grace = "1s"\n\n'
+    printf '[admin]\nlisten = "127.0.0.1:%s"\n\n' "$admin"
+    printf '[store]\nkind = "memory"\nmax_clients = %s\n\n' "$SIEGE_MAX_CLIENTS"
+    printf '[upstreams.backend]\nendpoints = ["127.0.0.1:%s"]\nmax_concurrency = 200\n\n' "$SIEGE_BACKEND_PORT"
+    for r in device account orders feed search media; do
+      printf '[[routes]]\nname = "%s"\npath_prefix = "/v1/%s"\nupstream = "backend"\n' "$r" "$r"
+      printf 'client_key = "header:x-device-id"\n\n'
+      printf '[[routes.limits]]\nrate = "10/s"\nburst = 20\n[[routes.limits]]\nrate = "5000/h"\n\n'
+      printf '[routes.storm]\nenabled = true\ninterval = "1s"\ngrowth_factor = 2.0\ngrowth_intervals = 3\n'
+      printf 'min_rate = "5/s"\nduplicate_window = "2s"\nmax_duplicates = 3\nquarantine = "60s"\n\n'
+      printf '[routes.auth_guard]\nenabled = true\nwindow = "10s"\nmin_responses = 50\nmax_401_ratio = 0.3\n'
+      printf 'recently_authorized = "10m"\n\n'
+    done
+    printf '[[routes]]\nname = "default"\npath_prefix = "/"\nupstream = "backend"\nclient_key = "ip"\n'
   } >"$file"
 }
 
@@ -614,6 +652,7 @@ start_levee() { # CONF PORT -> LAST_PID, or returns 1
 free_port; BACKEND_PORT=$PORT
 free_port; FAIL_PORT=$PORT       # mode failing: a second endpoint that always answers 503
 free_port; STATUS_PORT=$PORT     # stub_status: requests served by the backend nginx
+free_port; SIEGE_BACKEND_PORT=$PORT  # mode siege: logs what the flood and rapid reset got through
 nginx_conf "$TMP/backend.conf" backend "
     server {
         listen 127.0.0.1:$BACKEND_PORT;
@@ -627,6 +666,13 @@ nginx_conf "$TMP/backend.conf" backend "
     server {
         listen 127.0.0.1:$STATUS_PORT;
         location / { stub_status; }
+    }
+    map \$http_x_device_id \$siege_log { flood-dev 1; ~^rr- 1; default 0; }
+    log_format siege '\$http_x_device_id \$request_uri';
+    server {
+        listen 127.0.0.1:$SIEGE_BACKEND_PORT;
+        access_log $TMP/backend/siege.log siege if=\$siege_log;
+        location / { return 200 \"ok\n\"; }
     }"
 say "starting the backend (nginx, return 200) on 127.0.0.1:$BACKEND_PORT, core $LOAD_CPU"
 start_nginx backend "$LOAD_CPU" "$TMP/backend.conf" "$BACKEND_PORT"
@@ -794,6 +840,35 @@ for mode in "${MODES[@]}"; do
     else
       skipped "storm" "$SKIP_REASON"
     fi
+    ;;
+  siege)
+    say "mode siege: levee alone under every attack at once, ${SIEGE_QUIET}s quiet + ${SIEGE_SECONDS}s siege"
+    free_port; SP=$PORT; free_port; SA=$PORT
+    siege_conf "$TMP/levee-siege.toml" "$SP" "$SA"
+    if ! levee_check "$TMP/levee-siege.toml"; then skipped "siege" "levee check rejects the config: $CHECK_ERR"; continue; fi
+    say "  starting levee (siege config) on 127.0.0.1:$SP, core $PROXY_CPU"
+    start_levee "$TMP/levee-siege.toml" "$SP" || die "mode siege: levee did not start"
+    SPID=$LAST_PID
+    # $SPID is levee itself: taskset and env exec it
+    [ "$(http_status "$SP" "x-device-id: check")" = 200 ] || die "mode siege: levee does not answer 200 through the proxy"
+    : >"$TMP/backend/siege.log"
+    wait_idle
+    say "  siege.py on core $LOAD_CPU (attackers at nice +5); levee pid $SPID"
+    timeout $(( ${SIEGE_SECONDS%.*} + ${SIEGE_QUIET%.*} + 240 )) taskset -c "$LOAD_CPU" \
+      python3 "$HERE/siege.py" "$SP" --pid "$SPID" --admin "$SA" --log "$TMP/levee.log" \
+        --backend-log "$TMP/backend/siege.log" --seconds "$SIEGE_SECONDS" --quiet "$SIEGE_QUIET" \
+        --max-connections "$SIEGE_MAX_CONNECTIONS" --max-clients "$SIEGE_MAX_CLIENTS" \
+        --proxy-cpu "$PROXY_CPU" --load-cpu "$LOAD_CPU" \
+        --md "$TMP/siege.md" --json "$TMP/siege.json" 2> >(tee "$TMP/siege.err" >&2) \
+      || { tail -n 20 "$TMP/siege.err" >&2; die "siege.py failed"; }
+    out ""
+    out "### siege: levee under every attack at once for ${SIEGE_SECONDS} s (quiet run: ${SIEGE_QUIET} s)"
+    out ""
+    out "Config: max_connections $SIEGE_MAX_CONNECTIONS, header_read_timeout 10s, idle_timeout 60s, body_read_timeout 15s (other server keys as shipped), upstream max_concurrency 200, store.max_clients $SIEGE_MAX_CLIENTS; 6 routes \`/v1/{device,account,orders,feed,search,media}\` keyed on x-device-id, 10/s burst 20 + 5000/h, storm and auth guard as shipped, plus an unlimited \`default\` route. Load (\`siege.py\`, on core $LOAD_CPU; levee alone on core $PROXY_CPU, LEVEE_WORKERS=1): 1,000 steady clients at 1/s over 100 keep-alive connections; $((SIEGE_MAX_CONNECTIONS * 9 / 10)) idle sockets (silent, \`P\`, a partial head, the h2 preface + SETTINGS) reopened as levee closes them; 36 PUTs announcing 20000 body bytes and sending 100; rapid reset on h2c (1000 HEADERS+RST_STREAM pairs/s, a new x-device-id per stream, reconnecting after GOAWAY); one device sending \`//v1/device/..\`, \`/v1/%64evice/..\`, \`/v1/x/../device/..\` at 100/s; a new x-device-id per request at min(5000, 1,000,000 / ${SIEGE_SECONDS})/s over the 6 routes. Nobody reads /metrics until the end. Latency is from send to the whole answer; \"from schedule\" counts from when the request was due (a stall shows there). \"Waiting for a CPU\" is the run-queue delay of levee's threads (schedstat): when other work shares levee's core it inflates latency that levee did not cause. Client connections: ESTABLISHED sockets on levee's port less its accept queue (/proc/net/tcp, sampled each second while connections churn, so approximate)."
+    out ""
+    tee -a "$REPORT" <"$TMP/siege.md"
+    [ -n "$NOTES" ] && { out ""; printf '%s' "$NOTES" | tee -a "$REPORT"; NOTES=""; }
+    forget "$SPID"
     ;;
   esac
 done
