@@ -15,6 +15,7 @@ mod env;
 pub mod raw;
 pub mod reload;
 pub mod units;
+mod upstream_tls;
 mod validate;
 
 use std::fmt;
@@ -22,6 +23,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+pub use upstream_tls::UpstreamTls;
 pub use validate::*;
 
 /// A validated configuration, ready to build a gateway from.

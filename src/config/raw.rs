@@ -190,6 +190,21 @@ pub struct RawUpstream {
     pub outlier: RawOutlier,
     #[serde(default)]
     pub retry: RawRetry,
+    /// TLS to `https://` endpoints.
+    pub tls: Option<RawUpstreamTls>,
+}
+
+/// `[upstreams.NAME.tls]`: only for `https://` endpoints; all optional.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawUpstreamTls {
+    /// PEM bundle to verify the upstream with, instead of the system roots.
+    pub ca: String,
+    /// SNI and the name verified; default: the endpoint's host.
+    pub server_name: String,
+    /// Client certificate chain and key, for upstreams that want mTLS.
+    pub cert: String,
+    pub key: String,
 }
 
 fn default_connect_timeout() -> Dur {

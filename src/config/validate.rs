@@ -72,10 +72,11 @@ pub struct StoreConfig {
     pub timeout: Duration,
 }
 
-/// An upstream endpoint: `host:port`, spoken to over plain HTTP/1.1.
+/// An upstream endpoint: `host:port`, over plain HTTP, or TLS for `https://`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EndpointAddr {
     pub authority: http::uri::Authority,
+    pub tls: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -89,6 +90,8 @@ pub struct UpstreamConfig {
     pub circuit_breaker: BreakerConfig,
     pub outlier: OutlierConfig,
     pub retry: RetryConfig,
+    /// TLS to its `https://` endpoints (`None`: it has none).
+    pub tls: Option<super::UpstreamTls>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -181,7 +184,7 @@ pub(super) fn validate(raw: RawConfig, base_dir: &Path, hash: String) -> Result<
     let store = store(&raw.store)?;
     let mut upstreams = Vec::with_capacity(raw.upstreams.len());
     for (name, u) in &raw.upstreams {
-        upstreams.push(upstream(name, u)?);
+        upstreams.push(upstream(name, u, base_dir)?);
     }
     let mut routes = Vec::with_capacity(raw.routes.len());
     let mut names = HashSet::new();
@@ -340,22 +343,22 @@ fn tls(t: &raw::RawTls, base_dir: &Path) -> Result<Tls> {
     let Ok(key) = PrivateKeyDer::from_pem_slice(&pem) else {
         return invalid(p.key("key"), format!("{}: holds no PEM private key", key_path.display()));
     };
-    key_matches(&chain, &key, &cert_path, &key_path)?;
+    key_matches(&chain, &key, &cert_path, &key_path, &p)?;
     Ok(Tls { listen: addr(&t.listen, p.key("listen"))?, cert_path, chain, key, plain_http: t.plain_http })
 }
 
 /// The private key must be the leaf certificate's: a key of another
 /// certificate would load, then fail every handshake. rustls compares the
 /// key's public half with the leaf's SubjectPublicKeyInfo.
-fn key_matches(
+pub(super) fn key_matches(
     chain: &[CertificateDer<'static>],
     key: &PrivateKeyDer<'static>,
     cert_path: &Path,
     key_path: &Path,
+    p: &KeyPath,
 ) -> Result<()> {
     use rustls::sign::CertifiedKey;
     use rustls::{Error, InconsistentKeys};
-    let p = KeyPath::root().key("server").key("tls");
     let signing = match rustls::crypto::ring::sign::any_supported_type(key) {
         Ok(k) => k,
         Err(e) => {
@@ -406,7 +409,7 @@ fn store(s: &raw::RawStore) -> Result<StoreConfig> {
     })
 }
 
-fn upstream(name: &str, u: &raw::RawUpstream) -> Result<UpstreamConfig> {
+fn upstream(name: &str, u: &raw::RawUpstream, base_dir: &Path) -> Result<UpstreamConfig> {
     let p = KeyPath::root().key("upstreams").key(name);
     if u.endpoints.is_empty() {
         return invalid(p.key("endpoints"), "needs at least one endpoint");
@@ -414,13 +417,12 @@ fn upstream(name: &str, u: &raw::RawUpstream) -> Result<UpstreamConfig> {
     let mut endpoints = Vec::with_capacity(u.endpoints.len());
     for (i, e) in u.endpoints.iter().enumerate() {
         let ep = p.key("endpoints").index(i);
-        if e.starts_with("https://") {
-            return invalid(
-                ep,
-                "https:// endpoints are not supported yet; terminate TLS in front of the backend or use http",
-            );
-        }
-        let bare = e.strip_prefix("http://").unwrap_or(e).trim_end_matches('/');
+        let tls = e.starts_with("https://");
+        let bare = e
+            .strip_prefix("https://")
+            .or_else(|| e.strip_prefix("http://"))
+            .unwrap_or(e)
+            .trim_end_matches('/');
         let authority: http::uri::Authority = match bare.parse() {
             Ok(a) => a,
             Err(_) => return invalid(ep, format!("expected \"host:port\", got {e:?}")),
@@ -428,8 +430,15 @@ fn upstream(name: &str, u: &raw::RawUpstream) -> Result<UpstreamConfig> {
         if authority.port_u16().is_none() {
             return invalid(ep, format!("expected \"host:port\" with a port, got {e:?}"));
         }
-        endpoints.push(EndpointAddr { authority });
+        endpoints.push(EndpointAddr { authority, tls });
     }
+    let tls = if endpoints.iter().any(|e| e.tls) {
+        Some(super::upstream_tls::build(u.tls.as_ref(), base_dir, &p.key("tls"))?)
+    } else if u.tls.is_some() {
+        return invalid(p.key("tls"), "only for https:// endpoints, and this upstream has none");
+    } else {
+        None
+    };
     let cb = &u.circuit_breaker;
     let cbp = p.key("circuit_breaker");
     let circuit_breaker = BreakerConfig {
@@ -485,6 +494,7 @@ fn upstream(name: &str, u: &raw::RawUpstream) -> Result<UpstreamConfig> {
         circuit_breaker,
         outlier,
         retry,
+        tls,
     })
 }
 

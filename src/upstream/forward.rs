@@ -9,7 +9,10 @@ use http::{Request, Response, Uri, Version};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 
+use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
+
 use crate::body::{self, Body};
+use crate::config::{EndpointAddr, UpstreamTls};
 use crate::context::RequestContext;
 
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -32,23 +35,75 @@ pub enum ForwardError {
 
 /// The clients of one upstream: pooled keep-alive HTTP/1.1 for everything
 /// but gRPC, which needs HTTP/2 end to end (trailers, streams): gRPC calls go
-/// over HTTP/2 with prior knowledge (h2c), multiplexed on few connections.
+/// over HTTP/2 (h2c with prior knowledge, or ALPN `h2` over TLS),
+/// multiplexed on few connections. TLS only where the upstream has
+/// `https://` endpoints: a plain upstream pays nothing for it.
 pub struct Clients {
-    http1: HttpClient,
-    h2: HttpClient,
+    http1: Transport,
+    h2: Transport,
 }
 
-impl Clients {
-    pub fn new(connect_timeout: Duration) -> Self {
-        Clients { http1: client(connect_timeout, false), h2: client(connect_timeout, true) }
+type HttpsClient = Client<HttpsConnector<HttpConnector>, Body>;
+
+enum Transport {
+    Plain(HttpClient),
+    Tls(HttpsClient),
+}
+
+impl Transport {
+    fn request(&self, req: Request<Body>) -> hyper_util::client::legacy::ResponseFuture {
+        match self {
+            Transport::Plain(c) => c.request(req),
+            Transport::Tls(c) => c.request(req),
+        }
     }
 }
 
-fn client(connect_timeout: Duration, h2: bool) -> HttpClient {
+impl Clients {
+    pub fn new(connect_timeout: Duration, tls: Option<&UpstreamTls>) -> Self {
+        match tls {
+            None => Clients {
+                http1: Transport::Plain(client(connector(connect_timeout), false)),
+                h2: Transport::Plain(client(connector(connect_timeout), true)),
+            },
+            Some(tls) => Clients {
+                http1: Transport::Tls(client(tls_connector(connect_timeout, tls, false), false)),
+                h2: Transport::Tls(client(tls_connector(connect_timeout, tls, true), true)),
+            },
+        }
+    }
+}
+
+fn connector(connect_timeout: Duration) -> HttpConnector {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(connect_timeout));
     connector.set_nodelay(true);
     connector.set_keepalive(Some(Duration::from_secs(60)));
+    connector
+}
+
+/// TLS for `https://` endpoints (plain HTTP for the others of a mixed
+/// upstream): SNI and verification by `server_name` or the endpoint's host,
+/// ALPN `http/1.1`, or `h2` for the gRPC client.
+fn tls_connector(connect_timeout: Duration, tls: &UpstreamTls, h2: bool) -> HttpsConnector<HttpConnector> {
+    let mut tcp = connector(connect_timeout);
+    tcp.enforce_http(false);
+    let builder = HttpsConnectorBuilder::new().with_tls_config((*tls.client).clone()).https_or_http();
+    let builder = match &tls.server_name {
+        Some(name) => builder.with_server_name_resolver(FixedServerNameResolver::new(name.clone())),
+        None => builder,
+    };
+    if h2 {
+        builder.enable_http2().wrap_connector(tcp)
+    } else {
+        builder.enable_http1().wrap_connector(tcp)
+    }
+}
+
+fn client<C>(connector: C, h2: bool) -> Client<C, Body>
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone,
+{
     Client::builder(hyper_util::rt::TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(1024)
@@ -60,14 +115,15 @@ fn client(connect_timeout: Duration, h2: bool) -> HttpClient {
 /// Rewrites `req` for `authority` and sends it; the response head must arrive within `timeout`.
 pub async fn send(
     clients: &Clients,
-    authority: &http::uri::Authority,
+    endpoint: &EndpointAddr,
     mut req: Request<Body>,
     ctx: &RequestContext,
     timeout: Duration,
 ) -> Result<Response<Body>, ForwardError> {
     let grpc = crate::respond::is_grpc(req.headers());
     let client = if grpc { &clients.h2 } else { &clients.http1 };
-    prepare_request(&mut req, authority, ctx, if grpc { Version::HTTP_2 } else { Version::HTTP_11 });
+    let version = if grpc { Version::HTTP_2 } else { Version::HTTP_11 };
+    prepare_request(&mut req, endpoint, ctx, version);
     let rsp = match tokio::time::timeout(timeout, client.request(req)).await {
         Err(_) => return Err(ForwardError::Timeout(timeout)),
         Ok(Err(e)) if e.is_connect() => return Err(ForwardError::Connect(e)),
@@ -82,12 +138,7 @@ pub async fn send(
     Ok(Response::from_parts(parts, body::boxed(incoming)))
 }
 
-fn prepare_request(
-    req: &mut Request<Body>,
-    authority: &http::uri::Authority,
-    ctx: &RequestContext,
-    version: Version,
-) {
+fn prepare_request(req: &mut Request<Body>, endpoint: &EndpointAddr, ctx: &RequestContext, version: Version) {
     // HTTP/2 clients carry the host in :authority; HTTP/1.1 upstreams need Host.
     if !req.headers().contains_key(header::HOST) {
         if let Some(host) = req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
@@ -96,8 +147,8 @@ fn prepare_request(
     }
     let path_and_query = req.uri().path_and_query().cloned();
     let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(http::uri::Scheme::HTTP);
-    parts.authority = Some(authority.clone());
+    parts.scheme = Some(if endpoint.tls { http::uri::Scheme::HTTPS } else { http::uri::Scheme::HTTP });
+    parts.authority = Some(endpoint.authority.clone());
     parts.path_and_query = path_and_query.or_else(|| Some(http::uri::PathAndQuery::from_static("/")));
     if let Ok(uri) = Uri::from_parts(parts) {
         *req.uri_mut() = uri;

@@ -17,7 +17,7 @@ pub mod window;
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -64,6 +64,9 @@ pub struct Upstream {
     pub concurrency: Arc<Concurrency>,
     /// `levee_upstream_requests_total` handles by (endpoint, status).
     counters: dashmap::DashMap<(usize, u16), Counter>,
+    /// When a connect failure was last logged at warn (ms since `origin`, 0: never).
+    last_connect_warning_ms: AtomicU64,
+    origin: Instant,
 }
 
 /// Set by the `retry` stage in a request's extensions: which endpoint to avoid
@@ -97,10 +100,12 @@ impl Upstream {
             budget: RetryBudget::new(&config.retry, origin),
             concurrency: Arc::new(Concurrency::new(config.max_concurrency)),
             counters: dashmap::DashMap::new(),
-            clients: Clients::new(config.connect_timeout),
+            clients: Clients::new(config.connect_timeout, config.tls.as_ref()),
             duration: metrics::histogram!(m::UPSTREAM_DURATION, "upstream" => name.clone()),
             endpoints,
             rr: AtomicUsize::new(0),
+            last_connect_warning_ms: AtomicU64::new(0),
+            origin,
             name,
             config,
         }
@@ -145,7 +150,8 @@ impl Upstream {
         let endpoint = &self.endpoints[idx];
         let guard = InFlight::enter(self.clone(), idx);
         let start = Instant::now();
-        let result = forward::send(&self.clients, &endpoint.authority, req, &ctx, self.config.timeout).await;
+        let result =
+            forward::send(&self.clients, &self.config.endpoints[idx], req, &ctx, self.config.timeout).await;
         let now = Instant::now();
         self.duration.record(now.duration_since(start).as_secs_f64());
         match result {
@@ -172,10 +178,29 @@ impl Upstream {
                     ForwardError::BadResponse(_) => ("bad_response", Reason::BadUpstreamResponse),
                 };
                 self.count(idx, error_code(label));
-                tracing::debug!(upstream = %self.name, endpoint = %endpoint.authority, error = %e, "upstream try failed");
+                if matches!(e, ForwardError::Connect(_)) && self.connect_warning_due(now) {
+                    // A refused connection or a certificate the upstream's TLS
+                    // config does not trust: an operator must see why, once in a while.
+                    tracing::warn!(upstream = %self.name, endpoint = %endpoint.authority, error = %error_chain(&e), "cannot connect to the upstream");
+                } else {
+                    tracing::debug!(upstream = %self.name, endpoint = %endpoint.authority, error = %error_chain(&e), "upstream try failed");
+                }
                 Err(Shed::new(reason))
             }
         }
+    }
+
+    /// Whether a connect failure may be logged at warn now: at most once per
+    /// 10 s per upstream, so a dead upstream cannot flood the log.
+    fn connect_warning_due(&self, now: Instant) -> bool {
+        let now_ms =
+            u64::try_from(now.saturating_duration_since(self.origin).as_millis()).unwrap_or(u64::MAX).max(1);
+        let last = self.last_connect_warning_ms.load(Ordering::Relaxed);
+        (last == 0 || now_ms.saturating_sub(last) >= 10_000)
+            && self
+                .last_connect_warning_ms
+                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 
     /// Counts one try in `levee_upstream_requests_total`. Handles are cached per
@@ -193,6 +218,19 @@ impl Upstream {
         c.increment(1);
         self.counters.insert((idx, code), c);
     }
+}
+
+/// An error and its causes, `: `-separated (a TLS failure's reason is a few
+/// causes down: "client error (Connect): invalid peer certificate: UnknownIssuer").
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// The pseudo status of a try that got no response, for the metric cache.

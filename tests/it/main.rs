@@ -22,3 +22,4 @@ mod reload;
 mod retry;
 mod storm;
 mod tls;
+mod upstream_tls;

@@ -1,0 +1,123 @@
+//! `[upstreams.NAME.tls]`: how levee speaks TLS to `https://` endpoints,
+//! validated once into a ready rustls client config.
+//!
+//! Trust: the system roots (rustls-native-certs), or only the `ca` bundle
+//! when one is given (a private CA should not widen trust to every public
+//! one). SNI and the verified name: `server_name`, else the endpoint's host.
+//! A client certificate (`cert` + `key`) for upstreams that want mTLS, its
+//! key checked against it like the listener's. Files are read at load, so a
+//! reload re-reads them; a changed file changes the upstream's identity
+//! (`fingerprint`) and so its connection pool.
+
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::ClientConfig;
+use rustls_pki_types::pem::PemObject;
+
+use super::raw::RawUpstreamTls;
+use super::validate::{key_matches, Invalid};
+use super::KeyPath;
+
+/// The TLS side of one upstream, ready to use.
+#[derive(Clone)]
+pub struct UpstreamTls {
+    /// The rustls client config (roots, client certificate), ALPN unset: each
+    /// connector sets its own (`http/1.1`, or `h2` for gRPC).
+    pub client: Arc<ClientConfig>,
+    /// SNI and the name verified, instead of the endpoint's host.
+    pub server_name: Option<ServerName<'static>>,
+    /// The client certificate chain, for expiry reporting.
+    pub client_chain: Vec<CertificateDer<'static>>,
+    /// A hash of the settings and of the files' contents.
+    fingerprint: u64,
+}
+
+impl PartialEq for UpstreamTls {
+    fn eq(&self, other: &Self) -> bool {
+        self.fingerprint == other.fingerprint
+    }
+}
+
+impl std::fmt::Debug for UpstreamTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamTls").field("server_name", &self.server_name).finish_non_exhaustive()
+    }
+}
+
+/// Builds the client side of TLS for an upstream from its `[upstreams.NAME.tls]`
+/// (absent: system roots, no client certificate).
+pub fn build(raw: Option<&RawUpstreamTls>, base_dir: &Path, p: &KeyPath) -> Result<UpstreamTls, Invalid> {
+    let invalid = |key: &str, message: String| Invalid { path: p.key(key), message };
+    let mut fingerprint = foldhash::fast::FixedState::with_seed(0).build_hasher();
+    let empty = RawUpstreamTls::default();
+    let raw = raw.unwrap_or(&empty);
+    let read = |file: &str, key: &str| {
+        let path = base_dir.join(file);
+        std::fs::read(&path)
+            .map(|b| (path.clone(), b))
+            .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))
+    };
+
+    let mut roots = rustls::RootCertStore::empty();
+    if raw.ca.is_empty() {
+        let native = rustls_native_certs::load_native_certs();
+        let (added, _) = roots.add_parsable_certificates(native.certs);
+        if added == 0 {
+            return Err(invalid("ca", "no system root certificates found; set ca to a PEM bundle".into()));
+        }
+    } else {
+        let (path, pem) = read(&raw.ca, "ca")?;
+        pem.hash(&mut fingerprint);
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<_, _>>()
+            .map_err(|e| invalid("ca", format!("{}: not a PEM certificate bundle: {e}", path.display())))?;
+        let (added, _) = roots.add_parsable_certificates(certs);
+        if added == 0 {
+            return Err(invalid("ca", format!("{}: holds no usable CA certificate", path.display())));
+        }
+    }
+
+    let builder = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| invalid("ca", format!("TLS setup failed: {e}")))?
+        .with_root_certificates(roots);
+    let (client, client_chain) = match (raw.cert.is_empty(), raw.key.is_empty()) {
+        (true, true) => (builder.with_no_client_auth(), Vec::new()),
+        (false, false) => {
+            let (cert_path, pem) = read(&raw.cert, "cert")?;
+            pem.hash(&mut fingerprint);
+            let chain: Vec<CertificateDer<'static>> =
+                CertificateDer::pem_slice_iter(&pem).collect::<Result<_, _>>().map_err(|e| {
+                    invalid("cert", format!("{}: not a PEM certificate chain: {e}", cert_path.display()))
+                })?;
+            if chain.is_empty() {
+                return Err(invalid("cert", format!("{}: holds no certificate", cert_path.display())));
+            }
+            let (key_path, pem) = read(&raw.key, "key")?;
+            pem.hash(&mut fingerprint);
+            let key = PrivateKeyDer::from_pem_slice(&pem)
+                .map_err(|_| invalid("key", format!("{}: holds no PEM private key", key_path.display())))?;
+            key_matches(&chain, &key, &cert_path, &key_path, p)?;
+            let client = builder
+                .with_client_auth_cert(chain.clone(), key)
+                .map_err(|e| invalid("cert", format!("{}: {e}", cert_path.display())))?;
+            (client, chain)
+        }
+        (true, false) => return Err(invalid("cert", "key is set: cert must be set too".into())),
+        (false, true) => return Err(invalid("key", "cert is set: key must be set too".into())),
+    };
+
+    let server_name = if raw.server_name.is_empty() {
+        None
+    } else {
+        let name = ServerName::try_from(raw.server_name.clone()).map_err(|_| {
+            invalid("server_name", format!("not a DNS name or IP address: {:?}", raw.server_name))
+        })?;
+        Some(name)
+    };
+    (&raw.ca, &raw.cert, &raw.key, &raw.server_name).hash(&mut fingerprint);
+    Ok(UpstreamTls { client: Arc::new(client), server_name, client_chain, fingerprint: fingerprint.finish() })
+}
