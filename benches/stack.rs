@@ -53,6 +53,7 @@ pub fn bench(c: &mut Criterion) {
         started: tokio::time::Instant::now(),
         body_fault: Default::default(),
         body_buffered: true,
+        upgrade: false,
     };
 
     let mut g = c.benchmark_group("stack");

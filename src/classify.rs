@@ -76,10 +76,9 @@ impl Outcome {
                 Outcome::UpstreamFailure
             }
             BodyTooLarge | RequestTimeout | ClientClosed => Outcome::ClientFault,
-            RateLimited | CallbackBomb | RetryStorm | CircuitOpen | Overloaded | UpstreamAuthAnomaly
-            | StoreUnavailable | NoRoute | BadRequest | HeadersTooLarge | TlsRequired | TlsRedirect => {
-                Outcome::Refused
-            }
+            RateLimited | CallbackBomb | RetryStorm | TooManyConnections | CircuitOpen | Overloaded
+            | UpstreamAuthAnomaly | StoreUnavailable | NoRoute | BadRequest | HeadersTooLarge
+            | TlsRequired | TlsRedirect => Outcome::Refused,
         }
     }
 

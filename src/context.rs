@@ -39,6 +39,8 @@ pub struct RequestContext {
     /// be hashed by the storm detector and replayed by a retry. A streamed
     /// body is sent once and never waited for inside the stack.
     pub body_buffered: bool,
+    /// A WebSocket upgrade levee relays: forwarding keeps its `Upgrade`.
+    pub upgrade: bool,
 }
 
 /// A new request id: 128 random bits in hex.

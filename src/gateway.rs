@@ -190,7 +190,8 @@ impl Gateway {
             _ => None,
         };
 
-        let proxy = Arc::new(Proxy::new(self.runtime.clone(), https_port, self.samples.clone()));
+        let proxy =
+            Arc::new(Proxy::new(self.runtime.clone(), https_port, self.samples.clone(), stop_rx.clone()));
         let admin = Arc::new(Admin::new(AdminContext {
             metrics: self.metrics.clone(),
             status: self.status.clone(),

@@ -48,3 +48,4 @@ pub mod stack;
 pub mod stats;
 pub mod store;
 pub mod upstream;
+pub mod websocket;

@@ -32,6 +32,7 @@ pub const CONFIG_LAST_RELOAD_SUCCESS: &str = "levee_config_last_reload_success_t
 pub const TLS_CERT_NOT_AFTER: &str = "levee_tls_cert_not_after_timestamp_seconds";
 pub const BUILD_INFO: &str = "levee_build_info";
 pub const CONNECTIONS_CLOSED_TOTAL: &str = "levee_connections_closed_total";
+pub const UPGRADED_CONNECTIONS: &str = "levee_upgraded_connections";
 
 /// Latency buckets from 100µs to 30s: a gateway's own overhead and a slow backend
 /// both land in a bucket of their own.
@@ -122,6 +123,7 @@ fn describe() {
     describe_gauge!(CONFIG_LAST_RELOAD_SUCCESS, "Unix time of the last applied config.");
     describe_gauge!(TLS_CERT_NOT_AFTER, "notAfter of every certificate of every served chain.");
     describe_gauge!(BUILD_INFO, "Always 1; the version label says which levee runs.");
+    describe_gauge!(UPGRADED_CONNECTIONS, "Open upgraded (WebSocket) connections, by route.");
     describe_counter!(
         CONNECTIONS_CLOSED_TOTAL,
         "Client connections levee closed, by listener and reason (idle, header_timeout, h2_abuse, ...)."

@@ -23,9 +23,12 @@ use crate::gateway::Runtime;
 use crate::listener::{plain_http, ConnInfo, ConnLimits, Handler};
 use crate::metrics as m;
 use crate::respond::{Reason, Shed};
+use crate::stack::client_id::ClientId;
 use crate::stack::{BoxFuture, RouteService};
 use crate::stats::{RouteStats, ShedSamples};
 use crate::upstream::forward::X_REQUEST_ID;
+use crate::websocket::{Slot, Upgraded};
+use tokio::sync::watch;
 
 /// A route of the live runtime: its config, its stack and its metric handles.
 pub struct Route {
@@ -40,6 +43,10 @@ pub struct Route {
     shed: DashMap<Reason, Counter>,
     /// Live counters for the admin API (they outlive this config version).
     stats: Arc<RouteStats>,
+    /// Who a WebSocket upgrade is from (the stack's own rule), for the cap.
+    client_id: ClientId,
+    /// Open upgraded connections per client.
+    upgraded: Arc<Upgraded>,
 }
 
 /// The `outcome` label of `levee_requests_total`.
@@ -69,11 +76,13 @@ impl Route {
         Route {
             duration: metrics::histogram!(m::REQUEST_DURATION, "route" => SharedString::from(name.clone())),
             name,
-            config,
             service,
             requests: DashMap::new(),
             shed: DashMap::new(),
             stats,
+            client_id: ClientId::new(&config),
+            upgraded: Upgraded::new(&config.name, config.max_upgraded_per_client),
+            config,
         }
     }
 
@@ -115,11 +124,25 @@ pub struct Proxy {
     https_port: Option<u16>,
     /// Recent shed decisions, for the event stream.
     samples: Arc<ShedSamples>,
+    /// Raised on shutdown: WebSocket relays close after the grace period.
+    shutdown: watch::Receiver<bool>,
 }
 
 impl Proxy {
-    pub fn new(runtime: Arc<ArcSwap<Runtime>>, https_port: Option<u16>, samples: Arc<ShedSamples>) -> Self {
-        Proxy { runtime, unrouted: DashMap::new(), unrouted_name: Arc::from("none"), https_port, samples }
+    pub fn new(
+        runtime: Arc<ArcSwap<Runtime>>,
+        https_port: Option<u16>,
+        samples: Arc<ShedSamples>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        Proxy {
+            runtime,
+            unrouted: DashMap::new(),
+            unrouted_name: Arc::from("none"),
+            https_port,
+            samples,
+            shutdown,
+        }
     }
 
     async fn serve(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
@@ -223,6 +246,14 @@ impl Proxy {
             std::borrow::Cow::Owned(normal) => Some(normal),
             std::borrow::Cow::Borrowed(_) => None,
         };
+        let mut req = req;
+        let upgrade = match route.config.websocket && crate::websocket::is_upgrade(&req) {
+            false => None,
+            true => match self.upgrade_slot(route, &req, conn) {
+                Ok(slot) => Some((slot, hyper::upgrade::on(&mut req))),
+                Err(shed) => return Err((Some(route), shed)),
+            },
+        };
         let (mut parts, incoming) = req.into_parts();
         if let Some(normal) = normalized {
             // The upstream receives the path levee routed and limited on.
@@ -257,15 +288,49 @@ impl Proxy {
             started,
             body_fault: fault.clone(),
             body_buffered: buffered,
+            upgrade: upgrade.is_some(),
         });
         let req = Request::from_parts(parts, body);
 
         match route.service.clone().oneshot(req).await {
-            Ok(rsp) => Ok((route, rsp)),
+            Ok(mut rsp) => {
+                if let Some((slot, client_side)) = upgrade {
+                    if rsp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                        let upstream_side = hyper::upgrade::on(&mut rsp);
+                        let grace = rt.config.server.shutdown_grace;
+                        crate::websocket::relay(
+                            client_side,
+                            upstream_side,
+                            slot,
+                            self.shutdown.clone(),
+                            grace,
+                        );
+                    }
+                }
+                Ok((route, rsp))
+            }
             // The upstream try failed because of the client's body: its fault.
             Err(_) if fault.reason().is_some() => Err((Some(route), client_fault(&fault, server))),
             Err(shed) => Err((Some(route), shed)),
         }
+    }
+}
+
+impl Proxy {
+    /// A slot for one more upgraded connection of this request's client, or
+    /// 429 `too_many_connections` when it holds `max_upgraded_per_client`.
+    fn upgrade_slot<B>(&self, route: &Route, req: &Request<B>, conn: ConnInfo) -> Result<Slot, Shed> {
+        let identity = route.client_id.identify(req, conn.peer)?;
+        let client = identity.client.clone();
+        route.upgraded.acquire(Arc::from(client.as_str())).ok_or_else(|| {
+            Shed::new(Reason::TooManyConnections)
+                .retry_after(crate::respond::jitter(std::time::Duration::from_secs(1), 1.0))
+                .detail(format!(
+                    "this client already holds {} upgraded connections on this route",
+                    route.config.max_upgraded_per_client
+                ))
+                .client(client)
+        })
     }
 }
 

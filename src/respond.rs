@@ -46,13 +46,15 @@ pub enum Reason {
     TlsRedirect,
     /// The request body stalled longer than `body_read_timeout`.
     RequestTimeout,
+    /// The client already holds `max_upgraded_per_client` upgraded connections.
+    TooManyConnections,
     /// The client went away or cut its body off; nobody reads this answer, but
     /// metrics and the storm detector count it (499, as NGINX logs it).
     ClientClosed,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 19] = [
+    pub const ALL: [Reason; 20] = [
         Reason::RateLimited,
         Reason::CallbackBomb,
         Reason::RetryStorm,
@@ -72,12 +74,13 @@ impl Reason {
         Reason::TlsRedirect,
         Reason::RequestTimeout,
         Reason::ClientClosed,
+        Reason::TooManyConnections,
     ];
 
     pub fn status(self) -> StatusCode {
         use Reason::*;
         match self {
-            RateLimited | CallbackBomb | RetryStorm => StatusCode::TOO_MANY_REQUESTS,
+            RateLimited | CallbackBomb | RetryStorm | TooManyConnections => StatusCode::TOO_MANY_REQUESTS,
             CircuitOpen | Overloaded | RetryBudget | UpstreamAuthAnomaly | StoreUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -117,6 +120,7 @@ impl Reason {
             TlsRedirect => "tls_redirect",
             RequestTimeout => "request_timeout",
             ClientClosed => "client_closed",
+            TooManyConnections => "too_many_connections",
         }
     }
 

@@ -311,6 +311,12 @@ pub struct RawRoute {
     pub tls_only: bool,
     #[serde(default)]
     pub expect_traffic_within: OptDur,
+    /// Proxy `Upgrade: websocket` requests on this route.
+    #[serde(default = "yes")]
+    pub websocket: bool,
+    /// Open upgraded connections per client on this route; past it: 429.
+    #[serde(default = "default_max_upgraded")]
+    pub max_upgraded_per_client: u32,
     #[serde(default)]
     pub limits: Vec<RawLimit>,
     #[serde(default)]
@@ -319,6 +325,12 @@ pub struct RawRoute {
     pub auth_guard: RawAuthGuard,
 }
 
+fn yes() -> bool {
+    true
+}
+fn default_max_upgraded() -> u32 {
+    4
+}
 fn star() -> String {
     "*".into()
 }

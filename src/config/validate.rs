@@ -135,6 +135,9 @@ pub struct RouteConfig {
     pub priority: Priority,
     pub tls_only: bool,
     pub expect_traffic_within: Option<Duration>,
+    /// Proxy WebSocket upgrades, and how many a client may hold open.
+    pub websocket: bool,
+    pub max_upgraded_per_client: u32,
     pub limits: Vec<Limit>,
     pub storm: StormConfig,
     pub auth_guard: AuthGuardConfig,
@@ -566,6 +569,13 @@ fn route(r: &raw::RawRoute, upstreams: &[UpstreamConfig], p: KeyPath) -> Result<
             Some(d) => Some(positive(d, MAX_EXPECT_TRAFFIC, p.key("expect_traffic_within"))?),
             None => None,
         },
+        websocket: r.websocket,
+        max_upgraded_per_client: between(
+            r.max_upgraded_per_client,
+            1,
+            10_000,
+            p.key("max_upgraded_per_client"),
+        )?,
         limits,
         storm,
         auth_guard,

@@ -259,7 +259,8 @@ where
             .header_read_timeout(limits.header_read_timeout)
             // hyper refuses buffers under 8 KiB; the handler checks the exact limit.
             .max_buf_size(limits.max_header_bytes.max(8192) + 1024);
-        let conn = builder.serve_connection(io, service);
+        // Upgrades (WebSocket) hand the socket to the relay in `websocket.rs`.
+        let conn = builder.serve_connection(io, service).with_upgrades();
         tokio::pin!(conn);
         watch(conn, |c| c.graceful_shutdown(), &activity, &limits, shutdown).await
     }

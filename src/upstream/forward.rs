@@ -132,6 +132,9 @@ pub async fn send(
     };
     let (mut parts, incoming) = rsp.into_parts();
     remove_hop_by_hop(&mut parts.headers);
+    if ctx.upgrade && parts.status == http::StatusCode::SWITCHING_PROTOCOLS {
+        crate::websocket::restore_upgrade_headers(&mut parts.headers);
+    }
     // The client's protocol is levee's business, not the upstream's (an HTTP/1.0
     // upstream must not downgrade an HTTP/1.1 client).
     parts.version = Version::HTTP_11;
@@ -157,6 +160,9 @@ fn prepare_request(req: &mut Request<Body>, endpoint: &EndpointAddr, ctx: &Reque
 
     let headers = req.headers_mut();
     remove_hop_by_hop(headers);
+    if ctx.upgrade {
+        crate::websocket::restore_upgrade_headers(headers);
+    }
     let peer_ip = ctx.peer.ip().to_string();
     let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prior) => format!("{prior}, {peer_ip}"),

@@ -23,3 +23,4 @@ mod retry;
 mod storm;
 mod tls;
 mod upstream_tls;
+mod websocket;
