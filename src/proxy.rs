@@ -244,8 +244,11 @@ impl Proxy {
                 _ => (body::boxed(body), false),
             }
         };
+        let client_ip = crate::context::client_ip(conn.peer.ip(), &parts.headers, &server.trusted_proxies);
         parts.extensions.insert(RequestContext {
             peer: conn.peer,
+            client_ip,
+            peer_trusted: server.trusted_proxies.contains(conn.peer.ip()),
             scheme: conn.scheme,
             request_id,
             route: route.name.clone(),
@@ -346,6 +349,7 @@ impl Handler for Proxy {
             idle_timeout: server.idle_timeout,
             max_header_bytes: server.max_header_bytes,
             h2_max_concurrent_streams: server.h2_max_concurrent_streams,
+            proxy_protocol: server.proxy_protocol,
         }
     }
 
