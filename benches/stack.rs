@@ -47,6 +47,8 @@ pub fn bench(c: &mut Criterion) {
     let ids: Vec<http::HeaderValue> = (0..10_000).map(|i| format!("device-{i}").parse().unwrap()).collect();
     let ctx = RequestContext {
         peer: "10.0.0.1:5555".parse().unwrap(),
+        client_ip: "10.0.0.1".parse().unwrap(),
+        peer_trusted: false,
         scheme: Scheme::Http,
         request_id: http::HeaderValue::from_static("bench"),
         route: Arc::from("device-api"),

@@ -2,12 +2,15 @@
 //! creates a [`RequestContext`] and puts it in the request's extensions; stages
 //! read it and add what they learn (the client key) as extensions of their own.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use http::HeaderMap;
 use tokio::time::Instant;
 
 use crate::body::BodyFault;
+use crate::config::TrustedProxies;
+use crate::upstream::forward::X_FORWARDED_FOR;
 
 /// The scheme the client spoke to levee with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,7 +30,15 @@ impl Scheme {
 
 #[derive(Debug, Clone)]
 pub struct RequestContext {
+    /// The connection's peer: the socket's address, or the PROXY header's source.
     pub peer: SocketAddr,
+    /// The client's address ([`client_ip`]): the peer's, or what a trusted
+    /// proxy put in `X-Forwarded-For`. What `client_key = "ip"` keys on and
+    /// what logs print.
+    pub client_ip: IpAddr,
+    /// The peer is in `server.trusted_proxies`: its `X-Forwarded-For` chain is
+    /// passed on upstream; anyone else's is replaced.
+    pub peer_trusted: bool,
     pub scheme: Scheme,
     /// The `x-request-id` kept from the client or generated.
     pub request_id: http::HeaderValue,
@@ -47,4 +58,100 @@ pub struct RequestContext {
 pub fn new_request_id() -> http::HeaderValue {
     let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
     http::HeaderValue::from_str(&id).unwrap_or(http::HeaderValue::from_static("0"))
+}
+
+/// The client's address for a request from `peer`, NGINX's `real_ip` with
+/// `real_ip_recursive on`: the peer, unless it is a trusted proxy; then the
+/// `X-Forwarded-For` chain (every header line, comma-separated, read right to
+/// left) up to the first address that is not a trusted proxy. If every
+/// address is trusted, the left-most one. A malformed entry (not an IP, or
+/// `ip:port`, or a header that is not text) stops the walk at the address to
+/// its right, the last one a trusted proxy vouched for: levee never believes
+/// what it cannot read. Empty entries are skipped. IPv4-mapped IPv6 addresses
+/// are returned as IPv4, so both spellings share one bucket.
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &TrustedProxies) -> IpAddr {
+    let mut client = peer.to_canonical();
+    if trusted.is_empty() || !trusted.contains(client) {
+        return client;
+    }
+    for line in headers.get_all(X_FORWARDED_FOR).iter().rev() {
+        let Ok(line) = line.to_str() else { return client };
+        for entry in line.rsplit(',').map(str::trim).filter(|e| !e.is_empty()) {
+            let Some(hop) = parse_hop(entry) else { return client };
+            client = hop;
+            if !trusted.contains(hop) {
+                return hop;
+            }
+        }
+    }
+    client
+}
+
+/// One `X-Forwarded-For` entry: an IP address; also `ip:port` and `[ipv6]:port`
+/// as some load balancers write them (Azure Application Gateway).
+fn parse_hop(entry: &str) -> Option<IpAddr> {
+    let ip = entry.parse::<IpAddr>().ok().or_else(|| entry.parse::<SocketAddr>().ok().map(|s| s.ip()))?;
+    Some(ip.to_canonical())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Cidr;
+
+    fn trusted(blocks: &[&str]) -> TrustedProxies {
+        TrustedProxies::new(blocks.iter().map(|b| Cidr::parse(b).unwrap()).collect())
+    }
+
+    fn xff(lines: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for l in lines {
+            h.append(X_FORWARDED_FOR, http::HeaderValue::from_str(l).unwrap());
+        }
+        h
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn an_untrusted_peer_is_the_client_whatever_it_claims() {
+        let t = trusted(&["10.0.0.0/8"]);
+        assert_eq!(client_ip(ip("203.0.113.7"), &xff(&["1.2.3.4"]), &t), ip("203.0.113.7"));
+        assert_eq!(client_ip(ip("10.0.0.1"), &xff(&["1.2.3.4"]), &TrustedProxies::default()), ip("10.0.0.1"));
+        assert_eq!(client_ip(ip("::ffff:203.0.113.7"), &xff(&[]), &t), ip("203.0.113.7"));
+    }
+
+    #[test]
+    fn the_right_most_untrusted_address_of_the_chain_is_the_client() {
+        let t = trusted(&["10.0.0.0/8", "127.0.0.0/8"]);
+        let peer = ip("10.0.0.1");
+        // The client forged `6.6.6.6`; the proxy appended what it saw.
+        assert_eq!(client_ip(peer, &xff(&["6.6.6.6, 203.0.113.7, 127.0.0.5"]), &t), ip("203.0.113.7"));
+        // Several header lines are one chain, in order.
+        assert_eq!(client_ip(peer, &xff(&["6.6.6.6, 203.0.113.7", "10.9.9.9"]), &t), ip("203.0.113.7"));
+        assert_eq!(client_ip(peer, &xff(&["198.51.100.9", "10.9.9.9, 127.0.0.2"]), &t), ip("198.51.100.9"));
+        // Only trusted hops: the left-most; no header: the peer.
+        assert_eq!(client_ip(peer, &xff(&["10.1.1.1, 10.2.2.2"]), &t), ip("10.1.1.1"));
+        assert_eq!(client_ip(peer, &xff(&[]), &t), peer);
+        // Ports and IPv6 as load balancers write them; empty entries skipped.
+        assert_eq!(client_ip(peer, &xff(&["203.0.113.7:5555"]), &t), ip("203.0.113.7"));
+        assert_eq!(client_ip(peer, &xff(&["[2001:db8::7]:443"]), &t), ip("2001:db8::7"));
+        assert_eq!(client_ip(peer, &xff(&["2001:db8::7, , 10.0.0.2,"]), &t), ip("2001:db8::7"));
+        assert_eq!(client_ip(peer, &xff(&["::ffff:203.0.113.7"]), &t), ip("203.0.113.7"));
+    }
+
+    #[test]
+    fn a_malformed_entry_stops_the_walk_at_the_last_trusted_hop() {
+        let t = trusted(&["10.0.0.0/8"]);
+        let peer = ip("10.0.0.1");
+        assert_eq!(client_ip(peer, &xff(&["203.0.113.7, unknown, 10.0.0.9"]), &t), ip("10.0.0.9"));
+        assert_eq!(client_ip(peer, &xff(&["203.0.113.7, garbage"]), &t), peer);
+        // A malformed entry left of the client is never reached.
+        assert_eq!(client_ip(peer, &xff(&["garbage, 203.0.113.7"]), &t), ip("203.0.113.7"));
+        let mut opaque = HeaderMap::new();
+        opaque.append(X_FORWARDED_FOR, http::HeaderValue::from_bytes(b"203.0.113.7\xff").unwrap());
+        assert_eq!(client_ip(peer, &opaque, &t), peer);
+    }
 }

@@ -249,7 +249,7 @@ impl Proxy {
         let mut req = req;
         let upgrade = match route.config.websocket && crate::websocket::is_upgrade(&req) {
             false => None,
-            true => match self.upgrade_slot(route, &req, conn) {
+            true => match self.upgrade_slot(route, &req, conn, &server.trusted_proxies) {
                 Ok(slot) => Some((slot, hyper::upgrade::on(&mut req))),
                 Err(shed) => return Err((Some(route), shed)),
             },
@@ -280,8 +280,11 @@ impl Proxy {
                 _ => (body::boxed(body), false),
             }
         };
+        let client_ip = crate::context::client_ip(conn.peer.ip(), &parts.headers, &server.trusted_proxies);
         parts.extensions.insert(RequestContext {
             peer: conn.peer,
+            client_ip,
+            peer_trusted: server.trusted_proxies.contains(conn.peer.ip()),
             scheme: conn.scheme,
             request_id,
             route: route.name.clone(),
@@ -319,8 +322,15 @@ impl Proxy {
 impl Proxy {
     /// A slot for one more upgraded connection of this request's client, or
     /// 429 `too_many_connections` when it holds `max_upgraded_per_client`.
-    fn upgrade_slot<B>(&self, route: &Route, req: &Request<B>, conn: ConnInfo) -> Result<Slot, Shed> {
-        let identity = route.client_id.identify(req, conn.peer)?;
+    fn upgrade_slot<B>(
+        &self,
+        route: &Route,
+        req: &Request<B>,
+        conn: ConnInfo,
+        trusted: &crate::config::TrustedProxies,
+    ) -> Result<Slot, Shed> {
+        let client_ip = crate::context::client_ip(conn.peer.ip(), req.headers(), trusted);
+        let identity = route.client_id.identify(req, client_ip)?;
         let client = identity.client.clone();
         route.upgraded.acquire(Arc::from(client.as_str())).ok_or_else(|| {
             Shed::new(Reason::TooManyConnections)
@@ -416,6 +426,7 @@ impl Handler for Proxy {
             idle_timeout: server.idle_timeout,
             max_header_bytes: server.max_header_bytes,
             h2_max_concurrent_streams: server.h2_max_concurrent_streams,
+            proxy_protocol: server.proxy_protocol,
         }
     }
 

@@ -57,6 +57,17 @@ pub struct RawServer {
     pub h2_max_concurrent_streams: u32,
     /// How long in-flight requests may finish after SIGTERM.
     pub shutdown_grace: Dur,
+    /// CIDRs (or single addresses) of the load balancers in front of levee.
+    /// Only a peer in this list is believed about `X-Forwarded-For`: the
+    /// client address (`client_key = "ip"`) is then the right-most address of
+    /// the chain not in the list. Empty: the socket's address, always, so a
+    /// client cannot pick its own bucket by sending the header.
+    pub trusted_proxies: Vec<String>,
+    /// Every connection on the proxy listeners (plain and TLS) must start with
+    /// a PROXY protocol v1 or v2 header, whose source address is then the
+    /// client's. For an L4 load balancer (AWS NLB, HAProxy `send-proxy`) that
+    /// cannot add `X-Forwarded-For`. A connection without one is closed.
+    pub proxy_protocol: bool,
     /// The optional HTTPS listener.
     pub tls: Option<RawTls>,
 }
@@ -74,6 +85,8 @@ impl Default for RawServer {
             max_body_bytes: ByteSize(10 << 20),
             h2_max_concurrent_streams: 100,
             shutdown_grace: d("30s"),
+            trusted_proxies: Vec::new(),
+            proxy_protocol: false,
             tls: None,
         }
     }

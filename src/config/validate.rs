@@ -3,7 +3,7 @@
 //! parse, and nothing downstream can panic on a config value.
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -41,6 +41,99 @@ pub struct Server {
     pub max_body_bytes: u64,
     pub h2_max_concurrent_streams: u32,
     pub shutdown_grace: Duration,
+    /// Whose `X-Forwarded-For` levee believes (read per request).
+    pub trusted_proxies: TrustedProxies,
+    /// Connections must start with a PROXY header (read per new connection).
+    pub proxy_protocol: bool,
+}
+
+/// Most entries `server.trusted_proxies` may hold: every request from a
+/// trusted peer walks the list once per hop, so it stays small.
+pub const MAX_TRUSTED_PROXIES: usize = 1024;
+
+/// An address block: `addr` with its host bits zero, and the prefix length.
+/// IPv4-mapped IPv6 blocks and addresses are treated as IPv4, so a dual-stack
+/// socket's `::ffff:10.1.2.3` is in `10.0.0.0/8`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// `"10.0.0.0/8"`, `"2001:db8::/32"`, or a bare address (a block of one).
+    /// Host bits set after the prefix (`10.0.0.1/8`) are refused: such a typo
+    /// would otherwise trust a block the operator did not mean.
+    pub fn parse(s: &str) -> std::result::Result<Cidr, String> {
+        let (ip, prefix) = match s.split_once('/') {
+            Some((ip, prefix)) => (ip, Some(prefix)),
+            None => (s, None),
+        };
+        let ip: IpAddr = ip.parse().map_err(|_| format!("{ip:?} is not an IP address"))?;
+        let (ip, max, offset) = match ip.to_canonical() {
+            v4 @ IpAddr::V4(_) => (v4, 32u8, if ip.is_ipv6() { 96 } else { 0 }),
+            v6 @ IpAddr::V6(_) => (v6, 128u8, 0),
+        };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => {
+                let digits = !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit());
+                let p: u8 = p
+                    .parse()
+                    .ok()
+                    .filter(|_| digits)
+                    .ok_or_else(|| format!("prefix {p:?} is not a number"))?;
+                // An IPv4-mapped block's prefix counts the 96 bits of `::ffff:`.
+                p.checked_sub(offset)
+                    .filter(|p| *p <= max)
+                    .ok_or_else(|| format!("prefix /{p} is out of range for {ip}"))?
+            }
+        };
+        let cidr = Cidr { addr: ip, prefix };
+        if cidr.network() != ip {
+            return Err(format!("host bits set after /{prefix}; did you mean {}/{prefix}?", cidr.network()));
+        }
+        Ok(cidr)
+    }
+
+    /// The block's first address (`addr` with the bits after `prefix` cleared).
+    fn network(&self) -> IpAddr {
+        match self.addr {
+            IpAddr::V4(a) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask))
+            }
+            IpAddr::V6(a) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                IpAddr::V6(Ipv6Addr::from(u128::from(a) & mask))
+            }
+        }
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        let same_family =
+            matches!((self.addr, ip), (IpAddr::V4(_), IpAddr::V4(_)) | (IpAddr::V6(_), IpAddr::V6(_)));
+        same_family && Cidr { addr: ip, prefix: self.prefix }.network() == self.addr
+    }
+}
+
+/// `server.trusted_proxies`, parsed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustedProxies(Vec<Cidr>);
+
+impl TrustedProxies {
+    pub fn new(blocks: Vec<Cidr>) -> Self {
+        TrustedProxies(blocks)
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.0.iter().any(|c| c.contains(ip))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 /// The HTTPS listener, with its certificate chain and key already read and parsed.
@@ -324,7 +417,28 @@ fn server(s: &raw::RawServer) -> Result<Server> {
             p.key("h2_max_concurrent_streams"),
         )?,
         shutdown_grace: at_most(s.shutdown_grace.0, MAX_TIMEOUT, p.key("shutdown_grace"))?,
+        trusted_proxies: trusted_proxies(&s.trusted_proxies, p.key("trusted_proxies"))?,
+        proxy_protocol: s.proxy_protocol,
     })
+}
+
+fn trusted_proxies(list: &[String], p: KeyPath) -> Result<TrustedProxies> {
+    if list.len() > MAX_TRUSTED_PROXIES {
+        return invalid(p, format!("at most {MAX_TRUSTED_PROXIES} entries, got {}", list.len()));
+    }
+    let mut blocks = Vec::with_capacity(list.len());
+    for (i, entry) in list.iter().enumerate() {
+        match Cidr::parse(entry.trim()) {
+            Ok(c) => blocks.push(c),
+            Err(why) => {
+                return invalid(
+                    p.index(i),
+                    format!("expected a CIDR such as \"10.0.0.0/8\", got {entry:?}: {why}"),
+                )
+            }
+        }
+    }
+    Ok(TrustedProxies::new(blocks))
 }
 
 fn tls(t: &raw::RawTls, base_dir: &Path) -> Result<Tls> {
@@ -580,4 +694,77 @@ fn route(r: &raw::RawRoute, upstreams: &[UpstreamConfig], p: KeyPath) -> Result<
         storm,
         auth_guard,
     })
+}
+
+#[cfg(test)]
+mod trusted_proxies_tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn cidrs_contain_their_block_in_both_families() {
+        let c = Cidr::parse("10.0.0.0/8").unwrap();
+        assert!(c.contains(ip("10.255.1.2")) && !c.contains(ip("11.0.0.1")));
+        // IPv4-mapped IPv6 is IPv4, on both sides.
+        assert!(c.contains(ip("::ffff:10.1.2.3")));
+        assert_eq!(Cidr::parse("::ffff:10.0.0.0/104").unwrap(), c);
+        assert!(!c.contains(ip("2001:db8::1")));
+        let v6 = Cidr::parse("2001:db8::/32").unwrap();
+        assert!(v6.contains(ip("2001:db8:ffff::1")) && !v6.contains(ip("2001:db9::1")));
+        assert!(!v6.contains(ip("10.0.0.1")));
+        // A bare address is a block of one; /0 is everything of its family.
+        let one = Cidr::parse("127.0.0.5").unwrap();
+        assert!(one.contains(ip("127.0.0.5")) && !one.contains(ip("127.0.0.6")));
+        assert!(Cidr::parse("0.0.0.0/0").unwrap().contains(ip("203.0.113.7")));
+        assert!(Cidr::parse("::/0").unwrap().contains(ip("2001:db8::1")));
+    }
+
+    #[test]
+    fn malformed_cidrs_are_refused() {
+        for bad in [
+            "",
+            "10.0.0.0/33",
+            "10.0.0.0/",
+            "10.0.0.0/+8",
+            "10.0.0.0/08x",
+            "10.0.0.1/8",
+            "ten/8",
+            "::/129",
+            "10.0.0.0/8/8",
+        ] {
+            assert!(Cidr::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn errors_name_the_key_and_the_index() {
+        let text = r#"
+[server]
+trusted_proxies = ["10.0.0.0/8", "10.0.0.0/40"]
+proxy_protocol = true
+
+[upstreams.backend]
+endpoints = ["127.0.0.1:3000"]
+
+[[routes]]
+name = "api"
+upstream = "backend"
+"#;
+        let err = crate::config::parse(text, Path::new("."), &|_| None).unwrap_err().to_string();
+        assert!(err.contains("server.trusted_proxies[1]: expected a CIDR such as \"10.0.0.0/8\""), "{err}");
+        let ok = text.replace("10.0.0.0/40", "192.168.0.0/16");
+        let c = crate::config::parse(&ok, Path::new("."), &|_| None).unwrap();
+        assert!(c.server.proxy_protocol);
+        assert!(c.server.trusted_proxies.contains(ip("192.168.3.4")));
+        let many: Vec<String> =
+            (0..=MAX_TRUSTED_PROXIES).map(|i| format!("\"10.0.{}.{}\"", i / 256, i % 256)).collect();
+        let too_many = text.replace(r#"["10.0.0.0/8", "10.0.0.0/40"]"#, &format!("[{}]", many.join(", ")));
+        let err = crate::config::parse(&too_many, Path::new("."), &|_| None).unwrap_err().to_string();
+        assert!(err.contains("server.trusted_proxies"), "{err}");
+    }
 }

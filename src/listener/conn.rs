@@ -67,10 +67,14 @@ pub enum CloseReason {
     TlsHandshake,
     /// levee is shutting down.
     Shutdown,
+    /// `proxy_protocol = true` and the connection did not start with a valid
+    /// PROXY header (a peer that closes first is `client_closed`, one that
+    /// stays silent `header_timeout`).
+    ProxyProtocol,
 }
 
 impl CloseReason {
-    const ALL: [CloseReason; 7] = [
+    const ALL: [CloseReason; 8] = [
         CloseReason::ClientClosed,
         CloseReason::HeaderTimeout,
         CloseReason::Idle,
@@ -78,6 +82,7 @@ impl CloseReason {
         CloseReason::ProtocolError,
         CloseReason::TlsHandshake,
         CloseReason::Shutdown,
+        CloseReason::ProxyProtocol,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -89,12 +94,13 @@ impl CloseReason {
             CloseReason::ProtocolError => "protocol_error",
             CloseReason::TlsHandshake => "tls_handshake",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::ProxyProtocol => "proxy_protocol",
         }
     }
 }
 
 /// `levee_connections_closed_total` handles of one listener, registered once.
-pub struct Closed([Counter; 7]);
+pub struct Closed([Counter; 8]);
 
 impl Closed {
     pub fn new(listener: &'static str) -> Self {
@@ -368,10 +374,17 @@ fn close_reason(e: &hyper::Error) -> CloseReason {
     }
 }
 
-/// An IO that first replays the bytes read while detecting the protocol.
-struct Prefixed<I> {
+/// An IO that first replays the bytes read while detecting the protocol (or
+/// past the PROXY header).
+pub(super) struct Prefixed<I> {
     prefix: Bytes,
     io: I,
+}
+
+impl<I> Prefixed<I> {
+    pub(super) fn new(prefix: Bytes, io: I) -> Self {
+        Prefixed { prefix, io }
+    }
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {

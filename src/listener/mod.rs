@@ -9,11 +9,14 @@
 //!   floods by GOAWAY; TCP keepalive finds peers that vanished;
 //! - `max_header_bytes`: hyper's read buffer is bounded by it (431), and the
 //!   handler checks the exact size again for a JSON answer;
+//! - `proxy_protocol`: the PROXY header is read first, under the same
+//!   deadline, before TLS and protocol detection (`proxy_protocol.rs`);
 //! - shutdown: stop accepting, let connections finish within the grace period.
 
 pub mod certs;
 pub mod conn;
 pub mod plain_http;
+pub mod proxy_protocol;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -23,7 +26,7 @@ use std::time::Duration;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use socket2::{SockRef, TcpKeepalive};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
@@ -37,6 +40,7 @@ use crate::stack::BoxFuture;
 /// What the listener knows of the connection a request came on.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnInfo {
+    /// The client's address: the socket's, or the PROXY header's source.
     pub peer: SocketAddr,
     pub scheme: Scheme,
 }
@@ -49,6 +53,8 @@ pub struct ConnLimits {
     pub idle_timeout: Duration,
     pub max_header_bytes: usize,
     pub h2_max_concurrent_streams: u32,
+    /// Every connection must start with a PROXY protocol header.
+    pub proxy_protocol: bool,
 }
 
 impl ConnLimits {
@@ -59,6 +65,8 @@ impl ConnLimits {
             idle_timeout: Duration::from_secs(60),
             max_header_bytes: 16 * 1024,
             h2_max_concurrent_streams: 100,
+            // The admin listener is reached directly, never through a load balancer.
+            proxy_protocol: false,
         }
     }
 }
@@ -115,29 +123,7 @@ pub async fn serve<H: Handler>(
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let reason = match tls {
-                None => {
-                    let info = ConnInfo { peer, scheme: Scheme::Http };
-                    conn::serve(stream, info, limits, handler, shutdown, accepted).await
-                }
-                Some(acceptor) => {
-                    let deadline = accepted + limits.header_read_timeout;
-                    match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
-                        Ok(Ok(tls_stream)) => {
-                            let info = ConnInfo { peer, scheme: Scheme::Https };
-                            conn::serve(tls_stream, info, limits, handler, shutdown, accepted).await
-                        }
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                            CloseReason::TlsHandshake
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, "TLS handshake timed out");
-                            CloseReason::TlsHandshake
-                        }
-                    }
-                }
-            };
+            let reason = connection(stream, peer, tls, limits, handler, shutdown, accepted).await;
             closed.count(reason);
         });
     }
@@ -145,6 +131,61 @@ pub async fn serve<H: Handler>(
     // Every open connection holds a slot: all slots back means all closed.
     if tokio::time::timeout(grace, slots.acquire_many(max_connections)).await.is_err() {
         tracing::warn!(?grace, "connections still open after the shutdown grace period; closing them");
+    }
+}
+
+/// One accepted connection: its PROXY header if required, its TLS handshake
+/// if any, then its requests; all before the first request head under
+/// `header_read_timeout` from `accepted`.
+async fn connection<H: Handler>(
+    stream: TcpStream,
+    mut peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    limits: ConnLimits,
+    handler: Arc<H>,
+    shutdown: watch::Receiver<bool>,
+    accepted: Instant,
+) -> CloseReason {
+    let deadline = accepted + limits.header_read_timeout;
+    let mut stream = stream;
+    let mut replay = bytes::Bytes::new();
+    if limits.proxy_protocol {
+        match tokio::time::timeout_at(deadline, proxy_protocol::read(&mut stream)).await {
+            Err(_) => return CloseReason::HeaderTimeout,
+            Ok(Err(proxy_protocol::ReadError::Closed)) => return CloseReason::ClientClosed,
+            Ok(Err(proxy_protocol::ReadError::Invalid(e))) => {
+                tracing::debug!(%peer, error = %e, "connection without a valid PROXY header closed");
+                return CloseReason::ProxyProtocol;
+            }
+            Ok(Ok((header, rest))) => {
+                // UNKNOWN / LOCAL: the socket's own address stands.
+                if let Some(source) = header.source {
+                    peer = source;
+                }
+                replay = rest;
+            }
+        }
+    }
+    let stream = conn::Prefixed::new(replay, stream);
+    match tls {
+        None => {
+            let info = ConnInfo { peer, scheme: Scheme::Http };
+            conn::serve(stream, info, limits, handler, shutdown, accepted).await
+        }
+        Some(acceptor) => match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+            Ok(Ok(tls_stream)) => {
+                let info = ConnInfo { peer, scheme: Scheme::Https };
+                conn::serve(tls_stream, info, limits, handler, shutdown, accepted).await
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                CloseReason::TlsHandshake
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "TLS handshake timed out");
+                CloseReason::TlsHandshake
+            }
+        },
     }
 }
 

@@ -7,7 +7,7 @@
 //! logs, admin API or Redis.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use http::Request;
@@ -87,13 +87,15 @@ impl ClientId {
         }
     }
 
-    /// Decides the identity of `req` from `peer`; `Err` when the key is missing
-    /// and the route says `client_key_fallback = "reject"`.
-    pub fn identify<B>(&self, req: &Request<B>, peer: SocketAddr) -> Result<Identity, Shed> {
-        let client = match extract(&self.source, req, peer) {
+    /// Decides the identity of `req` from `client_ip` (the client's address,
+    /// `RequestContext::client_ip`: behind a trusted proxy, the one it
+    /// vouched for); `Err` when the key is missing and the route says
+    /// `client_key_fallback = "reject"`.
+    pub fn identify<B>(&self, req: &Request<B>, client_ip: IpAddr) -> Result<Identity, Shed> {
+        let client = match extract(&self.source, req, client_ip) {
             Some(k) => k,
             None => match self.fallback {
-                KeyFallback::Ip => ip_key(peer),
+                KeyFallback::Ip => ip_key(client_ip),
                 KeyFallback::Reject => {
                     return Err(Shed::new(Reason::BadRequest).detail(format!(
                         "this route identifies clients by {}, which the request lacks",
@@ -102,15 +104,15 @@ impl ClientId {
                 }
             },
         };
-        let tenant = self.tenant.as_ref().and_then(|t| extract(t, req, peer));
+        let tenant = self.tenant.as_ref().and_then(|t| extract(t, req, client_ip));
         Ok(Identity { client, tenant, priority: self.priority })
     }
 }
 
 impl super::Check for ClientId {
     fn check(&self, req: &mut Request<Body>) -> Result<(), Shed> {
-        let peer = super::context(req)?.peer;
-        let identity = self.identify(req, peer)?;
+        let client_ip = super::context(req)?.client_ip;
+        let identity = self.identify(req, client_ip)?;
         req.extensions_mut().insert(identity);
         Ok(())
     }
@@ -125,14 +127,14 @@ fn describe(source: &KeySource) -> String {
     }
 }
 
-fn ip_key(peer: SocketAddr) -> ClientKey {
-    ClientKey(Arc::from(peer.ip().to_string()))
+fn ip_key(ip: IpAddr) -> ClientKey {
+    ClientKey(Arc::from(ip.to_string()))
 }
 
 /// The key from `source`, or `None` when the request does not carry it (or it is empty).
-fn extract<B>(source: &KeySource, req: &Request<B>, peer: SocketAddr) -> Option<ClientKey> {
+fn extract<B>(source: &KeySource, req: &Request<B>, client_ip: IpAddr) -> Option<ClientKey> {
     match source {
-        KeySource::Ip => Some(ip_key(peer)),
+        KeySource::Ip => Some(ip_key(client_ip)),
         KeySource::Header(name) => {
             let v = req.headers().get(name)?.as_bytes();
             (!v.is_empty()).then(|| ClientKey::from_bytes(v))
@@ -164,8 +166,8 @@ pub fn query_param(query: &str, name: &str) -> Option<String> {
 mod tests {
     use super::*;
 
-    fn peer() -> SocketAddr {
-        "10.1.2.3:5555".parse().unwrap()
+    fn peer() -> IpAddr {
+        "10.1.2.3".parse().unwrap()
     }
 
     fn req(uri: &str, headers: &[(&str, &[u8])]) -> Request<()> {

@@ -163,12 +163,17 @@ fn prepare_request(req: &mut Request<Body>, endpoint: &EndpointAddr, ctx: &Reque
     if ctx.upgrade {
         crate::websocket::restore_upgrade_headers(headers);
     }
-    let peer_ip = ctx.peer.ip().to_string();
-    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prior) => format!("{prior}, {peer_ip}"),
-        None => peer_ip,
+    // Only a trusted proxy's chain is passed on (NGINX's realip, Envoy's
+    // xff_num_trusted_hops): from anyone else it is replaced, so a client
+    // cannot forge its place in the chain the upstream reads.
+    let peer_ip = ctx.peer.ip().to_canonical().to_string();
+    let prior: Vec<&str> = if ctx.peer_trusted {
+        headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect()
+    } else {
+        Vec::new()
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    let xff = if prior.is_empty() { peer_ip.clone() } else { format!("{}, {peer_ip}", prior.join(", ")) };
+    if let Ok(v) = HeaderValue::from_str(&xff).or_else(|_| HeaderValue::from_str(&peer_ip)) {
         headers.insert(X_FORWARDED_FOR, v);
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(ctx.scheme.as_str()));

@@ -9,6 +9,7 @@ mod binary;
 mod bounds;
 mod certs;
 mod circuit_breaker;
+mod client_address;
 mod dashboard;
 mod demo;
 mod ecosystem;

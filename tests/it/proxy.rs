@@ -30,8 +30,9 @@ async fn forwards_and_adds_forwarding_headers() {
 #[tokio::test]
 async fn keeps_the_clients_request_id_and_appends_to_x_forwarded_for() {
     let backend = Backend::start().await;
-    let gw =
-        TestGateway::start(&(base_config() + &upstream_and_route("b", &[backend.addr], "api", "/"))).await;
+    // Only a trusted proxy's chain is kept (tests/it/client_address.rs has the untrusted case).
+    let config = base_config().replace("[server]", "[server]\ntrusted_proxies = [\"127.0.0.1\"]");
+    let gw = TestGateway::start(&(config + &upstream_and_route("b", &[backend.addr], "api", "/"))).await;
     let rsp = Client::new()
         .get_with(gw.http, "/", &[("x-request-id", "req-42"), ("x-forwarded-for", "203.0.113.9")])
         .await;
