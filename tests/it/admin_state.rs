@@ -12,18 +12,20 @@ use crate::support::{base_config, upstream_and_route, Backend, Client, TestGatew
 /// stale gauge among them) is shared by every in-process gateway.
 fn config(backend: std::net::SocketAddr, api: &str, quiet: &str) -> String {
     base_config()
-        + &upstream_and_route("b", &[backend], api, "/api").replace(
-            "upstream = \"b\"",
-            "upstream = \"b\"\nclient_key = \"header:x-device-id\"\n[[routes.limits]]\nrate = \"1/m\"\n",
+        + &upstream_and_route(&format!("{api}-up"), &[backend], api, "/api").replace(
+            &format!("upstream = \"{api}-up\""),
+            &format!("upstream = \"{api}-up\"\nclient_key = \"header:x-device-id\"\n[[routes.limits]]\nrate = \"1/m\"\n"),
         )
-        + &upstream_and_route("b2", &[backend], quiet, "/quiet")
-            .replace("upstream = \"b2\"", "upstream = \"b2\"\nexpect_traffic_within = \"1s\"")
+        + &upstream_and_route(&format!("{quiet}-up"), &[backend], quiet, "/quiet").replace(
+            &format!("upstream = \"{quiet}-up\""),
+            &format!("upstream = \"{quiet}-up\"\nexpect_traffic_within = \"1s\""),
+        )
 }
 
 #[tokio::test]
 async fn the_state_snapshot_shows_counters_reasons_offenders_and_upstreams() {
     let backend = Backend::start().await;
-    let gw = TestGateway::start(&config(backend.addr, "state-api-1", "quiet-1")).await;
+    let gw = TestGateway::start(&config(backend.addr, "state-api-1", "state-quiet-1")).await;
     let c = Client::new();
     for _ in 0..3 {
         c.get_with(gw.http, "/api/x", &[("x-device-id", "greedy")]).await;
@@ -37,7 +39,13 @@ async fn the_state_snapshot_shows_counters_reasons_offenders_and_upstreams() {
     assert_eq!(route["top_offenders"][0]["client"], "greedy");
     assert_eq!(route["top_offenders"][0]["reason"], "rate_limited");
     assert!(route["last_success"].as_f64().unwrap() > 1.7e9);
-    let upstream = state["upstreams"].as_array().unwrap().iter().find(|u| u["name"] == "b").unwrap().clone();
+    let upstream = state["upstreams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["name"] == "state-api-1-up")
+        .unwrap()
+        .clone();
     assert_eq!(upstream["circuit"], "closed");
     assert_eq!(upstream["endpoints"][0]["ejected"], false);
     assert_eq!(state["store"]["kind"], "memory");
@@ -47,7 +55,7 @@ async fn the_state_snapshot_shows_counters_reasons_offenders_and_upstreams() {
 #[tokio::test]
 async fn events_stream_state_every_second_and_sampled_sheds() {
     let backend = Backend::start().await;
-    let gw = TestGateway::start(&config(backend.addr, "state-api-2", "quiet-2")).await;
+    let gw = TestGateway::start(&config(backend.addr, "state-api-2", "state-quiet-2")).await;
     let c = Client::new();
     for _ in 0..2 {
         c.get_with(gw.http, "/api/x", &[("x-device-id", "greedy")]).await;

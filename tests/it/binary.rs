@@ -4,7 +4,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::support::process::{Process, LEVEE};
-use crate::support::{base_config, temp_dir, upstream_and_route, Backend, Behavior, Client};
+use crate::support::{base_config, poll_until, temp_dir, upstream_and_route, Backend, Behavior, Client};
 
 fn check(toml: &str) -> (bool, String) {
     let path = temp_dir("check").join("levee.toml");
@@ -82,38 +82,33 @@ fn version_prints_the_crate_version() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_rejects_a_broken_config_then_applies_the_fixed_one() {
     let backend = Backend::start().await;
-    let good = base_config() + &upstream_and_route("b", &[backend.addr], "api", "/");
+    let good = base_config() + &upstream_and_route("bin-hup-up", &[backend.addr], "bin-hup-api", "/");
     let path = temp_dir("hup").join("levee.toml");
     std::fs::write(&path, &good).unwrap();
     let p = Process::start(&path);
     let c = Client::new();
     assert_eq!(c.get(p.http, "/").await.status, 200);
 
-    std::fs::write(&path, good.replace("upstream = \"b\"", "upstream = \"gone\"")).unwrap();
+    std::fs::write(&path, good.replace("upstream = \"bin-hup-up\"", "upstream = \"gone\"")).unwrap();
     p.signal("HUP");
-    let mut last = serde_json::Value::Null;
-    for _ in 0..100 {
-        last = c.get(p.admin, "/api/v1/config").await.json();
-        if !last["last_reload"].is_null() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let last = poll_until(Duration::from_secs(20), "levee reports the SIGHUP reload", async || {
+        let config = c.get(p.admin, "/api/v1/config").await.json();
+        (!config["last_reload"].is_null()).then_some(config)
+    })
+    .await;
     assert_eq!(last["last_reload"]["result"], "rejected");
     assert!(last["last_reload"]["error"].as_str().unwrap().contains("routes[0].upstream"));
     assert_eq!(c.get(p.http, "/").await.status, 200, "the running config keeps serving");
 
-    let fixed = good.clone() + &upstream_and_route("b2", &[backend.addr], "extra", "/extra");
+    let fixed = good.clone() + &upstream_and_route("bin-hup-up2", &[backend.addr], "bin-hup-extra", "/extra");
     std::fs::write(&path, &fixed).unwrap();
     p.signal("HUP");
-    for _ in 0..100 {
-        last = c.get(p.admin, "/api/v1/config").await.json();
-        if last["last_reload"]["result"] == "applied" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(last["last_reload"]["result"], "applied");
+    poll_until(Duration::from_secs(20), "levee applies the fixed config", async || {
+        let config = c.get(p.admin, "/api/v1/config").await.json();
+        (config["last_reload"]["result"] == "applied").then_some(())
+    })
+    .await;
+    assert_eq!(c.get(p.http, "/extra/x").await.status, 200, "the new route serves");
     let metrics = c.get(p.admin, "/metrics").await.text();
     assert!(metrics.contains("levee_config_reloads_total{result=\"rejected\"} 1"), "{metrics}");
     assert!(metrics.contains("levee_config_reloads_total{result=\"applied\"} 1"));
@@ -121,15 +116,31 @@ async fn sighup_rejects_a_broken_config_then_applies_the_fixed_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_the_request_in_flight_finish_and_exits_zero() {
-    let backend = Backend::with(Behavior::Delay(Duration::from_millis(700))).await;
+    // The backend answers only when the test says so: the request is in
+    // flight for certain when levee gets its SIGTERM, and still when levee
+    // has acted on it.
+    let backend = Backend::with(Behavior::Held).await;
     let path = temp_dir("term").join("levee.toml");
-    std::fs::write(&path, base_config() + &upstream_and_route("b", &[backend.addr], "api", "/")).unwrap();
+    std::fs::write(
+        &path,
+        base_config() + &upstream_and_route("bin-term-up", &[backend.addr], "bin-term-api", "/"),
+    )
+    .unwrap();
     let mut p = Process::start(&path);
     let http = p.http;
     let in_flight = tokio::spawn(async move { Client::new().get(http, "/slow").await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(backend.requests(), 1);
+    poll_until(Duration::from_secs(20), "the request reaches the backend", async || {
+        (backend.requests() == 1).then_some(())
+    })
+    .await;
     p.signal("TERM");
+    // levee stops accepting (it closes its listener) before it drains.
+    poll_until(Duration::from_secs(20), "levee closes its listener after SIGTERM", async || {
+        tokio::net::TcpStream::connect(http).await.is_err().then_some(())
+    })
+    .await;
+    assert!(!in_flight.is_finished(), "the request finished before the backend answered");
+    backend.release();
     let rsp = in_flight.await.unwrap();
     assert_eq!(rsp.status, 200, "the in-flight request was cut off");
     let status =

@@ -36,7 +36,7 @@ fn tls_config(dir: &Path, backend: std::net::SocketAddr) -> String {
             dir.join("cert.pem").display(),
             dir.join("key.pem").display()
         )
-        + &upstream_and_route("b", &[backend], "all", "/")
+        + &upstream_and_route("certs-up", &[backend], "certs-all", "/")
 }
 
 fn certificate_entries(readyz: &serde_json::Value, subject: &str) -> Vec<serde_json::Value> {

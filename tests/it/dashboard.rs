@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use crate::support::{base_config, temp_dir, upstream_and_route, Backend, Client, TestGateway};
+use crate::support::{base_config, poll_until, temp_dir, upstream_and_route, Backend, Client, TestGateway};
 
 /// A client key an attacker chose: it must reach the page as text, never as markup.
 const EVIL: &str = "<i>evil</i>";
@@ -20,11 +20,11 @@ async fn the_dashboard_shows_routes_shed_reasons_offenders_and_a_stale_route_ala
     let _one_at_a_time = crate::support::exclusive().await;
     let backend = Backend::start().await;
     let config = base_config()
-        + &upstream_and_route("backend", &[backend.addr], "device-api", "/v1/device")
-            .replace("upstream = \"backend\"", "upstream = \"backend\"\nclient_key = \"header:x-device-id\"")
+        + &upstream_and_route("dash-up", &[backend.addr], "dash-device-api", "/v1/device")
+            .replace("upstream = \"dash-up\"", "upstream = \"dash-up\"\nclient_key = \"header:x-device-id\"")
         + "[[routes.limits]]\nrate = \"1/m\"\nburst = 1\n"
         + "[routes.storm]\nenabled = false\n"
-        + "\n[[routes]]\nname = \"silent-telemetry\"\npath_prefix = \"/v1/telemetry\"\nupstream = \"backend\"\n\
+        + "\n[[routes]]\nname = \"dash-silent-telemetry\"\npath_prefix = \"/v1/telemetry\"\nupstream = \"dash-up\"\n\
            expect_traffic_within = \"1s\"\n";
     let gw = TestGateway::start(&config).await;
     let c = Client::new();
@@ -54,18 +54,17 @@ async fn the_dashboard_shows_routes_shed_reasons_offenders_and_a_stale_route_ala
     }
 
     // The silent route goes stale after 1s (checked every second).
-    let mut stale = false;
-    for _ in 0..50 {
+    poll_until(Duration::from_secs(20), "dash-silent-telemetry is stale in /api/v1/state", async || {
         let state = c.get(gw.admin, "/api/v1/state").await.json();
-        let route =
-            state["routes"].as_array().unwrap().iter().find(|r| r["name"] == "silent-telemetry").cloned();
-        if route.is_some_and(|r| r["stale"] == true) {
-            stale = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(stale, "silent-telemetry never became stale in /api/v1/state");
+        let route = state["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == "dash-silent-telemetry")
+            .cloned();
+        route.is_some_and(|r| r["stale"] == true).then_some(())
+    })
+    .await;
 
     let screenshot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
     let _ = std::fs::remove_file(&screenshot);
@@ -73,21 +72,24 @@ async fn the_dashboard_shows_routes_shed_reasons_offenders_and_a_stale_route_ala
 
     // The state was rendered (not the "waiting" placeholder).
     assert!(!dom.contains("Waiting for data"), "the page never rendered the state:\n{dom}");
-    assert!(dom.contains("device-api"), "route name missing:\n{dom}");
-    assert!(dom.contains("silent-telemetry"), "stale route name missing:\n{dom}");
+    assert!(dom.contains("dash-device-api"), "route name missing:\n{dom}");
+    assert!(dom.contains("dash-silent-telemetry"), "stale route name missing:\n{dom}");
     assert!(dom.contains("rate_limited"), "shed reason missing:\n{dom}");
 
     // The stale alarm: a banner in the alarms region naming the silent route.
     let alarms = section(&dom, "id=\"alarm-list\"", "</section>");
     assert!(alarms.contains("alarm-stale"), "no stale banner in the alarms region:\n{alarms}");
-    assert!(alarms.contains("STALE ROUTE silent-telemetry"), "the banner does not name the route:\n{alarms}");
-    assert!(!alarms.contains("STALE ROUTE device-api"), "a route with traffic flagged stale:\n{alarms}");
+    assert!(
+        alarms.contains("STALE ROUTE dash-silent-telemetry"),
+        "the banner does not name the route:\n{alarms}"
+    );
+    assert!(!alarms.contains("STALE ROUTE dash-device-api"), "a route with traffic flagged stale:\n{alarms}");
 
     // The top offender, escaped, with a labelled Reset button.
     assert!(!dom.contains(EVIL), "a client key reached the page as markup:\n{dom}");
     assert!(dom.contains("&lt;i&gt;evil&lt;/i&gt;"), "top offender missing:\n{dom}");
     assert!(
-        dom.contains("aria-label=\"Reset client &lt;i&gt;evil&lt;/i&gt; on route device-api\""),
+        dom.contains("aria-label=\"Reset client &lt;i&gt;evil&lt;/i&gt; on route dash-device-api\""),
         "no Reset button for the offender:\n{dom}"
     );
     assert!(screenshot.exists(), "chromium wrote no screenshot");

@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use crate::support::{
-    base_config, closed_port, upstream_and_route, Backend, Behavior, Client, TestGateway, TestResponse,
+    base_config, closed_port, exclusive, upstream_and_route, Backend, Behavior, Client, TestGateway,
+    TestResponse,
 };
 
 /// The contract's body: `{"error", "route", "retry_after_s"}`, and the reason header.
@@ -22,8 +23,10 @@ fn assert_levee_answer(rsp: &TestResponse, status: u16, reason: &str, route: Opt
 #[tokio::test]
 async fn no_route_is_404() {
     let backend = Backend::start().await;
-    let gw =
-        TestGateway::start(&(base_config() + &upstream_and_route("b", &[backend.addr], "api", "/api"))).await;
+    let gw = TestGateway::start(
+        &(base_config() + &upstream_and_route("err-noroute-up", &[backend.addr], "err-noroute", "/api")),
+    )
+    .await;
     let rsp = Client::new().get(gw.http, "/elsewhere").await;
     assert_levee_answer(&rsp, 404, "no_route", None);
     assert_eq!(backend.requests(), 0);
@@ -31,21 +34,27 @@ async fn no_route_is_404() {
 
 #[tokio::test]
 async fn connect_refused_is_502_upstream_unreachable() {
-    let gw =
-        TestGateway::start(&(base_config() + &upstream_and_route("b", &[closed_port()], "api", "/"))).await;
+    let gw = TestGateway::start(
+        &(base_config() + &upstream_and_route("err-refused-up", &[closed_port()], "err-refused", "/")),
+    )
+    .await;
     let rsp = Client::new().get(gw.http, "/").await;
-    assert_levee_answer(&rsp, 502, "upstream_unreachable", Some("api"));
+    assert_levee_answer(&rsp, 502, "upstream_unreachable", Some("err-refused"));
     assert!(rsp.headers.get("retry-after").is_none());
 }
 
 #[tokio::test]
 async fn hanging_upstream_is_504_after_the_timeout() {
+    // The upper bound is in wall-clock time.
+    let _machine = exclusive().await;
     let backend = Backend::with(Behavior::Hang).await;
-    let gw =
-        TestGateway::start(&(base_config() + &upstream_and_route("b", &[backend.addr], "api", "/"))).await;
+    let gw = TestGateway::start(
+        &(base_config() + &upstream_and_route("err-hang-up", &[backend.addr], "err-hang", "/")),
+    )
+    .await;
     let started = tokio::time::Instant::now();
     let rsp = Client::new().get(gw.http, "/").await;
-    assert_levee_answer(&rsp, 504, "upstream_timeout", Some("api"));
+    assert_levee_answer(&rsp, 504, "upstream_timeout", Some("err-hang"));
     let took = started.elapsed();
     assert!(
         took >= Duration::from_millis(900) && took < Duration::from_secs(3),
@@ -57,10 +66,10 @@ async fn hanging_upstream_is_504_after_the_timeout() {
 async fn declared_body_over_the_limit_is_413_before_forwarding() {
     let backend = Backend::start().await;
     let config = base_config().replace("shutdown_grace", "max_body_bytes = \"1KiB\"\nshutdown_grace")
-        + &upstream_and_route("b", &[backend.addr], "api", "/");
+        + &upstream_and_route("err-declared-up", &[backend.addr], "err-declared", "/");
     let gw = TestGateway::start(&config).await;
     let rsp = Client::new().post(gw.http, "/", vec![0u8; 2048]).await;
-    assert_levee_answer(&rsp, 413, "body_too_large", Some("api"));
+    assert_levee_answer(&rsp, 413, "body_too_large", Some("err-declared"));
     assert_eq!(backend.requests(), 0);
     let ok = Client::new().post(gw.http, "/", vec![0u8; 1024]).await;
     assert_eq!(ok.status, 200);
@@ -70,7 +79,7 @@ async fn declared_body_over_the_limit_is_413_before_forwarding() {
 async fn streamed_chunked_body_over_the_limit_is_413() {
     let backend = Backend::start().await;
     let config = base_config().replace("shutdown_grace", "max_body_bytes = \"1KiB\"\nshutdown_grace")
-        + &upstream_and_route("b", &[backend.addr], "api", "/");
+        + &upstream_and_route("err-chunked-up", &[backend.addr], "err-chunked", "/");
     let gw = TestGateway::start(&config).await;
     let mut req =
         b"POST /up HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
@@ -89,7 +98,7 @@ async fn streamed_chunked_body_over_the_limit_is_413() {
 async fn head_over_max_header_bytes_is_431() {
     let backend = Backend::start().await;
     let config = base_config().replace("shutdown_grace", "max_header_bytes = 2048\nshutdown_grace")
-        + &upstream_and_route("b", &[backend.addr], "api", "/");
+        + &upstream_and_route("err-head-up", &[backend.addr], "err-head", "/");
     let gw = TestGateway::start(&config).await;
     let big = "v".repeat(3000);
     let rsp = Client::new().get_with(gw.http, "/", &[("x-big", &big)]).await;
@@ -104,8 +113,10 @@ async fn head_over_max_header_bytes_is_431() {
 #[tokio::test]
 async fn malformed_requests_get_400_and_the_gateway_keeps_serving() {
     let backend = Backend::start().await;
-    let gw =
-        TestGateway::start(&(base_config() + &upstream_and_route("b", &[backend.addr], "api", "/"))).await;
+    let gw = TestGateway::start(
+        &(base_config() + &upstream_and_route("err-malformed-up", &[backend.addr], "err-malformed", "/")),
+    )
+    .await;
     for bad in [
         &b"GARBAGE\r\n\r\n"[..],
         b"GET /\x01path HTTP/1.1\r\nHost: t\r\n\r\n",
@@ -129,9 +140,13 @@ async fn malformed_requests_get_400_and_the_gateway_keeps_serving() {
 #[tokio::test]
 async fn slowloris_is_disconnected_after_header_read_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // The upper bound is in wall-clock time.
+    let _machine = exclusive().await;
     let backend = Backend::start().await;
-    let gw =
-        TestGateway::start(&(base_config() + &upstream_and_route("b", &[backend.addr], "api", "/"))).await;
+    let gw = TestGateway::start(
+        &(base_config() + &upstream_and_route("err-slowloris-up", &[backend.addr], "err-slowloris", "/")),
+    )
+    .await;
     let mut s = tokio::net::TcpStream::connect(gw.http).await.unwrap();
     let started = tokio::time::Instant::now();
     let head = b"GET / HTTP/1.1\r\nHost: t\r\nx-slow: aaaaaaaaaaaaaaaaaaaa\r\n\r\n";

@@ -5,8 +5,10 @@ use crate::support::{base_config, upstream_and_route, Backend, Client, TestGatew
 #[tokio::test]
 async fn forwards_and_adds_forwarding_headers() {
     let backend = Backend::start().await;
-    let gw =
-        TestGateway::start(&(base_config() + &upstream_and_route("b", &[backend.addr], "api", "/"))).await;
+    let gw = TestGateway::start(
+        &(base_config() + &upstream_and_route("px-fwd-up", &[backend.addr], "px-fwd", "/")),
+    )
+    .await;
     let rsp = Client::new()
         .get_with(gw.http, "/hello?x=1", &[("connection", "x-hop"), ("x-hop", "secret"), ("x-end", "1")])
         .await;
@@ -31,8 +33,14 @@ async fn forwards_and_adds_forwarding_headers() {
 async fn keeps_the_clients_request_id_and_appends_to_x_forwarded_for() {
     let backend = Backend::start().await;
     // Only a trusted proxy's chain is kept (tests/it/client_address.rs has the untrusted case).
-    let config = base_config().replace("[server]", "[server]\ntrusted_proxies = [\"127.0.0.1\"]");
-    let gw = TestGateway::start(&(config + &upstream_and_route("b", &[backend.addr], "api", "/"))).await;
+    let config = base_config().replace(
+        "[server]",
+        "[server]
+trusted_proxies = [\"127.0.0.1\"]",
+    );
+    let gw =
+        TestGateway::start(&(config + &upstream_and_route("px-reqid-up", &[backend.addr], "px-reqid", "/")))
+            .await;
     let rsp = Client::new()
         .get_with(gw.http, "/", &[("x-request-id", "req-42"), ("x-forwarded-for", "203.0.113.9")])
         .await;
@@ -45,8 +53,10 @@ async fn keeps_the_clients_request_id_and_appends_to_x_forwarded_for() {
 #[tokio::test]
 async fn h2c_prior_knowledge_is_served() {
     let backend = Backend::start().await;
-    let gw =
-        TestGateway::start(&(base_config() + &upstream_and_route("b", &[backend.addr], "api", "/"))).await;
+    let gw = TestGateway::start(
+        &(base_config() + &upstream_and_route("px-h2c-up", &[backend.addr], "px-h2c", "/")),
+    )
+    .await;
     let rsp = Client::h2c().get(gw.http, "/h2").await;
     assert_eq!(rsp.status, 200);
     let seen = backend.last().unwrap();
@@ -59,8 +69,8 @@ async fn longest_prefix_routes_to_its_upstream() {
     let a = Backend::start().await;
     let b = Backend::start().await;
     let config = base_config()
-        + &upstream_and_route("a", &[a.addr], "root", "/")
-        + &upstream_and_route("b", &[b.addr], "device", "/v1/device");
+        + &upstream_and_route("px-prefix-a", &[a.addr], "px-prefix-root", "/")
+        + &upstream_and_route("px-prefix-b", &[b.addr], "px-prefix-device", "/v1/device");
     let gw = TestGateway::start(&config).await;
     let c = Client::new();
     c.get(gw.http, "/v1/device/7").await;
@@ -74,8 +84,13 @@ async fn balances_over_endpoints() {
     let b = Backend::start().await;
     for balance in ["p2c", "round_robin"] {
         let config = base_config()
-            + &upstream_and_route("u", &[a.addr, b.addr], "api", "/")
-                .replace("connect_timeout", &format!("balance = \"{balance}\"\nconnect_timeout"));
+            + &upstream_and_route(
+                &format!("px-balance-{balance}-up"),
+                &[a.addr, b.addr],
+                &format!("px-balance-{balance}"),
+                "/",
+            )
+            .replace("connect_timeout", &format!("balance = \"{balance}\"\nconnect_timeout"));
         let gw = TestGateway::start(&config).await;
         let before = (a.requests(), b.requests());
         let c = Client::new();
@@ -91,8 +106,10 @@ async fn balances_over_endpoints() {
 #[tokio::test]
 async fn relays_upstream_statuses_unchanged_including_401_and_403() {
     let backend = Backend::start().await;
-    let gw =
-        TestGateway::start(&(base_config() + &upstream_and_route("b", &[backend.addr], "api", "/"))).await;
+    let gw = TestGateway::start(
+        &(base_config() + &upstream_and_route("px-relay-up", &[backend.addr], "px-relay", "/")),
+    )
+    .await;
     for code in [201u16, 301, 401, 403, 404, 500, 503] {
         backend.set(crate::support::Behavior::Status(code));
         let rsp = Client::new().get(gw.http, "/").await;
@@ -104,8 +121,10 @@ async fn relays_upstream_statuses_unchanged_including_401_and_403() {
 #[tokio::test]
 async fn streams_request_bodies() {
     let backend = Backend::start().await;
-    let gw =
-        TestGateway::start(&(base_config() + &upstream_and_route("b", &[backend.addr], "api", "/"))).await;
+    let gw = TestGateway::start(
+        &(base_config() + &upstream_and_route("px-stream-up", &[backend.addr], "px-stream", "/")),
+    )
+    .await;
     let rsp = Client::new().post(gw.http, "/upload", vec![7u8; 300_000]).await;
     assert_eq!(rsp.status, 200);
     assert_eq!(rsp.headers["x-body-len"], "300000");

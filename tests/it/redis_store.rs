@@ -20,8 +20,10 @@ fn config(
     on_failure: &str,
 ) -> String {
     base_config()
-        + &upstream_and_route("b", &[backend], route, "/")
-            .replace("upstream = \"b\"", "upstream = \"b\"\nclient_key = \"header:x-device-id\"")
+        + &upstream_and_route(&format!("{route}-up"), &[backend], route, "/").replace(
+            &format!("upstream = \"{route}-up\""),
+            &format!("upstream = \"{route}-up\"\nclient_key = \"header:x-device-id\""),
+        )
         + limit
         // Storm detection is stage 3c; these tests look at the limits alone.
         + "[routes.storm]\nenabled = false\n"

@@ -14,7 +14,7 @@ use crate::support::{base_config, closed_port, Backend, Behavior, Client, TestGa
 
 /// One upstream `name` (unique per test: metrics are process-wide) with the
 /// given `[retry]` keys, a breaker and outlier detection that stay out of the
-/// way, and a route `api` on `/`.
+/// way, and a route `{name}-api` on `/` (unique too).
 fn config(name: &str, endpoints: &[SocketAddr], retry: &str) -> String {
     let eps: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
     base_config()
@@ -37,7 +37,7 @@ backoff = "1ms"
 {retry}
 
 [[routes]]
-name = "api"
+name = "{name}-api"
 path_prefix = "/"
 upstream = "{name}"
 

@@ -10,11 +10,15 @@ use tokio::time::Instant;
 use crate::support::gateway::metric_value;
 use crate::support::{base_config, upstream_and_route, Backend, Behavior, Client, TestGateway, TestResponse};
 
-/// A route keyed by `x-device-id` with the given storm and auth-guard settings.
+/// A route `name` (unique per test: metrics are process-wide) keyed by
+/// `x-device-id`, with the given storm and auth-guard settings.
 fn route(backend: std::net::SocketAddr, name: &str, storm: &str, guard: &str) -> String {
+    let upstream = format!("{name}-up");
     base_config()
-        + &upstream_and_route("b", &[backend], name, "/")
-            .replace("upstream = \"b\"", "upstream = \"b\"\nclient_key = \"header:x-device-id\"")
+        + &upstream_and_route(&upstream, &[backend], name, "/").replace(
+            &format!("upstream = \"{upstream}\""),
+            &format!("upstream = \"{upstream}\"\nclient_key = \"header:x-device-id\""),
+        )
         + &format!("[routes.storm]\n{storm}\n[routes.auth_guard]\n{guard}\n")
 }
 
@@ -84,7 +88,7 @@ async fn a_callback_bomb_is_shed_by_64_per_second_while_50_steady_clients_keep_t
     assert!(ok as f64 >= total as f64 * 0.999, "steady clients got {ok} of {total} 2xx");
     let metrics = gw.metrics().await;
     assert_eq!(
-        metric_value(&metrics, "levee_shed_total", &["route=\"bomb-route\"", "callback_bomb"]),
+        metric_value(&metrics, "levee_shed_total", &["route=\"bomb-route\"", "reason=\"callback_bomb\""]),
         Some(1.0)
     );
 }
@@ -96,6 +100,9 @@ async fn a_steady_200_per_second_client_and_a_one_off_burst_are_never_quarantine
     let gw = TestGateway::start(&route(backend.addr, "steady-route", "", "enabled = false")).await;
     let c = Client::new();
     let mut tick = tokio::time::interval(Duration::from_millis(5));
+    // Steady means steady: after a stall of the machine, no catch-up burst
+    // (the default) that would look like a rate that multiplies.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     for _ in 0..800 {
         tick.tick().await;
         let rsp = get(&c, &gw, "fast-but-steady", "/").await;
@@ -163,7 +170,10 @@ async fn quarantine_expires_and_a_relapse_doubles_it() {
 #[tokio::test]
 async fn identical_requests_to_a_failing_backend_become_a_retry_storm_after_the_budget() {
     let backend = Backend::with(Behavior::Status(503)).await;
-    let gw = TestGateway::start(&route(backend.addr, "retry-route", "", "enabled = false")).await;
+    // A window that outlasts a slow machine's ten requests: every one of them
+    // is a duplicate of the first (the default, 2 s, is a race with the load).
+    let storm = "duplicate_window = \"10s\"";
+    let gw = TestGateway::start(&route(backend.addr, "retry-route", storm, "enabled = false")).await;
     let c = Client::new();
     let mut statuses = Vec::new();
     for _ in 0..10 {
@@ -172,9 +182,10 @@ async fn identical_requests_to_a_failing_backend_become_a_retry_storm_after_the_
     }
     // The original and max_duplicates = 3 retries reach the backend; then the storm is shed.
     assert!(statuses[..4].iter().all(|s| s.0 == 503 && s.1.is_none()), "{statuses:?}");
-    assert_eq!(statuses[4], (429, Some("retry_storm".into()), Some(2)));
+    // Retry-After starts at the duplicate window and backs off.
+    assert_eq!(statuses[4], (429, Some("retry_storm".into()), Some(10)));
     assert!(statuses[5..].iter().all(|s| s.0 == 429), "{statuses:?}");
-    assert!(statuses[9].2.unwrap() > 2, "Retry-After backs off: {statuses:?}");
+    assert!(statuses[9].2.unwrap() > 10, "Retry-After backs off: {statuses:?}");
     // Four client requests got through, each tried twice by levee's own retry
     // (`attempts = 2`, within its budget): the storm's later sends never reached it.
     assert_eq!(backend.requests(), 8);
@@ -242,7 +253,7 @@ async fn a_401_wave_after_60_clients_succeeded_becomes_503_and_the_guard_resets(
     assert!(passed_401 <= 27, "{passed_401} 401s passed before the guard tripped");
     assert_eq!(passed_401 + rewritten, 180);
     let metrics = gw.metrics().await;
-    assert_eq!(metric_value(&metrics, "levee_auth_guard_tripped", &["guard-route"]), Some(1.0));
+    assert_eq!(metric_value(&metrics, "levee_auth_guard_tripped", &["route=\"guard-route\""]), Some(1.0));
 
     // A client that never succeeded gets its 401 unchanged.
     let stranger = get(&c, &gw, "stranger", "/").await;
@@ -260,5 +271,5 @@ async fn a_401_wave_after_60_clients_succeeded_becomes_503_and_the_guard_resets(
     let single = get(&c, &gw, "dev-1", "/").await;
     assert_eq!(single.status, 401, "a single 401 with a healthy upstream passes");
     let metrics = gw.metrics().await;
-    assert_eq!(metric_value(&metrics, "levee_auth_guard_tripped", &["guard-route"]), Some(0.0));
+    assert_eq!(metric_value(&metrics, "levee_auth_guard_tripped", &["route=\"guard-route\""]), Some(0.0));
 }

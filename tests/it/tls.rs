@@ -21,7 +21,10 @@ fn write_cert(dir: &Path) -> CertificateDer<'static> {
     cert.cert.der().clone()
 }
 
-fn tls_config(dir: &Path, backend: SocketAddr, plain_http: &str) -> String {
+/// Routes `{name}-secure` (tls_only) and `{name}-open` on upstream `{name}-up`
+/// (unique per gateway: metrics are process-wide).
+fn tls_config(name: &str, dir: &Path, backend: SocketAddr, plain_http: &str) -> String {
+    let upstream = format!("{name}-up");
     base_config()
         + &format!(
             r#"
@@ -34,9 +37,11 @@ plain_http = "{plain_http}"
             dir.join("cert.pem").display(),
             dir.join("key.pem").display()
         )
-        + &upstream_and_route("b", &[backend], "secure", "/secure")
-            .replace("upstream = \"b\"", "upstream = \"b\"\ntls_only = true")
-        + "\n[[routes]]\nname = \"open\"\npath_prefix = \"/\"\nupstream = \"b\"\n"
+        + &upstream_and_route(&upstream, &[backend], &format!("{name}-secure"), "/secure").replace(
+            &format!("upstream = \"{upstream}\""),
+            &format!("upstream = \"{upstream}\"\ntls_only = true"),
+        )
+        + &format!("\n[[routes]]\nname = \"{name}-open\"\npath_prefix = \"/\"\nupstream = \"{upstream}\"\n")
 }
 
 /// One HTTPS GET over a fresh connection; returns (status, negotiated ALPN).
@@ -87,7 +92,7 @@ async fn https_serves_http1_and_h2_by_alpn() {
     let dir = temp_dir("tls");
     let ca = write_cert(&dir);
     let backend = Backend::start().await;
-    let gw = TestGateway::start(&tls_config(&dir, backend.addr, "reject")).await;
+    let gw = TestGateway::start(&tls_config("tls-alpn", &dir, backend.addr, "reject")).await;
     let https = gw.https.unwrap();
     assert_eq!(https_get(https, &ca, &[b"h2", b"http/1.1"], "/secure/x").await, (200, b"h2".to_vec()));
     assert_eq!(https_get(https, &ca, &[b"http/1.1"], "/secure/x").await, (200, b"http/1.1".to_vec()));
@@ -100,7 +105,7 @@ async fn plain_http_on_a_tls_only_route_follows_the_policy() {
     write_cert(&dir);
     let backend = Backend::start().await;
 
-    let gw = TestGateway::start(&tls_config(&dir, backend.addr, "reject")).await;
+    let gw = TestGateway::start(&tls_config("tls-reject", &dir, backend.addr, "reject")).await;
     let https_port = gw.https.unwrap().port();
     let rsp = Client::new().get(gw.http, "/secure/data?x=1").await;
     assert_eq!(rsp.status, 426);
@@ -113,7 +118,7 @@ async fn plain_http_on_a_tls_only_route_follows_the_policy() {
     assert_eq!(Client::new().get(gw.http, "/open").await.status, 200);
     drop(gw);
 
-    let gw = TestGateway::start(&tls_config(&dir, backend.addr, "redirect")).await;
+    let gw = TestGateway::start(&tls_config("tls-redirect", &dir, backend.addr, "redirect")).await;
     let rsp = Client::new().get(gw.http, "/secure/data").await;
     assert_eq!(rsp.status, 308);
     assert_eq!(
@@ -122,6 +127,6 @@ async fn plain_http_on_a_tls_only_route_follows_the_policy() {
     );
     drop(gw);
 
-    let gw = TestGateway::start(&tls_config(&dir, backend.addr, "serve")).await;
+    let gw = TestGateway::start(&tls_config("tls-serve", &dir, backend.addr, "serve")).await;
     assert_eq!(Client::new().get(gw.http, "/secure/data").await.status, 200);
 }

@@ -25,6 +25,10 @@ pub enum Behavior {
     Hang,
     /// Answers 200 after this long.
     Delay(Duration),
+    /// Answers 200 once the test calls [`Backend::release`] (at once after
+    /// it): requests stay in flight exactly as long as the test needs, with no
+    /// race between a delay and a loaded machine.
+    Held,
 }
 
 /// What the backend saw of one request.
@@ -38,6 +42,7 @@ pub struct Seen {
 
 struct State {
     behavior: Mutex<Behavior>,
+    released: tokio::sync::watch::Sender<bool>,
     requests: AtomicUsize,
     seen: Mutex<Vec<Seen>>,
 }
@@ -58,6 +63,7 @@ impl Backend {
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(State {
             behavior: Mutex::new(behavior),
+            released: tokio::sync::watch::Sender::new(false),
             requests: AtomicUsize::new(0),
             seen: Mutex::new(Vec::new()),
         });
@@ -79,6 +85,11 @@ impl Backend {
 
     pub fn set(&self, behavior: Behavior) {
         *self.state.behavior.lock().unwrap() = behavior;
+    }
+
+    /// Lets every [`Behavior::Held`] request answer, now and from now on.
+    pub fn release(&self) {
+        self.state.released.send_replace(true);
     }
 
     /// Requests received so far.
@@ -124,6 +135,11 @@ async fn handle(
         }
         Behavior::Delay(d) => {
             tokio::time::sleep(d).await;
+            StatusCode::OK
+        }
+        Behavior::Held => {
+            let mut released = state.released.subscribe();
+            let _ = released.wait_for(|r| *r).await;
             StatusCode::OK
         }
     };

@@ -15,12 +15,35 @@ pub use gateway::TestGateway;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 /// Held by tests that load the machine (thousands of requests, timing
 /// assertions), so two of them never run at once on a 2-core machine.
 pub async fn exclusive() -> tokio::sync::MutexGuard<'static, ()> {
     static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     LOCK.lock().await
+}
+
+/// Runs `probe` every 20 ms until it returns `Some`, and returns that; fails
+/// the test naming `what` when `within` has passed. Tests wait for the state
+/// they assert (a background tick, a request in flight) with this instead of
+/// sleeping and hoping: on a loaded machine a sleep is sometimes too short.
+pub async fn poll_until<T>(within: Duration, what: &str, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
+    let step = Duration::from_millis(20);
+    let deadline = Instant::now() + within;
+    // Each round sleeps `step`, so the count bound is never the first to trip.
+    for _ in 0..=within.as_millis() / step.as_millis() + 1 {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(step).await;
+    }
+    panic!("not within {within:?}: {what}");
 }
 
 /// A fresh directory under the system temp dir for one test.
