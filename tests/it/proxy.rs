@@ -33,11 +33,7 @@ async fn forwards_and_adds_forwarding_headers() {
 async fn keeps_the_clients_request_id_and_appends_to_x_forwarded_for() {
     let backend = Backend::start().await;
     // Only a trusted proxy's chain is kept (tests/it/client_address.rs has the untrusted case).
-    let config = base_config().replace(
-        "[server]",
-        "[server]
-trusted_proxies = [\"127.0.0.1\"]",
-    );
+    let config = base_config().replace("[server]", "[server]\ntrusted_proxies = [\"127.0.0.1\"]");
     let gw =
         TestGateway::start(&(config + &upstream_and_route("px-reqid-up", &[backend.addr], "px-reqid", "/")))
             .await;
