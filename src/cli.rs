@@ -91,6 +91,10 @@ pub fn check_report(path: &Path) -> CheckReport {
                     return r;
                 }
             }
+            if !check_client_certificates(&config, &mut r) {
+                let _ = writeln!(r.err, "{} is not valid", path.display());
+                return r;
+            }
             let _ = writeln!(r.out, "ok: {} is valid", path.display());
             r.ok = true;
         }
@@ -148,6 +152,40 @@ fn check_chain(tls: &Tls, r: &mut CheckReport) -> bool {
         }
         Err(e) => {
             let _ = writeln!(r.err, "warning: server.tls.cert: {e}");
+        }
+    }
+    ok
+}
+
+/// The client certificates levee presents to `https://` upstreams: fails when
+/// one has expired, warns within 14 days, like the served chain.
+fn check_client_certificates(config: &Config, r: &mut CheckReport) -> bool {
+    use std::fmt::Write;
+    let now = certs::unix_now();
+    let mut ok = true;
+    for u in &config.upstreams {
+        let Some(tls) = &u.tls else { continue };
+        for c in certs::report(&tls.client_chain) {
+            let key = format!("upstreams.{}.tls.cert", u.name);
+            if c.expired(now) {
+                ok = false;
+                let _ = writeln!(
+                    r.err,
+                    "error: {key}: certificate {} ({}) expired on {}",
+                    c.position,
+                    c.subject,
+                    c.not_after_rfc3339()
+                );
+            } else if c.expiring(now) {
+                let _ = writeln!(
+                    r.err,
+                    "warning: {key}: certificate {} ({}) expires on {}, in {} days",
+                    c.position,
+                    c.subject,
+                    c.not_after_rfc3339(),
+                    c.days_left(now)
+                );
+            }
         }
     }
     ok

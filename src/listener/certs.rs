@@ -125,6 +125,33 @@ pub fn publish(served: &ArcSwap<Vec<CertInfo>>, current: Vec<CertInfo>) {
     }
 }
 
+/// Reports the client certificate levee presents to upstream `name`: the
+/// same gauge as the served chain's, `listener="upstream:<name>"`, and the
+/// same warning when it expires within 14 days. Called when the upstream is
+/// built (at start and on each reload that changes it).
+pub fn publish_client_chain(name: &str, chain: &[CertificateDer]) {
+    let now = unix_now();
+    let listener = format!("upstream:{name}");
+    for cert in report(chain) {
+        metrics::gauge!(
+            TLS_CERT_NOT_AFTER,
+            "listener" => listener.clone(),
+            "subject" => cert.subject.clone(),
+            "position" => cert.position.to_string(),
+        )
+        .set(cert.not_after as f64);
+        if cert.expiring(now) {
+            tracing::warn!(
+                upstream = name,
+                subject = %cert.subject,
+                not_after = %cert.not_after_rfc3339(),
+                days_left = cert.days_left(now),
+                "the client certificate for an upstream expires within {WARN_WITHIN_DAYS} days"
+            );
+        }
+    }
+}
+
 fn gauge(cert: &CertInfo) -> metrics::Gauge {
     metrics::gauge!(
         TLS_CERT_NOT_AFTER,

@@ -80,6 +80,9 @@ pub struct EndpointHint {
 
 impl Upstream {
     pub fn new(config: UpstreamConfig) -> Self {
+        if let Some(tls) = &config.tls {
+            crate::listener::certs::publish_client_chain(&config.name, &tls.client_chain);
+        }
         let name = SharedString::from(config.name.clone());
         let origin = Instant::now();
         let labels: Vec<SharedString> =

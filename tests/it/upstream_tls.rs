@@ -162,6 +162,15 @@ async fn an_upstream_that_requires_mtls_gets_levees_client_certificate() {
     let gw = TestGateway::start(&config("uptls-client-cert", backend, &with_cert)).await;
     let rsp = Client::new().get(gw.http, "/x").await;
     assert_eq!(rsp.status, 200, "{:?} {}", rsp.reason(), rsp.text());
+    // Its expiry is reported like the served chain's.
+    let not_after = crate::support::gateway::metric_value(
+        &gw.metrics().await,
+        "levee_tls_cert_not_after_timestamp_seconds",
+        &["listener=\"upstream:uptls-client-cert\""],
+    )
+    .expect("no expiry gauge for the upstream client certificate");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    assert!(not_after > now, "{not_after}");
     let _ = std::fs::remove_dir_all(dir);
 }
 
