@@ -18,8 +18,6 @@ use http_body::{Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 
-use crate::respond::Reason;
-
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The body of requests and responses inside levee.
@@ -90,6 +88,18 @@ pub struct BodyTooLarge(pub u64);
 #[error("request body stalled for {0:?}")]
 pub struct BodyStalled(pub Duration);
 
+/// How a client's body failed; `respond.rs` turns it into levee's answer
+/// (413, 408, 499).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Past `max_body_bytes`.
+    TooLarge,
+    /// A gap longer than `body_read_timeout`.
+    Stalled,
+    /// The client cut it off or went away.
+    CutOff,
+}
+
 /// What went wrong with a client's request body, if anything. Set by
 /// [`ClientBody`], read when an upstream try fails, so that the failure is
 /// charged to the client (408, 413, 499) and never to the upstream.
@@ -102,12 +112,12 @@ impl BodyFault {
     const STALLED: u8 = 2;
     const CUT_OFF: u8 = 3;
 
-    /// The client's fault, as levee's answer, if the body failed.
-    pub fn reason(&self) -> Option<Reason> {
+    /// The client's fault, if the body failed.
+    pub fn get(&self) -> Option<Fault> {
         match self.0.load(Ordering::Relaxed) {
-            Self::TOO_LARGE => Some(Reason::BodyTooLarge),
-            Self::STALLED => Some(Reason::RequestTimeout),
-            Self::CUT_OFF => Some(Reason::ClientClosed),
+            Self::TOO_LARGE => Some(Fault::TooLarge),
+            Self::STALLED => Some(Fault::Stalled),
+            Self::CUT_OFF => Some(Fault::CutOff),
             _ => None,
         }
     }

@@ -8,9 +8,14 @@ use std::sync::Arc;
 use http::HeaderMap;
 use tokio::time::Instant;
 
+use http::header::HeaderName;
+
 use crate::body::BodyFault;
 use crate::config::TrustedProxies;
-use crate::upstream::forward::X_FORWARDED_FOR;
+
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The scheme the client spoke to levee with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

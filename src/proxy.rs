@@ -313,7 +313,7 @@ impl Proxy {
                 Ok((route, rsp))
             }
             // The upstream try failed because of the client's body: its fault.
-            Err(_) if fault.reason().is_some() => Err((Some(route), client_fault(&fault, server))),
+            Err(_) if fault.get().is_some() => Err((Some(route), client_fault(&fault, server))),
             Err(shed) => Err((Some(route), shed)),
         }
     }
@@ -346,7 +346,7 @@ impl Proxy {
 
 /// levee's answer to a request whose body failed (the fault is set).
 fn client_fault(fault: &BodyFault, server: &crate::config::Server) -> Shed {
-    match fault.reason() {
+    match fault.get().map(Reason::from) {
         Some(Reason::BodyTooLarge) => body_too_large(server.max_body_bytes),
         Some(Reason::RequestTimeout) => Shed::new(Reason::RequestTimeout)
             .detail(format!("the request body stalled for more than {:?}", server.body_read_timeout)),

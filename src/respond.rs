@@ -137,6 +137,16 @@ impl Reason {
     }
 }
 
+impl From<crate::body::Fault> for Reason {
+    fn from(fault: crate::body::Fault) -> Reason {
+        match fault {
+            crate::body::Fault::TooLarge => Reason::BodyTooLarge,
+            crate::body::Fault::Stalled => Reason::RequestTimeout,
+            crate::body::Fault::CutOff => Reason::ClientClosed,
+        }
+    }
+}
+
 /// A decision not to forward, or a failure on the way: a value, not an error.
 #[derive(Debug, Clone)]
 pub struct Shed {

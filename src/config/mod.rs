@@ -26,6 +26,12 @@ use sha2::{Digest, Sha256};
 pub use upstream_tls::UpstreamTls;
 pub use validate::*;
 
+/// An error found by validation: the key it concerns and what is wrong.
+pub struct Invalid {
+    pub path: KeyPath,
+    pub message: String,
+}
+
 /// A validated configuration, ready to build a gateway from.
 #[derive(Debug)]
 pub struct Config {

@@ -18,8 +18,7 @@ use rustls::ClientConfig;
 use rustls_pki_types::pem::PemObject;
 
 use super::raw::RawUpstreamTls;
-use super::validate::{key_matches, Invalid};
-use super::KeyPath;
+use super::{Invalid, KeyPath};
 
 /// The TLS side of one upstream, ready to use.
 #[derive(Clone)]
@@ -120,4 +119,35 @@ pub fn build(raw: Option<&RawUpstreamTls>, base_dir: &Path, p: &KeyPath) -> Resu
     };
     (&raw.ca, &raw.cert, &raw.key, &raw.server_name).hash(&mut fingerprint);
     Ok(UpstreamTls { client: Arc::new(client), server_name, client_chain, fingerprint: fingerprint.finish() })
+}
+
+/// The private key must be the leaf certificate's: a key of another
+/// certificate would load, then fail every handshake. rustls compares the
+/// key's public half with the leaf's SubjectPublicKeyInfo. Used for the
+/// listener's certificate and for upstream client certificates alike.
+pub(super) fn key_matches(
+    chain: &[CertificateDer<'static>],
+    key: &PrivateKeyDer<'static>,
+    cert_path: &Path,
+    key_path: &Path,
+    p: &KeyPath,
+) -> Result<(), Invalid> {
+    use rustls::sign::CertifiedKey;
+    use rustls::{Error, InconsistentKeys};
+    let fail = |key: &str, message: String| Err(Invalid { path: p.key(key), message });
+    let signing = match rustls::crypto::ring::sign::any_supported_type(key) {
+        Ok(k) => k,
+        Err(e) => return fail("key", format!("{}: unsupported private key: {e}", key_path.display())),
+    };
+    let (keys, certs) = (key_path.display(), cert_path.display());
+    match CertifiedKey::new(chain.to_vec(), signing).keys_match() {
+        Ok(()) => Ok(()),
+        Err(Error::InconsistentKeys(InconsistentKeys::KeyMismatch)) => {
+            fail("key", format!("{keys} does not match the certificate in {certs}"))
+        }
+        Err(Error::InconsistentKeys(InconsistentKeys::Unknown)) => {
+            fail("key", format!("{keys}: cannot tell whether this key matches the certificate in {certs}"))
+        }
+        Err(e) => fail("cert", format!("{certs}: the first certificate (the leaf) is not valid X.509: {e}")),
+    }
 }

@@ -13,17 +13,15 @@ use rustls_pki_types::pem::PemObject;
 
 use super::raw::{self, RawConfig};
 use super::units::{Dur, KeySource, Rate};
-use super::{Config, KeyPath};
+use super::{Config, Invalid, KeyPath};
 
 pub use super::raw::{Balance, KeyFallback, OnFailure, PlainHttp, Priority, StoreKind};
 
-/// An error found by validation: the key it concerns and what is wrong.
-pub struct Invalid {
-    pub path: KeyPath,
-    pub message: String,
-}
-
 type Result<T> = std::result::Result<T, Invalid>;
+
+/// The most `[[routes.limits]]` a route may have: a client's limiter state is
+/// one fixed-size entry (`store/memory.rs`) and one script call (Redis).
+pub const MAX_LIMITS: usize = 4;
 
 fn invalid<T>(path: KeyPath, message: impl Into<String>) -> Result<T> {
     Err(Invalid { path, message: message.into() })
@@ -460,47 +458,8 @@ fn tls(t: &raw::RawTls, base_dir: &Path) -> Result<Tls> {
     let Ok(key) = PrivateKeyDer::from_pem_slice(&pem) else {
         return invalid(p.key("key"), format!("{}: holds no PEM private key", key_path.display()));
     };
-    key_matches(&chain, &key, &cert_path, &key_path, &p)?;
+    super::upstream_tls::key_matches(&chain, &key, &cert_path, &key_path, &p)?;
     Ok(Tls { listen: addr(&t.listen, p.key("listen"))?, cert_path, chain, key, plain_http: t.plain_http })
-}
-
-/// The private key must be the leaf certificate's: a key of another
-/// certificate would load, then fail every handshake. rustls compares the
-/// key's public half with the leaf's SubjectPublicKeyInfo.
-pub(super) fn key_matches(
-    chain: &[CertificateDer<'static>],
-    key: &PrivateKeyDer<'static>,
-    cert_path: &Path,
-    key_path: &Path,
-    p: &KeyPath,
-) -> Result<()> {
-    use rustls::sign::CertifiedKey;
-    use rustls::{Error, InconsistentKeys};
-    let signing = match rustls::crypto::ring::sign::any_supported_type(key) {
-        Ok(k) => k,
-        Err(e) => {
-            return invalid(p.key("key"), format!("{}: unsupported private key: {e}", key_path.display()))
-        }
-    };
-    match CertifiedKey::new(chain.to_vec(), signing).keys_match() {
-        Ok(()) => Ok(()),
-        Err(Error::InconsistentKeys(InconsistentKeys::KeyMismatch)) => invalid(
-            p.key("key"),
-            format!("{} does not match the certificate in {}", key_path.display(), cert_path.display()),
-        ),
-        Err(Error::InconsistentKeys(InconsistentKeys::Unknown)) => invalid(
-            p.key("key"),
-            format!(
-                "{}: cannot tell whether this key matches the certificate in {}",
-                key_path.display(),
-                cert_path.display()
-            ),
-        ),
-        Err(e) => invalid(
-            p.key("cert"),
-            format!("{}: the first certificate (the leaf) is not valid X.509: {e}", cert_path.display()),
-        ),
-    }
 }
 
 fn store(s: &raw::RawStore) -> Result<StoreConfig> {
@@ -640,8 +599,8 @@ fn route(r: &raw::RawRoute, upstreams: &[UpstreamConfig], p: KeyPath) -> Result<
             format!("no upstream named {:?} (known: {})", r.upstream, known.join(", ")),
         );
     };
-    if r.limits.len() > crate::store::MAX_LIMITS {
-        return invalid(p.key("limits"), format!("at most {} limits per route", crate::store::MAX_LIMITS));
+    if r.limits.len() > MAX_LIMITS {
+        return invalid(p.key("limits"), format!("at most {} limits per route", MAX_LIMITS));
     }
     let mut limits = Vec::with_capacity(r.limits.len());
     for (i, l) in r.limits.iter().enumerate() {

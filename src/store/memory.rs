@@ -29,8 +29,7 @@ use tokio::time::Instant;
 use super::clock::ClockMap;
 use super::gcra::{self, Gcra, Outcome};
 
-/// The most limits one route may have (the state of each lives inline).
-pub const MAX_LIMITS: usize = 4;
+pub use crate::config::MAX_LIMITS;
 
 /// The state of one client on one route: the `tat` of each limit (0: full
 /// bucket), next to the id of the limit it belongs to (0: unused).

@@ -15,9 +15,7 @@ use crate::body::{self, Body};
 use crate::config::{EndpointAddr, UpstreamTls};
 use crate::context::RequestContext;
 
-pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub use crate::context::{X_FORWARDED_FOR, X_FORWARDED_PROTO, X_REQUEST_ID};
 
 pub type HttpClient = Client<HttpConnector, Body>;
 

@@ -168,10 +168,9 @@ impl Upstream {
             }
             // The try failed because the client's body did (too large, stalled,
             // cut off): the client's fault, never the endpoint's.
-            Err(_) if ctx.body_fault.reason().is_some() => {
+            Err(_) if ctx.body_fault.get().is_some() => {
                 self.count(idx, error_code("client_fault"));
-                let reason = ctx.body_fault.reason().unwrap_or(Reason::ClientClosed);
-                Err(Shed::new(reason))
+                Err(Shed::new(ctx.body_fault.get().map_or(Reason::ClientClosed, Reason::from)))
             }
             Err(e) => {
                 self.outlier.record(idx, true, now);
