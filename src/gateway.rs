@@ -20,16 +20,14 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::admin::{Admin, AdminContext};
 use crate::config::reload::{ConfigStatus, ReloadHandle, ReloadResult};
-use crate::config::{self, Config, RouteConfig};
+use crate::config::{self, Config};
 use crate::listener::certs::{self as cert_report, CertInfo};
 use crate::listener::{self, tls::CertResolver};
-use crate::proxy::{Proxy, Route};
-use crate::router::Router;
-use crate::stack;
-use crate::stack::{Registry, RouteState};
+use crate::proxy::Proxy;
+pub use crate::runtime::Runtime;
+use crate::stack::Registry;
 use crate::stats::ShedSamples;
 use crate::store::Store;
-use crate::upstream::Upstream;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -37,53 +35,6 @@ pub enum GatewayError {
     Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
     #[error("server.tls: {0}")]
     Tls(#[from] rustls::Error),
-}
-
-/// Everything one config version serves with.
-pub struct Runtime {
-    pub config: Config,
-    pub router: Router<Route>,
-    pub upstreams: Vec<Arc<Upstream>>,
-    pub store: Arc<Store>,
-}
-
-impl Runtime {
-    /// Builds the runtime of `config` on `store` (which outlives runtimes), and
-    /// the registry the admin API reads clients through.
-    /// `previous` is the registry of the running config: route state whose
-    /// settings did not change carries over (quarantines survive a reload).
-    pub fn build(config: Config, store: Arc<Store>, previous: Option<&Registry>) -> (Runtime, Registry) {
-        // An upstream whose settings did not change keeps its breaker, outlier,
-        // budget and in-flight state across a reload.
-        let upstreams: Vec<Arc<Upstream>> = config
-            .upstreams
-            .iter()
-            .map(|u| {
-                let same = previous.and_then(|p| p.upstreams.iter().find(|o| o.config == *u));
-                same.cloned().unwrap_or_else(|| Arc::new(Upstream::new(u.clone())))
-            })
-            .collect();
-        let mut registry = Registry {
-            store: store.clone(),
-            routes: Vec::with_capacity(config.routes.len()),
-            upstreams: upstreams.clone(),
-            configs: config.routes.clone(),
-        };
-        // One budget: `max_clients` split over the limiter and every route's maps.
-        let shares = store.plan_budget(&config.routes);
-        let router = Router::new(config.routes.iter().map(|r: &RouteConfig| {
-            let before = previous.and_then(|p| p.routes.iter().find(|s| *s.name == *r.name));
-            let state = Arc::new(RouteState::build(r, shares.per_map, before.map(|s| &**s)));
-            let storm = state.storm.iter().flat_map(|s| s.budget_maps());
-            for map in storm.chain(state.guard.iter().map(|g| g.budget_map())) {
-                store.budget().adopt(&map);
-            }
-            registry.routes.push(state.clone());
-            let service = stack::build(r, upstreams[r.upstream].clone(), &state, store.clone());
-            (r.host.clone(), r.path_prefix.clone(), Route::new(r.clone(), service, state.stats.clone()))
-        }));
-        (Runtime { config, router, upstreams, store }, registry)
-    }
 }
 
 /// The sockets a gateway serves on, bound before it starts (so tests can bind

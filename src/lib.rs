@@ -44,6 +44,7 @@ pub mod path;
 pub mod proxy;
 pub mod respond;
 pub mod router;
+pub mod runtime;
 pub mod stack;
 pub mod stats;
 pub mod store;

@@ -9,7 +9,7 @@ use dashmap::DashMap;
 use http::header::{HeaderValue, CONTENT_LENGTH, HOST};
 use http::{Request, Response};
 use hyper::body::Incoming;
-use metrics::{Counter, Histogram, SharedString};
+use metrics::Counter;
 use tokio::time::Instant;
 use tower::ServiceExt;
 
@@ -17,101 +17,15 @@ use http_body::Body as _;
 use http_body_util::BodyExt;
 
 use crate::body::{self, Body, BodyFault, ClientBody};
-use crate::config::RouteConfig;
 use crate::context::{new_request_id, RequestContext, Scheme};
-use crate::gateway::Runtime;
 use crate::listener::{plain_http, ConnInfo, ConnLimits, Handler};
-use crate::metrics as m;
 use crate::respond::{Reason, Shed};
-use crate::stack::client_id::ClientId;
-use crate::stack::{BoxFuture, RouteService};
-use crate::stats::{RouteStats, ShedSamples};
+use crate::runtime::{record, Label, Route, Runtime};
+use crate::stack::BoxFuture;
+use crate::stats::ShedSamples;
 use crate::upstream::forward::X_REQUEST_ID;
-use crate::websocket::{Slot, Upgraded};
+use crate::websocket::Slot;
 use tokio::sync::watch;
-
-/// A route of the live runtime: its config, its stack and its metric handles.
-pub struct Route {
-    pub config: RouteConfig,
-    pub name: Arc<str>,
-    service: RouteService,
-    duration: Histogram,
-    /// `levee_requests_total` handles by (status, outcome): registered once per
-    /// combination seen, so the hot path does one map lookup, not a label hash.
-    requests: DashMap<(u16, Label), Counter>,
-    /// `levee_shed_total` handles by reason.
-    shed: DashMap<Reason, Counter>,
-    /// Live counters for the admin API (they outlive this config version).
-    stats: Arc<RouteStats>,
-    /// Who a WebSocket upgrade is from (the stack's own rule), for the cap.
-    client_id: ClientId,
-    /// Open upgraded connections per client.
-    upgraded: Arc<Upgraded>,
-}
-
-/// The `outcome` label of `levee_requests_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Label {
-    /// The upstream's response, relayed.
-    Forwarded,
-    /// A defence refused the request (429, 503).
-    Shed,
-    /// Something failed on the way (4xx for bad requests, 502, 504).
-    Error,
-}
-
-impl Label {
-    fn as_str(self) -> &'static str {
-        match self {
-            Label::Forwarded => "forwarded",
-            Label::Shed => "shed",
-            Label::Error => "error",
-        }
-    }
-}
-
-impl Route {
-    pub fn new(config: RouteConfig, service: RouteService, stats: Arc<RouteStats>) -> Self {
-        let name: Arc<str> = Arc::from(config.name.as_str());
-        Route {
-            duration: metrics::histogram!(m::REQUEST_DURATION, "route" => SharedString::from(name.clone())),
-            name,
-            service,
-            requests: DashMap::new(),
-            shed: DashMap::new(),
-            stats,
-            client_id: ClientId::new(&config),
-            upgraded: Upgraded::new(&config.name, config.max_upgraded_per_client),
-            config,
-        }
-    }
-
-    fn count_shed(&self, reason: Reason) {
-        self.shed
-            .entry(reason)
-            .or_insert_with(|| {
-                metrics::counter!(m::SHED_TOTAL, "route" => SharedString::from(self.name.clone()), "reason" => reason.as_str())
-            })
-            .increment(1);
-    }
-
-    fn count(&self, status: u16, outcome: Label) {
-        record(&self.requests, &self.name, status, outcome);
-    }
-}
-
-fn record(cache: &DashMap<(u16, Label), Counter>, route: &Arc<str>, status: u16, outcome: Label) {
-    if let Some(c) = cache.get(&(status, outcome)) {
-        c.increment(1);
-        return;
-    }
-    let c = metrics::counter!(m::REQUESTS_TOTAL,
-        "route" => SharedString::from(route.clone()),
-        "status" => status.to_string(),
-        "outcome" => outcome.as_str());
-    c.increment(1);
-    cache.insert((status, outcome), c);
-}
 
 /// The proxy listener's handler.
 pub struct Proxy {
