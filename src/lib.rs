@@ -22,6 +22,8 @@
 //!
 //! - `config/`: the TOML contract, raw → validated once; reload status.
 //! - `gateway.rs`: assembles a runtime from a config, swaps it on reload, runs listeners.
+//! - `runtime.rs`: one config version, ready to serve (router, route stacks, upstreams).
+//! - `websocket.rs`: the upgrade cap and the relay of upgraded connections.
 //! - `admin/`: health, readiness, metrics, config and reload.
 //! - `demo/`: `levee demo`, fake backends and a simulated fleet against the gateway.
 //! - `metrics.rs`: every Prometheus name, once.
