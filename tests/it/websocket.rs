@@ -45,6 +45,10 @@ async fn echo_server() -> (SocketAddr, Arc<Mutex<Vec<u16>>>) {
 }
 
 fn config(name: &str, backend: SocketAddr, route_extra: &str) -> String {
+    config_with_storm(name, backend, route_extra, "enabled = false")
+}
+
+fn config_with_storm(name: &str, backend: SocketAddr, route_extra: &str, storm: &str) -> String {
     base_config().replace("shutdown_grace = \"5s\"", "shutdown_grace = \"1s\"")
         + &format!(
             r#"
@@ -58,7 +62,7 @@ upstream = "{name}"
 client_key = "header:x-device-id"
 {route_extra}
 [routes.storm]
-enabled = false
+{storm}
 "#
         )
 }
@@ -139,6 +143,35 @@ async fn reconnect_attempts_count_against_the_routes_limits() {
         ws.close(None).await.unwrap();
     }
     assert_eq!(refusal(connect(&gw, "dev-reconnect").await), (429, "rate_limited".into()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_storm_is_quarantined_as_a_callback_bomb() {
+    let _x = crate::support::exclusive().await;
+    let (backend, _) = echo_server().await;
+    let gw = TestGateway::start(&config_with_storm("ws-bomb", backend, "", "quarantine = \"60s\"")).await;
+    // A device whose reconnect loop doubles its rate every second (2/s, 4/s, ...).
+    let started = Instant::now();
+    for k in 1..10_000u64 {
+        let due = (k as f64 * std::f64::consts::LN_2 / 2.0 + 1.0).log2();
+        tokio::time::sleep_until(started + Duration::from_secs_f64(due)).await;
+        match connect(&gw, "dev-reconnect-bomb").await {
+            Ok(mut ws) => {
+                let _ = ws.close(None).await;
+            }
+            refused => {
+                assert_eq!(refusal(refused), (429, "callback_bomb".into()));
+                // Another device still connects while this one is quarantined.
+                assert!(connect(&gw, "dev-calm").await.is_ok());
+                return;
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "a doubling reconnect loop was never quarantined"
+        );
+    }
+    unreachable!("the loop is bounded by time");
 }
 
 #[tokio::test]
