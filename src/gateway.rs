@@ -68,12 +68,14 @@ impl Runtime {
             routes: Vec::with_capacity(config.routes.len()),
             upstreams: upstreams.clone(),
             configs: config.routes.clone(),
+            samples: previous.map(|p| p.samples.clone()).unwrap_or_default(),
         };
         // One budget: `max_clients` split over the limiter and every route's maps.
         let shares = store.plan_budget(&config.routes);
         let router = Router::new(config.routes.iter().map(|r: &RouteConfig| {
             let before = previous.and_then(|p| p.routes.iter().find(|s| *s.name == *r.name));
-            let state = Arc::new(RouteState::build(r, shares.per_map, before.map(|s| &**s)));
+            let state =
+                Arc::new(RouteState::build(r, shares.per_map, before.map(|s| &**s), &registry.samples));
             let storm = state.storm.iter().flat_map(|s| s.budget_maps());
             for map in storm.chain(state.guard.iter().map(|g| g.budget_map())) {
                 store.budget().adopt(&map);
@@ -152,10 +154,11 @@ impl Gateway {
         let (reload, reload_rx) = ReloadHandle::channel();
         let store = Store::start(config.store.clone());
         let (runtime, registry) = Runtime::build(config, store, None);
+        let samples = registry.samples.clone();
         Ok(Gateway {
             runtime: Arc::new(ArcSwap::from_pointee(runtime)),
             registry: Arc::new(ArcSwap::from_pointee(registry)),
-            samples: Arc::new(ShedSamples::default()),
+            samples,
             config_path,
             status,
             metrics,

@@ -15,7 +15,7 @@ use super::raw::{self, RawConfig};
 use super::units::{Dur, KeySource, Rate};
 use super::{Config, KeyPath};
 
-pub use super::raw::{Balance, KeyFallback, OnFailure, PlainHttp, Priority, StoreKind};
+pub use super::raw::{Balance, KeyFallback, Mode, OnFailure, PlainHttp, Priority, StoreKind};
 
 /// An error found by validation: the key it concerns and what is wrong.
 pub struct Invalid {
@@ -232,6 +232,10 @@ pub struct RouteConfig {
     pub websocket: bool,
     pub max_upgraded_per_client: u32,
     pub limits: Vec<Limit>,
+    /// The `mode` of each of `limits`, in order. Kept beside [`Limit`], not in
+    /// it: a limit's value is its identity (rate and burst), and switching it
+    /// between shadow and enforce must keep its state.
+    pub limit_modes: Vec<Mode>,
     pub storm: StormConfig,
     pub auth_guard: AuthGuardConfig,
 }
@@ -246,6 +250,9 @@ pub struct Limit {
 #[derive(Debug, Clone, PartialEq)]
 pub struct StormConfig {
     pub enabled: bool,
+    /// Read per request from the live config: a detector whose other settings
+    /// are unchanged keeps its state when only the mode changes.
+    pub mode: Mode,
     pub interval: Duration,
     pub growth_factor: f64,
     pub growth_intervals: u32,
@@ -258,6 +265,8 @@ pub struct StormConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct AuthGuardConfig {
     pub enabled: bool,
+    /// Read per request from the live config, like [`StormConfig::mode`].
+    pub mode: Mode,
     pub window: Duration,
     pub min_responses: u32,
     pub max_401_ratio: f64,
@@ -648,10 +657,12 @@ fn route(r: &raw::RawRoute, upstreams: &[UpstreamConfig], p: KeyPath) -> Result<
         let burst = l.burst.unwrap_or(l.rate.count.get());
         limits.push(limit(l.rate, burst, p.key("limits").index(i))?);
     }
+    let limit_modes = r.limits.iter().map(|l| l.mode).collect();
     let s = &r.storm;
     let sp = p.key("storm");
     let storm = StormConfig {
         enabled: s.enabled,
+        mode: s.mode,
         interval: positive(s.interval.0, HOUR, sp.key("interval"))?,
         growth_factor: ratio(s.growth_factor, sp.key("growth_factor"), 1.1, 1000.0)?,
         growth_intervals: between(s.growth_intervals, 1, 100, sp.key("growth_intervals"))?,
@@ -664,6 +675,7 @@ fn route(r: &raw::RawRoute, upstreams: &[UpstreamConfig], p: KeyPath) -> Result<
     let ap = p.key("auth_guard");
     let auth_guard = AuthGuardConfig {
         enabled: a.enabled,
+        mode: a.mode,
         window: positive(a.window.0, MAX_WINDOW, ap.key("window"))?,
         min_responses: between(a.min_responses, 1, MAX_COUNT, ap.key("min_responses"))?,
         max_401_ratio: ratio(a.max_401_ratio, ap.key("max_401_ratio"), 0.0, 1.0)?,
@@ -691,6 +703,7 @@ fn route(r: &raw::RawRoute, upstreams: &[UpstreamConfig], p: KeyPath) -> Result<
             p.key("max_upgraded_per_client"),
         )?,
         limits,
+        limit_modes,
         storm,
         auth_guard,
     })
