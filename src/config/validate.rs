@@ -781,3 +781,28 @@ upstream = "backend"
         assert!(err.contains("server.trusted_proxies"), "{err}");
     }
 }
+
+#[cfg(test)]
+mod mode_tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn route(extra: &str) -> std::result::Result<Config, crate::config::ConfigError> {
+        let toml = format!(
+            "[upstreams.b]\nendpoints = [\"127.0.0.1:9\"]\n[[routes]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"b\"\n{extra}"
+        );
+        crate::config::parse(&toml, Path::new("."), &|_| None)
+    }
+
+    #[test]
+    fn mode_defaults_to_enforce_and_is_kept_beside_the_limit_not_in_it() {
+        let c = route("[[routes.limits]]\nrate = \"3/m\"\n[[routes.limits]]\nrate = \"1/s\"\nmode = \"shadow\"\n[routes.storm]\nmode = \"shadow\"\n")
+            .unwrap();
+        let r = &c.routes[0];
+        assert_eq!(r.limit_modes, [Mode::Enforce, Mode::Shadow]);
+        assert_eq!((r.storm.mode, r.auth_guard.mode), (Mode::Shadow, Mode::Enforce));
+        let e = route("[routes.auth_guard]\nmode = \"dry-run\"\n").unwrap_err().to_string();
+        assert!(e.contains("mode") || e.contains("dry-run"), "{e}");
+    }
+}
