@@ -40,7 +40,7 @@ pub fn bench(c: &mut Criterion) {
     let config = levee::config::parse(CONFIG, Path::new("."), &|_| None).unwrap();
     let route = &config.routes[0];
     let store = Store::start(config.store.clone());
-    let state = RouteState::build(route, config.store.max_clients, None);
+    let state = RouteState::build(route, config.store.max_clients, None, &Default::default());
     let upstream = Arc::new(Upstream::new(config.upstreams[0].clone()));
     let noop = tower::service_fn(|_req: Request<Body>| async { Ok::<_, Shed>(Response::new(body::empty())) });
     let svc = stack::build_on(route, upstream, &state, store, noop);

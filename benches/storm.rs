@@ -9,7 +9,7 @@ use std::time::Duration;
 use criterion::{BenchmarkId, Criterion, Throughput};
 use http::{Method, StatusCode, Uri};
 use levee::config::units::Rate;
-use levee::config::{AuthGuardConfig, StormConfig};
+use levee::config::{AuthGuardConfig, Mode, StormConfig};
 use levee::stack::auth_guard::AuthGuard;
 use levee::stack::storm::Storm;
 use tokio::time::Instant;
@@ -19,6 +19,7 @@ const CLIENTS: usize = 1_000_000;
 fn storm_config() -> StormConfig {
     StormConfig {
         enabled: true,
+        mode: Mode::Enforce,
         interval: Duration::from_secs(1),
         growth_factor: 2.0,
         growth_intervals: 3,
@@ -32,6 +33,7 @@ fn storm_config() -> StormConfig {
 fn guard_config() -> AuthGuardConfig {
     AuthGuardConfig {
         enabled: true,
+        mode: Mode::Enforce,
         window: Duration::from_secs(10),
         min_responses: 50,
         max_401_ratio: 0.3,

@@ -103,10 +103,11 @@ impl Gateway {
         let (reload, reload_rx) = ReloadHandle::channel();
         let store = Store::start(config.store.clone());
         let (runtime, registry) = Runtime::build(config, store, None);
+        let samples = registry.samples.clone();
         Ok(Gateway {
             runtime: Arc::new(ArcSwap::from_pointee(runtime)),
             registry: Arc::new(ArcSwap::from_pointee(registry)),
-            samples: Arc::new(ShedSamples::default()),
+            samples,
             config_path,
             status,
             metrics,

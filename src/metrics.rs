@@ -11,6 +11,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub const REQUESTS_TOTAL: &str = "levee_requests_total";
 pub const SHED_TOTAL: &str = "levee_shed_total";
+pub const SHADOW_SHED_TOTAL: &str = "levee_shadow_shed_total";
 pub const REQUEST_DURATION: &str = "levee_request_duration_seconds";
 pub const UPSTREAM_REQUESTS_TOTAL: &str = "levee_upstream_requests_total";
 pub const UPSTREAM_DURATION: &str = "levee_upstream_duration_seconds";
@@ -94,6 +95,10 @@ fn describe() {
         "Requests answered, by route, status and outcome (forwarded, shed, error)."
     );
     describe_counter!(SHED_TOTAL, "Requests levee refused to forward, by route and reason.");
+    describe_counter!(
+        SHADOW_SHED_TOTAL,
+        "Requests a defence in shadow mode would have refused (and forwarded), by route and reason."
+    );
     describe_histogram!(
         REQUEST_DURATION,
         Unit::Seconds,

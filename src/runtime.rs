@@ -49,12 +49,14 @@ impl Runtime {
             routes: Vec::with_capacity(config.routes.len()),
             upstreams: upstreams.clone(),
             configs: config.routes.clone(),
+            samples: previous.map(|p| p.samples.clone()).unwrap_or_default(),
         };
         // One budget: `max_clients` split over the limiter and every route's maps.
         let shares = store.plan_budget(&config.routes);
         let router = Router::new(config.routes.iter().map(|r: &RouteConfig| {
             let before = previous.and_then(|p| p.routes.iter().find(|s| *s.name == *r.name));
-            let state = Arc::new(RouteState::build(r, shares.per_map, before.map(|s| &**s)));
+            let state =
+                Arc::new(RouteState::build(r, shares.per_map, before.map(|s| &**s), &registry.samples));
             let storm = state.storm.iter().flat_map(|s| s.budget_maps());
             for map in storm.chain(state.guard.iter().map(|g| g.budget_map())) {
                 store.budget().adopt(&map);

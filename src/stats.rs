@@ -30,6 +30,9 @@ pub struct RouteStats {
     pub shed: AtomicU64,
     pub error: AtomicU64,
     by_reason: [AtomicU64; Reason::ALL.len()],
+    /// What defences in shadow mode would have shed (the requests were forwarded).
+    pub shadow: AtomicU64,
+    shadow_by_reason: [AtomicU64; Reason::ALL.len()],
     /// Unix milliseconds of the last 2xx/3xx; starts at creation so a route
     /// that never saw traffic goes stale after its `expect_traffic_within`.
     last_success_ms: AtomicU64,
@@ -54,6 +57,8 @@ impl Default for RouteStats {
             shed: AtomicU64::new(0),
             error: AtomicU64::new(0),
             by_reason: std::array::from_fn(|_| AtomicU64::new(0)),
+            shadow: AtomicU64::new(0),
+            shadow_by_reason: std::array::from_fn(|_| AtomicU64::new(0)),
             last_success_ms: AtomicU64::new((unix_now() * 1000.0) as u64),
             seen_success: AtomicBool::new(false),
             stale: AtomicBool::new(false),
@@ -87,6 +92,15 @@ impl RouteStats {
         }
     }
 
+    /// A defence in shadow mode would have answered `reason` (the request
+    /// was forwarded; it is not in `shed`, nor in the top offenders).
+    pub fn shadowed(&self, reason: Reason) {
+        self.shadow.fetch_add(1, Ordering::Relaxed);
+        if let Some(i) = Reason::ALL.iter().position(|r| *r == reason) {
+            self.shadow_by_reason[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Space-saving (Metwally et al.): a tracked client counts up; a new one
     /// replaces the smallest entry and inherits its count.
     fn offend(&self, client: &str, reason: Reason) {
@@ -115,14 +129,12 @@ impl RouteStats {
 
     /// Shed counts by reason, non-zero only.
     pub fn shed_by_reason(&self) -> serde_json::Map<String, serde_json::Value> {
-        Reason::ALL
-            .iter()
-            .zip(&self.by_reason)
-            .filter_map(|(r, n)| {
-                let n = n.load(Ordering::Relaxed);
-                (n > 0).then(|| (r.as_str().to_string(), n.into()))
-            })
-            .collect()
+        by_reason(&self.by_reason)
+    }
+
+    /// What shadow mode would have shed, by reason, non-zero only.
+    pub fn shadow_by_reason(&self) -> serde_json::Map<String, serde_json::Value> {
+        by_reason(&self.shadow_by_reason)
     }
 
     /// Unix seconds of the last success, if there was one.
@@ -138,6 +150,18 @@ impl RouteStats {
     }
 }
 
+/// Non-zero counts by reason, as the admin API shows them.
+fn by_reason(counts: &[AtomicU64; Reason::ALL.len()]) -> serde_json::Map<String, serde_json::Value> {
+    Reason::ALL
+        .iter()
+        .zip(counts)
+        .filter_map(|(r, n)| {
+            let n = n.load(Ordering::Relaxed);
+            (n > 0).then(|| (r.as_str().to_string(), n.into()))
+        })
+        .collect()
+}
+
 /// One sampled shed decision.
 #[derive(Debug, Clone, Serialize)]
 pub struct ShedEvent {
@@ -146,7 +170,10 @@ pub struct ShedEvent {
     pub route: String,
     pub reason: &'static str,
     pub client: Option<String>,
+    /// What levee answered, or would have answered in shadow mode.
     pub status: u16,
+    /// A defence in shadow mode would have shed this; the request was forwarded.
+    pub shadow: bool,
 }
 
 /// The last [`SAMPLES`] shed decisions, at most [`SAMPLES_PER_S`] a second.
@@ -165,6 +192,15 @@ struct SamplesInner {
 
 impl ShedSamples {
     pub fn record(&self, route: &str, reason: Reason, client: Option<&str>) {
+        self.push(route, reason, client, false);
+    }
+
+    /// What a defence in shadow mode would have shed (and forwarded).
+    pub fn record_shadow(&self, route: &str, reason: Reason, client: Option<&str>) {
+        self.push(route, reason, client, true);
+    }
+
+    fn push(&self, route: &str, reason: Reason, client: Option<&str>, shadow: bool) {
         let now = unix_now();
         let mut s = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let second = now as u64;
@@ -184,6 +220,7 @@ impl ShedSamples {
             reason: reason.as_str(),
             client: client.map(str::to_string),
             status: reason.status().as_u16(),
+            shadow,
         };
         if s.ring.len() >= SAMPLES {
             s.ring.pop_front();

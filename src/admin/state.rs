@@ -21,6 +21,7 @@ use tokio::time::Instant;
 
 use super::AdminContext;
 use crate::body::{self, Body, BoxError};
+use crate::config::Mode;
 use crate::metrics::unix_now;
 
 /// Messages an event stream may have queued before it is dropped.
@@ -45,8 +46,15 @@ pub fn snapshot(ctx: &AdminContext) -> serde_json::Value {
                     "forwarded": stats.forwarded.load(Ordering::Relaxed),
                     "shed": stats.shed.load(Ordering::Relaxed),
                     "error": stats.error.load(Ordering::Relaxed),
+                    // Would have been shed by a defence in shadow mode (and were forwarded).
+                    "shadow": stats.shadow.load(Ordering::Relaxed),
                 },
                 "shed_by_reason": stats.shed_by_reason(),
+                "shadow_by_reason": stats.shadow_by_reason(),
+                // Some defence of the route is in `mode = "shadow"`.
+                "shadow_mode": config.limit_modes.contains(&Mode::Shadow)
+                    || (config.storm.enabled && config.storm.mode == Mode::Shadow)
+                    || (config.auth_guard.enabled && config.auth_guard.mode == Mode::Shadow),
                 "last_success": stats.last_success(),
                 "expect_traffic_within_s": config.expect_traffic_within.map(|d| d.as_secs_f64()),
                 "stale": stats.stale.load(Ordering::Relaxed),

@@ -371,18 +371,33 @@ pub enum Priority {
     Critical,
 }
 
+/// `mode` of a limit, a storm detector or an auth guard.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default, Hash)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Mode {
+    /// Refuse what the defence decides to refuse.
+    #[default]
+    Enforce,
+    /// Decide exactly as `enforce`, report what would have been refused
+    /// (metrics, state API, `x-levee-shadow` upstream), and forward anyway.
+    Shadow,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawLimit {
     pub rate: Rate,
     /// Default: the rate's count.
     pub burst: Option<u32>,
+    #[serde(default)]
+    pub mode: Mode,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawStorm {
     pub enabled: bool,
+    pub mode: Mode,
     pub interval: Dur,
     pub growth_factor: f64,
     pub growth_intervals: u32,
@@ -396,6 +411,7 @@ impl Default for RawStorm {
     fn default() -> Self {
         RawStorm {
             enabled: true,
+            mode: Mode::Enforce,
             interval: d("1s"),
             growth_factor: 2.0,
             growth_intervals: 3,
@@ -413,6 +429,7 @@ impl Default for RawStorm {
 #[serde(deny_unknown_fields, default)]
 pub struct RawAuthGuard {
     pub enabled: bool,
+    pub mode: Mode,
     pub window: Dur,
     pub min_responses: u32,
     pub max_401_ratio: f64,
@@ -423,6 +440,7 @@ impl Default for RawAuthGuard {
     fn default() -> Self {
         RawAuthGuard {
             enabled: true,
+            mode: Mode::Enforce,
             window: d("10s"),
             min_responses: 50,
             max_401_ratio: 0.3,

@@ -15,7 +15,7 @@ use super::raw::{self, RawConfig};
 use super::units::{Dur, KeySource, Rate};
 use super::{Config, Invalid, KeyPath};
 
-pub use super::raw::{Balance, KeyFallback, OnFailure, PlainHttp, Priority, StoreKind};
+pub use super::raw::{Balance, KeyFallback, Mode, OnFailure, PlainHttp, Priority, StoreKind};
 
 type Result<T> = std::result::Result<T, Invalid>;
 
@@ -230,6 +230,10 @@ pub struct RouteConfig {
     pub websocket: bool,
     pub max_upgraded_per_client: u32,
     pub limits: Vec<Limit>,
+    /// The `mode` of each of `limits`, in order. Kept beside [`Limit`], not in
+    /// it: a limit's value is its identity (rate and burst), and switching it
+    /// between shadow and enforce must keep its state.
+    pub limit_modes: Vec<Mode>,
     pub storm: StormConfig,
     pub auth_guard: AuthGuardConfig,
 }
@@ -244,6 +248,9 @@ pub struct Limit {
 #[derive(Debug, Clone, PartialEq)]
 pub struct StormConfig {
     pub enabled: bool,
+    /// Read per request from the live config: a detector whose other settings
+    /// are unchanged keeps its state when only the mode changes.
+    pub mode: Mode,
     pub interval: Duration,
     pub growth_factor: f64,
     pub growth_intervals: u32,
@@ -256,6 +263,8 @@ pub struct StormConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct AuthGuardConfig {
     pub enabled: bool,
+    /// Read per request from the live config, like [`StormConfig::mode`].
+    pub mode: Mode,
     pub window: Duration,
     pub min_responses: u32,
     pub max_401_ratio: f64,
@@ -607,10 +616,12 @@ fn route(r: &raw::RawRoute, upstreams: &[UpstreamConfig], p: KeyPath) -> Result<
         let burst = l.burst.unwrap_or(l.rate.count.get());
         limits.push(limit(l.rate, burst, p.key("limits").index(i))?);
     }
+    let limit_modes = r.limits.iter().map(|l| l.mode).collect();
     let s = &r.storm;
     let sp = p.key("storm");
     let storm = StormConfig {
         enabled: s.enabled,
+        mode: s.mode,
         interval: positive(s.interval.0, HOUR, sp.key("interval"))?,
         growth_factor: ratio(s.growth_factor, sp.key("growth_factor"), 1.1, 1000.0)?,
         growth_intervals: between(s.growth_intervals, 1, 100, sp.key("growth_intervals"))?,
@@ -623,6 +634,7 @@ fn route(r: &raw::RawRoute, upstreams: &[UpstreamConfig], p: KeyPath) -> Result<
     let ap = p.key("auth_guard");
     let auth_guard = AuthGuardConfig {
         enabled: a.enabled,
+        mode: a.mode,
         window: positive(a.window.0, MAX_WINDOW, ap.key("window"))?,
         min_responses: between(a.min_responses, 1, MAX_COUNT, ap.key("min_responses"))?,
         max_401_ratio: ratio(a.max_401_ratio, ap.key("max_401_ratio"), 0.0, 1.0)?,
@@ -650,6 +662,7 @@ fn route(r: &raw::RawRoute, upstreams: &[UpstreamConfig], p: KeyPath) -> Result<
             p.key("max_upgraded_per_client"),
         )?,
         limits,
+        limit_modes,
         storm,
         auth_guard,
     })
@@ -725,5 +738,30 @@ upstream = "backend"
         let too_many = text.replace(r#"["10.0.0.0/8", "10.0.0.0/40"]"#, &format!("[{}]", many.join(", ")));
         let err = crate::config::parse(&too_many, Path::new("."), &|_| None).unwrap_err().to_string();
         assert!(err.contains("server.trusted_proxies"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod mode_tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn route(extra: &str) -> std::result::Result<Config, crate::config::ConfigError> {
+        let toml = format!(
+            "[upstreams.b]\nendpoints = [\"127.0.0.1:9\"]\n[[routes]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"b\"\n{extra}"
+        );
+        crate::config::parse(&toml, Path::new("."), &|_| None)
+    }
+
+    #[test]
+    fn mode_defaults_to_enforce_and_is_kept_beside_the_limit_not_in_it() {
+        let c = route("[[routes.limits]]\nrate = \"3/m\"\n[[routes.limits]]\nrate = \"1/s\"\nmode = \"shadow\"\n[routes.storm]\nmode = \"shadow\"\n")
+            .unwrap();
+        let r = &c.routes[0];
+        assert_eq!(r.limit_modes, [Mode::Enforce, Mode::Shadow]);
+        assert_eq!((r.storm.mode, r.auth_guard.mode), (Mode::Shadow, Mode::Enforce));
+        let e = route("[routes.auth_guard]\nmode = \"dry-run\"\n").unwrap_err().to_string();
+        assert!(e.contains("mode") || e.contains("dry-run"), "{e}");
     }
 }

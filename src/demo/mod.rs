@@ -177,10 +177,11 @@ async fn run(options: DemoOptions) -> Result<(), String> {
     match fetch_metrics(reachable(admin)).await {
         Some(text) => {
             println!("levee's own count (GET http://{admin}/metrics, route device-api):");
-            for line in text
-                .lines()
-                .filter(|l| l.starts_with(crate::metrics::SHED_TOTAL) && l.contains("route=\"device-api\""))
-            {
+            for line in text.lines().filter(|l| {
+                (l.starts_with(crate::metrics::SHED_TOTAL)
+                    || l.starts_with(crate::metrics::SHADOW_SHED_TOTAL))
+                    && l.contains("route=\"device-api\"")
+            }) {
                 println!("  {line}");
             }
         }
@@ -207,6 +208,11 @@ fn print_timeline(t: &Timeline) {
             "429 callback_bomb",
         ),
         (span(t.noisy), "a noisy device sends 30/s against its 10/s limit".to_string(), "429 rate_limited"),
+        (
+            span(t.noisy),
+            "  ... and a 3/s limit in shadow mode reports what it would shed".to_string(),
+            "200, levee_shadow_shed_total",
+        ),
         (
             span(t.failing),
             format!("the backend fails (503); {} impatient devices retry at once", fleet::IMPATIENT_DEVICES),

@@ -20,6 +20,12 @@
 //! and comes back later. The guard resets by itself when the share falls.
 //! A 401 to a client that never succeeded passes unchanged, and while the
 //! guard is quiet every 401 passes unchanged.
+//!
+//! In `mode = "shadow"` the guard counts and trips exactly as when it
+//! enforces, but relays the upstream's 401 unchanged and records the 503 it
+//! would have answered ([`super::shadow`]; the request is gone upstream
+//! already, so there is no `x-levee-shadow` header). The mode is the live
+//! config's: a reload that only switches it keeps the guard's window.
 
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,9 +38,10 @@ use tokio::time::Instant;
 use tower::{Layer, Service};
 
 use super::client_id::Identity;
+use super::shadow::Shadow;
 use super::BoxFuture;
 use crate::body::Body;
-use crate::config::AuthGuardConfig;
+use crate::config::{AuthGuardConfig, Mode};
 use crate::metrics as m;
 use crate::respond::{jitter, Reason, Shed};
 use crate::store::budget::Tracked;
@@ -157,25 +164,32 @@ impl AuthGuard {
 }
 
 #[derive(Clone)]
-pub struct AuthGuardLayer(Arc<AuthGuard>);
+pub struct AuthGuardLayer {
+    guard: Arc<AuthGuard>,
+    /// The live config's `mode` (the guard may be an older config's).
+    mode: Mode,
+    report: Arc<Shadow>,
+}
 
 impl AuthGuardLayer {
     /// `None` when `[routes.auth_guard] enabled = false`.
-    pub fn new(guard: Option<Arc<AuthGuard>>) -> Option<Self> {
-        guard.filter(|g| g.config.enabled).map(AuthGuardLayer)
+    pub fn new(guard: Option<Arc<AuthGuard>>, mode: Mode, report: Arc<Shadow>) -> Option<Self> {
+        guard.filter(|g| g.config.enabled).map(|guard| AuthGuardLayer { guard, mode, report })
     }
 }
 
 impl<S> Layer<S> for AuthGuardLayer {
     type Service = AuthGuardService<S>;
     fn layer(&self, inner: S) -> AuthGuardService<S> {
-        AuthGuardService { guard: self.0.clone(), inner }
+        AuthGuardService { guard: self.guard.clone(), mode: self.mode, report: self.report.clone(), inner }
     }
 }
 
 #[derive(Clone)]
 pub struct AuthGuardService<S> {
     guard: Arc<AuthGuard>,
+    mode: Mode,
+    report: Arc<Shadow>,
     inner: S,
 }
 
@@ -195,17 +209,20 @@ where
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let guard = self.guard.clone();
+        let (guard, mode, report) = (self.guard.clone(), self.mode, self.report.clone());
         let client = req.extensions().get::<Identity>().map(|i| i.client.clone());
         Box::pin(async move {
             let rsp = inner.call(req).await?;
             let Some(client) = client else { return Ok(rsp) };
             if guard.observe(client.as_str(), rsp.status(), Instant::now()) {
                 let retry = jitter(guard.config.window.max(Duration::from_secs(1)), 0.5);
-                return Err(Shed::new(Reason::UpstreamAuthAnomaly)
+                let shed = Shed::new(Reason::UpstreamAuthAnomaly)
                     .retry_after(retry)
-                    .detail("the upstream is refusing clients it accepted moments ago; keep your credentials and retry later")
-                    .client(client));
+                    .detail("the upstream is refusing clients it accepted moments ago; keep your credentials and retry later");
+                if mode == Mode::Enforce {
+                    return Err(shed.client(client));
+                }
+                report.record(&shed, client.as_str(), None);
             }
             Ok(rsp)
         })
@@ -219,6 +236,7 @@ mod tests {
     fn guard() -> Arc<AuthGuard> {
         let config = AuthGuardConfig {
             enabled: true,
+            mode: Mode::Enforce,
             window: Duration::from_secs(10),
             min_responses: 50,
             max_401_ratio: 0.3,

@@ -21,6 +21,7 @@ pub mod circuit_breaker;
 pub mod client_id;
 pub mod rate_limit;
 pub mod retry;
+pub mod shadow;
 pub mod storm;
 
 use std::future::Future;
@@ -33,13 +34,14 @@ use tower::util::BoxCloneSyncService;
 use tower::{Layer, Service, ServiceBuilder};
 
 use crate::body::Body;
-use crate::config::RouteConfig;
+use crate::config::{AuthGuardConfig, Mode, RouteConfig, StormConfig};
 use crate::context::RequestContext;
 use crate::respond::{Reason, Shed};
-use crate::stats::RouteStats;
+use crate::stats::{RouteStats, ShedSamples};
 use crate::store::{RouteLimits, Store};
 use crate::upstream::{Upstream, UpstreamService};
 use auth_guard::AuthGuard;
+use shadow::Shadow;
 use storm::Storm;
 
 /// A route's whole stack, type-erased so `Route` is one concrete type.
@@ -57,24 +59,44 @@ pub struct RouteState {
     pub limits: Arc<RouteLimits>,
     pub storm: Option<Arc<Storm>>,
     pub guard: Option<Arc<AuthGuard>>,
+    /// What the route's defences in shadow mode would have shed.
+    pub shadow: Arc<Shadow>,
 }
 
 impl RouteState {
     /// The state of `route`, reusing `previous` (the same route in the running
     /// config) where its settings are unchanged, so a reload keeps quarantines.
-    pub fn build(route: &RouteConfig, max_clients: usize, previous: Option<&RouteState>) -> RouteState {
+    /// The `mode` is not a setting of the detector or the guard: switching it
+    /// keeps their state (the stages read it from the live config), so what
+    /// shadow mode reported is what enforcing sheds.
+    pub fn build(
+        route: &RouteConfig,
+        max_clients: usize,
+        previous: Option<&RouteState>,
+        samples: &Arc<ShedSamples>,
+    ) -> RouteState {
         let storm = route.storm.enabled.then(|| match previous.and_then(|p| p.storm.as_ref()) {
-            Some(s) if s.config == route.storm => s.clone(),
+            Some(s) if StormConfig { mode: route.storm.mode, ..s.config.clone() } == route.storm => s.clone(),
             _ => Storm::start(&route.name, &route.storm, max_clients),
         });
         let guard = route.auth_guard.enabled.then(|| match previous.and_then(|p| p.guard.as_ref()) {
-            Some(g) if g.config == route.auth_guard => g.clone(),
+            Some(g)
+                if AuthGuardConfig { mode: route.auth_guard.mode, ..g.config.clone() }
+                    == route.auth_guard =>
+            {
+                g.clone()
+            }
             _ => AuthGuard::new(&route.name, &route.auth_guard, max_clients),
         });
+        let stats: Arc<RouteStats> = previous.map(|p| p.stats.clone()).unwrap_or_default();
         RouteState {
             name: Arc::from(route.name.as_str()),
-            stats: previous.map(|p| p.stats.clone()).unwrap_or_default(),
-            limits: Arc::new(RouteLimits::new(&route.name, &route.limits)),
+            shadow: match previous {
+                Some(p) => p.shadow.clone(),
+                None => Shadow::new(&route.name, stats.clone(), samples.clone()),
+            },
+            stats,
+            limits: Arc::new(RouteLimits::with_modes(&route.name, &route.limits, &route.limit_modes)),
             storm,
             guard,
         }
@@ -90,6 +112,9 @@ pub struct Registry {
     pub upstreams: Vec<Arc<Upstream>>,
     /// The live route configs, in `routes` order.
     pub configs: Vec<RouteConfig>,
+    /// Recent shed decisions (real and shadow), for the event stream; one
+    /// ring for the gateway's life, handed from registry to registry.
+    pub samples: Arc<ShedSamples>,
 }
 
 /// Builds the stack of one route.
@@ -116,18 +141,26 @@ where
     S: Service<Request<Body>, Response = Response<Body>, Error = Shed> + Clone + Send + Sync + 'static,
     S::Future: Send + 'static,
 {
+    // A client's own `x-levee-shadow` must not reach the upstream as levee's.
+    let shadow_requests = route.limit_modes.contains(&Mode::Shadow)
+        || (route.storm.enabled && route.storm.mode == Mode::Shadow);
     let svc = ServiceBuilder::new()
+        .option_layer(shadow_requests.then(|| CheckLayer::new(shadow::Strip)))
         // 3a: every later stage keys its state by this identity.
         .layer(CheckLayer::new(client_id::ClientId::new(route)))
         // Response side: sees every relayed response, so it sits outside the
         // stages that shed; turns a 401 wave to authorized clients into 503.
-        .option_layer(auth_guard::AuthGuardLayer::new(state.guard.clone()))
+        .option_layer(auth_guard::AuthGuardLayer::new(
+            state.guard.clone(),
+            route.auth_guard.mode,
+            state.shadow.clone(),
+        ))
         // 3b: shed before any work when the upstream is full: priorities, tenant fair share.
         .layer(admission::AdmissionLayer::new(route, &upstream))
         // 3c: callback bombs and retry storms, before any state is spent on them.
-        .option_layer(storm::StormLayer::new(state.storm.clone()))
+        .option_layer(storm::StormLayer::new(state.storm.clone(), route.storm.mode, state.shadow.clone()))
         // 3d: every [[routes.limits]], through the store; absent without limits.
-        .option_layer(rate_limit::RateLimitLayer::new(state.limits.clone(), store))
+        .option_layer(rate_limit::RateLimitLayer::new(state.limits.clone(), store, state.shadow.clone()))
         // 3e: refuse without touching a failing upstream; sees each request's final outcome.
         .layer(circuit_breaker::CircuitBreakerLayer::new(upstream.clone()))
         // 3f: retry idempotent failures within the upstream's budget (absent with attempts = 1).

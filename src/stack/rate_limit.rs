@@ -5,6 +5,30 @@
 //! `RateLimit` headers of the tightest limit; allowed responses carry them too.
 //! `q` is the burst and `w` the seconds a full burst takes to refill; `r` the
 //! requests left and `t` the seconds until the bucket is full again.
+//!
+//! **Shadow limits** (`mode = "shadow"`). The enforcing limits are decided
+//! together first, exactly as on a route without shadow limits: a refusal is
+//! a 429, and the shadow limits are then not consulted (the request consumes
+//! nothing, as when every limit enforces). An admitted request is then
+//! decided by the shadow limits together, on the same state and with the same
+//! arithmetic as if they enforced; when they would refuse, the refusal is
+//! recorded ([`super::shadow`]), the request consumes nothing from them (as a
+//! refused request would) and is forwarded. So:
+//! - a shadow limit consumes tokens exactly as an enforcing one does, and
+//!   keeps its state when a reload switches its mode (its identity is rate and
+//!   burst): on a route whose limits are all in shadow, switching them to
+//!   enforce sheds exactly what shadow mode reported;
+//! - adding a shadow limit never loosens an enforcing one: every forwarded
+//!   request is charged to every enforcing limit. (Deciding all limits as one,
+//!   as if all enforced, would not charge the enforcing limits for the
+//!   requests a shadow limit would refuse, so a client far above a new shadow
+//!   limit would never meet the old enforcing one.) The price, on a route with
+//!   both: the enforcing limits also count requests the shadow limit would
+//!   have shed, so after a switch to enforce they may shed a little more than
+//!   reported, only while they themselves are near their bound.
+//!
+//! Shadow limits add no `RateLimit` headers: a client must not change its
+//! behaviour because of a limit that is only being tried.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -15,37 +39,56 @@ use tokio::time::Instant;
 use tower::{Layer, Service};
 
 use super::client_id::Identity;
+use super::shadow::Shadow;
 use super::BoxFuture;
 use crate::body::Body;
+use crate::config::Mode;
 use crate::respond::{retry_after_secs, Reason, Shed};
 use crate::store::{Decision, RouteLimits, Store};
 
 pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
+/// The route's limits split by mode (either may be absent).
+#[derive(Clone)]
+struct Split {
+    enforce: Option<Arc<RouteLimits>>,
+    shadow: Option<Arc<RouteLimits>>,
+    report: Arc<Shadow>,
+}
+
 #[derive(Clone)]
 pub struct RateLimitLayer {
-    limits: Arc<RouteLimits>,
+    split: Split,
     store: Arc<Store>,
 }
 
 impl RateLimitLayer {
     /// `None` for a route without limits: the stage is then absent.
-    pub fn new(limits: Arc<RouteLimits>, store: Arc<Store>) -> Option<Self> {
-        (!limits.is_empty()).then_some(RateLimitLayer { limits, store })
+    pub fn new(limits: Arc<RouteLimits>, store: Arc<Store>, report: Arc<Shadow>) -> Option<Self> {
+        if limits.is_empty() {
+            return None;
+        }
+        let split = if limits.all(Mode::Enforce) {
+            Split { enforce: Some(limits), shadow: None, report }
+        } else {
+            let part = |mode| Some(Arc::new(limits.only(mode))).filter(|l| !l.is_empty());
+            Split { enforce: part(Mode::Enforce), shadow: part(Mode::Shadow), report }
+        };
+        Some(RateLimitLayer { split, store })
     }
 }
 
 impl<S> Layer<S> for RateLimitLayer {
     type Service = RateLimit<S>;
     fn layer(&self, inner: S) -> RateLimit<S> {
-        RateLimit { limits: self.limits.clone(), store: self.store.clone(), inner }
+        RateLimit { split: self.split.clone(), store: self.store.clone(), inner }
     }
 }
 
 #[derive(Clone)]
 pub struct RateLimit<S> {
-    limits: Arc<RouteLimits>,
+    split: Split,
     store: Arc<Store>,
     inner: S,
 }
@@ -73,32 +116,52 @@ where
         // The clone is the one that is not ready; keep the ready one (tower's idiom).
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let (limits, store) = (self.limits.clone(), self.store.clone());
+        let (split, store) = (self.split.clone(), self.store.clone());
         Box::pin(async move {
+            let mut req = req;
             let Some(client) = req.extensions().get::<Identity>().map(|i| i.client.clone()) else {
                 return Err(Shed::new(Reason::BadRequest).detail("request without identity"));
             };
-            let decision = match store.check(&limits, client.as_str(), Instant::now()).await {
-                Ok(d) => d,
-                Err(_) => {
-                    return Err(Shed::new(Reason::StoreUnavailable)
-                        .retry_after(std::time::Duration::from_secs(1))
-                        .detail("the rate-limit store is unreachable"))
+            let mut enforced = None;
+            if let Some(limits) = &split.enforce {
+                let decision = decide(&store, limits, client.as_str()).await?;
+                if !decision.allowed {
+                    let mut shed =
+                        Shed::new(Reason::RateLimited).retry_after(decision.retry_after).client(client);
+                    shed.headers.extend(headers(limits, &decision));
+                    return Err(shed);
                 }
-            };
-            if !decision.allowed {
-                let mut shed =
-                    Shed::new(Reason::RateLimited).retry_after(decision.retry_after).client(client);
-                shed.headers.extend(headers(&limits, &decision));
-                return Err(shed);
+                enforced = Some((limits, decision));
+            }
+            if let Some(limits) = &split.shadow {
+                let would = match decide(&store, limits, client.as_str()).await {
+                    Ok(d) if !d.allowed => Some(Shed::new(Reason::RateLimited).retry_after(d.retry_after)),
+                    Ok(_) => None,
+                    Err(shed) => Some(shed),
+                };
+                if let Some(shed) = would {
+                    split.report.record(&shed, client.as_str(), Some(&mut req));
+                }
             }
             let mut rsp = inner.call(req).await?;
-            for (name, value) in headers(&limits, &decision) {
-                rsp.headers_mut().insert(name, value);
+            if let Some((limits, decision)) = enforced {
+                for (name, value) in headers(limits, &decision) {
+                    rsp.headers_mut().insert(name, value);
+                }
             }
             Ok(rsp)
         })
     }
+}
+
+/// One decision of `limits` together; `Err` is the 503 of an unreachable
+/// store under `on_failure = "deny"`.
+async fn decide(store: &Store, limits: &RouteLimits, client: &str) -> Result<Decision, Shed> {
+    store.check(limits, client, Instant::now()).await.map_err(|_| {
+        Shed::new(Reason::StoreUnavailable)
+            .retry_after(std::time::Duration::from_secs(1))
+            .detail("the rate-limit store is unreachable")
+    })
 }
 
 /// `RateLimit-Policy` and `RateLimit` for the decision's tightest limit.

@@ -20,7 +20,7 @@ use std::time::Duration;
 use http::HeaderValue;
 use tokio::time::Instant;
 
-use crate::config::{Limit, OnFailure, StoreConfig, StoreKind};
+use crate::config::{Limit, Mode, OnFailure, StoreConfig, StoreKind};
 use crate::metrics as m;
 use budget::{ClientBudget, Shares};
 use gcra::Gcra;
@@ -46,6 +46,8 @@ pub enum StoreError {
 pub struct RouteLimits {
     pub route: Arc<str>,
     pub limits: Vec<Limit>,
+    /// Each limit's `mode` (not part of its identity: switching it keeps the state).
+    pub modes: Vec<Mode>,
     /// In nanoseconds, for the memory store.
     ns: Vec<Gcra>,
     /// In microseconds, for Redis.
@@ -67,7 +69,15 @@ pub fn identity(limit: &Limit) -> String {
 }
 
 impl RouteLimits {
+    /// Enforcing limits.
     pub fn new(route: &str, limits: &[Limit]) -> Self {
+        Self::with_modes(route, limits, &[])
+    }
+
+    /// Limits with their modes (`modes[i]` of `limits[i]`; missing: enforce).
+    pub fn with_modes(route: &str, limits: &[Limit], modes: &[Mode]) -> Self {
+        let modes: Vec<Mode> =
+            (0..limits.len().min(MAX_LIMITS)).map(|i| modes.get(i).copied().unwrap_or_default()).collect();
         let limits: Vec<Limit> = limits.iter().take(MAX_LIMITS).copied().collect();
         let ns: Vec<Gcra> = limits.iter().map(|l| Gcra::new(l, Duration::from_nanos(1))).collect();
         let policies = limits
@@ -88,8 +98,22 @@ impl RouteLimits {
             us: limits.iter().map(|l| Gcra::new(l, Duration::from_micros(1))).collect(),
             ns,
             limits,
+            modes,
             policies,
         }
+    }
+
+    /// The limits in `mode` alone, decided on their own (same identities,
+    /// so the same state as when decided with the others).
+    pub fn only(&self, mode: Mode) -> RouteLimits {
+        let limits: Vec<Limit> =
+            self.limits.iter().zip(&self.modes).filter(|(_, m)| **m == mode).map(|(l, _)| *l).collect();
+        RouteLimits::with_modes(&self.route, &limits, &vec![mode; limits.len()])
+    }
+
+    /// Whether every limit is in `mode`.
+    pub fn all(&self, mode: Mode) -> bool {
+        self.modes.iter().all(|m| *m == mode)
     }
 
     pub fn is_empty(&self) -> bool {

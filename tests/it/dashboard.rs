@@ -25,7 +25,9 @@ async fn the_dashboard_shows_routes_shed_reasons_offenders_and_a_stale_route_ala
         + "[[routes.limits]]\nrate = \"1/m\"\nburst = 1\n"
         + "[routes.storm]\nenabled = false\n"
         + "\n[[routes]]\nname = \"dash-silent-telemetry\"\npath_prefix = \"/v1/telemetry\"\nupstream = \"dash-up\"\n\
-           expect_traffic_within = \"1s\"\n";
+           expect_traffic_within = \"1s\"\n"
+        + "\n[[routes]]\nname = \"dash-shadow-trial\"\npath_prefix = \"/v1/trial\"\nupstream = \"dash-up\"\n\
+           [[routes.limits]]\nrate = \"1/m\"\nmode = \"shadow\"\n";
     let gw = TestGateway::start(&config).await;
     let c = Client::new();
 
@@ -35,6 +37,10 @@ async fn the_dashboard_shows_routes_shed_reasons_offenders_and_a_stale_route_ala
         assert_eq!(rsp.status, expected, "{}", rsp.text());
     }
     assert_eq!(c.get_with(gw.http, "/v1/device/x", &[("x-device-id", "quiet-1")]).await.status, 200);
+    // A shadow limit: both forwarded, the second would have been shed.
+    for _ in 0..2 {
+        assert_eq!(c.get(gw.http, "/v1/trial").await.status, 200);
+    }
 
     // The page and its assets: embedded, typed, and nothing fetched from elsewhere.
     for (path, kind) in
@@ -75,6 +81,7 @@ async fn the_dashboard_shows_routes_shed_reasons_offenders_and_a_stale_route_ala
     assert!(dom.contains("dash-device-api"), "route name missing:\n{dom}");
     assert!(dom.contains("dash-silent-telemetry"), "stale route name missing:\n{dom}");
     assert!(dom.contains("rate_limited"), "shed reason missing:\n{dom}");
+    assert!(dom.contains("would shed total"), "shadow mode's would-shed count missing:\n{dom}");
 
     // The stale alarm: a banner in the alarms region naming the silent route.
     let alarms = section(&dom, "id=\"alarm-list\"", "</section>");

@@ -53,6 +53,13 @@ async fn demo_shows_every_defence_and_keeps_the_steady_devices_served() {
     assert!(shed("retry_storm") + shed("circuit_open") > 0, "{all}");
     assert!(shed("upstream_auth_anomaly") > 0, "{all}");
     assert!(shed("rate_limited") > 0, "{all}");
+    // The 3/s limit in shadow mode (config/levee.toml) reported, never shed.
+    assert!(
+        stdout.lines().any(|l| l
+            .trim()
+            .starts_with("levee_shadow_shed_total{route=\"device-api\",reason=\"rate_limited\"}")),
+        "{all}"
+    );
 
     let rate: f64 = stdout
         .lines()

@@ -21,6 +21,7 @@ mod rate_limit;
 mod redis_store;
 mod reload;
 mod retry;
+mod shadow;
 mod storm;
 mod tls;
 mod upstream_tls;

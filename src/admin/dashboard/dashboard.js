@@ -136,7 +136,7 @@
         if (!p) return;
         var rq = r.requests || {}, pq = p.requests || {};
         function d(a, b) { var x = num(a) - num(b); return x < 0 ? 0 : x / dt; } // counter reset: 0
-        var sample = { t: now, fwd: d(rq.forwarded, pq.forwarded), err: d(rq.error, pq.error), shed: d(rq.shed, pq.shed), reasons: {} };
+        var sample = { t: now, fwd: d(rq.forwarded, pq.forwarded), err: d(rq.error, pq.error), shed: d(rq.shed, pq.shed), would: d(rq.shadow, pq.shadow), reasons: {} };
         var sr = r.shed_by_reason || {}, psr = p.shed_by_reason || {};
         Object.keys(sr).forEach(function (k) { sample.reasons[k] = d(sr[k], psr[k]); });
         var h = history[r.name] || (history[r.name] = []);
@@ -345,6 +345,7 @@
     else if (r.expect_traffic_within_s != null) badges.push(badge("ok", "✓", "traffic ok", "traffic seen within the expected time"));
     if (storm.alarm) badges.push(badge("warn", "↯", "storm alarm", "storm detector quarantined clients"));
     if (guard.tripped) badges.push(badge("bad", "⊘", "auth guard", "upstream 401s rewritten to 503"));
+    if (r.shadow_mode) badges.push(badge("warn", "◐", "shadow", "some defences are in shadow mode: they report what they would shed and forward it"));
     var head = el("h3", null, [el("span", { text: r.name })].concat(badges));
     var silent = silentFor(r, now);
     var meta = el("p", { "class": "meta", text: "upstream " + (r.upstream || "?") + " · priority " + (r.priority || "normal") +
@@ -360,7 +361,11 @@
       el("div", { "class": "num" }, [el("b", { text: fmtInt(q.forwarded) }), el("span", { text: "forwarded total" })]),
       el("div", { "class": "num shed" }, [el("b", { text: fmtInt(q.shed) }), el("span", { text: "shed total" })]),
       el("div", { "class": "num" }, [el("b", { text: fmtInt(q.error) }), el("span", { text: "errors total" })])
-    ]);
+    ].concat(r.shadow_mode || num(q.shadow) > 0 ? [
+      // Shadow mode: what would have been shed, beside what was.
+      el("div", { "class": "num would" }, [el("b", { text: l ? fmtRate(l.would) : "–" }), el("span", { text: "would shed/s" })]),
+      el("div", { "class": "num would" }, [el("b", { text: fmtInt(q.shadow) }), el("span", { text: "would shed total" })])
+    ] : []));
 
     var reasons = {};
     Object.keys(r.shed_by_reason || {}).forEach(function (k) { reasons[k] = true; });
@@ -492,7 +497,7 @@
     if (!feed.length) { replace(body, [el("tr", null, [el("td", { colspan: 5, "class": "empty", text: "none yet" })])]); return; }
     replace(body, feed.map(function (e) {
       return el("tr", null, [el("td", { text: fmtTime(e.at) }), el("td", { text: e.route }),
-        el("td", null, [el("span", { "class": "swatch", style: "background:" + colourOf(String(e.reason || "")), "aria-hidden": "true" }), " ", String(e.reason == null ? "" : e.reason)]),
+        el("td", null, [el("span", { "class": "swatch", style: "background:" + colourOf(String(e.reason || "")), "aria-hidden": "true" }), " ", String(e.reason == null ? "" : e.reason) + (e.shadow ? " (shadow: forwarded)" : "")]),
         clientCell(e.client), el("td", { "class": "n", text: e.status })]);
     }));
   }

@@ -10,6 +10,13 @@
 //! budget ([`crate::store::budget`]); a sweeper drops idle entries every
 //! second and publishes the quarantine gauges. Cost on the
 //! request path: two map operations and a few atomics.
+//!
+//! In `mode = "shadow"` the detector decides exactly as when it enforces (the
+//! same counts, quarantines and relapse doubling: a request it would shed is
+//! recorded as a shed, never as in flight or finished) and the stage reports
+//! it ([`super::shadow`]) and forwards the request. The mode is the live
+//! config's, not the detector's: a reload that only switches the mode keeps
+//! the detector and every quarantine.
 
 pub mod duplicates;
 pub mod growth;
@@ -27,10 +34,11 @@ use tokio::time::Instant;
 use tower::{Layer, Service};
 
 use super::client_id::Identity;
+use super::shadow::Shadow;
 use super::BoxFuture;
 use crate::body::{self, Body};
 use crate::classify::Outcome;
-use crate::config::StormConfig;
+use crate::config::{Mode, StormConfig};
 use crate::metrics as m;
 use crate::respond::{Reason, Shed};
 use crate::store::budget::Tracked;
@@ -248,25 +256,32 @@ async fn sweep(storm: Weak<Storm>) {
 // === the stage ===
 
 #[derive(Clone)]
-pub struct StormLayer(Arc<Storm>);
+pub struct StormLayer {
+    storm: Arc<Storm>,
+    /// The live config's `mode` (the detector may be an older config's).
+    mode: Mode,
+    report: Arc<Shadow>,
+}
 
 impl StormLayer {
     /// `None` when `[routes.storm] enabled = false`: the stage is then absent.
-    pub fn new(storm: Option<Arc<Storm>>) -> Option<Self> {
-        storm.filter(|s| s.config.enabled).map(StormLayer)
+    pub fn new(storm: Option<Arc<Storm>>, mode: Mode, report: Arc<Shadow>) -> Option<Self> {
+        storm.filter(|s| s.config.enabled).map(|storm| StormLayer { storm, mode, report })
     }
 }
 
 impl<S> Layer<S> for StormLayer {
     type Service = StormService<S>;
     fn layer(&self, inner: S) -> StormService<S> {
-        StormService { storm: self.0.clone(), inner }
+        StormService { storm: self.storm.clone(), mode: self.mode, report: self.report.clone(), inner }
     }
 }
 
 #[derive(Clone)]
 pub struct StormService<S> {
     storm: Arc<Storm>,
+    mode: Mode,
+    report: Arc<Shadow>,
     inner: S,
 }
 
@@ -299,15 +314,20 @@ where
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let storm = self.storm.clone();
+        let (storm, mode, report) = (self.storm.clone(), self.mode, self.report.clone());
         Box::pin(async move {
             let Some(client) = req.extensions().get::<Identity>().map(|i| i.client.clone()) else {
                 return Err(Shed::new(Reason::BadRequest).detail("request without identity"));
             };
-            let (req, body) = small_body(req).await?;
+            let (mut req, body) = small_body(req).await?;
             let fingerprint = storm.fingerprint(client.as_str(), req.method(), req.uri(), body.as_deref());
             if let Err(shed) = storm.observe(client.as_str(), fingerprint, Instant::now()) {
-                return Err(shed.client(client));
+                if mode == Mode::Enforce {
+                    return Err(shed.client(client));
+                }
+                // Shadow: the detector counted a shed; forward without telling it more.
+                report.record(&shed, client.as_str(), Some(&mut req));
+                return inner.call(req).await;
             }
             let mut guard = InFlight { storm, fingerprint, failed: true };
             let result = inner.call(req).await;
