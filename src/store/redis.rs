@@ -17,7 +17,10 @@
 //! from a server that cannot take the decision ([`not_serving`]): read-only
 //! (a demoted master), out of memory, loading, master or cluster down, busy
 //! with a script. The probe is a real decision on a probe key, not a `PING`:
-//! a read-only or full server answers `PING` and refuses every write.
+//! a read-only or full server answers `PING` and refuses every write. It
+//! writes in the slot of the last decision that failed, so on a Redis Cluster
+//! the store is up again when that part of the cluster answers (a killed
+//! master's replica has taken over), not as soon as any master does.
 //!
 //! Refusals cost Redis nothing: a refusal Redis decided is remembered on the
 //! node until its retry time ([`Refusals`]). An admin reset forgets it here and
@@ -79,6 +82,10 @@ pub struct RedisStore {
     peek: Script,
     /// Refusals Redis decided, until their retry time.
     pub refusals: Refusals,
+    /// The hash tag of the last decision that failed: the probe writes in its
+    /// slot, so that on a cluster the store is up again when the part that
+    /// failed answers, not when any master does.
+    failed_tag: std::sync::Mutex<Option<String>>,
 }
 
 impl RedisStore {
@@ -93,6 +100,7 @@ impl RedisStore {
             gcra: Script::new(include_str!("gcra.lua")),
             peek: Script::new(PEEK),
             refusals: Refusals::new(max_refusals),
+            failed_tag: std::sync::Mutex::new(None),
         });
         metrics::gauge!(m::STORE_UP).set(0.0);
         tokio::spawn(probe(Arc::downgrade(&store)));
@@ -131,7 +139,15 @@ impl RedisStore {
         for (k, g) in keys.iter().zip(limits) {
             inv.key(k).arg(g.interval).arg(g.capacity);
         }
-        let reply: Vec<i64> = self.guard(inv.invoke_async(&mut conn)).await?;
+        let reply: Vec<i64> = match self.guard(inv.invoke_async(&mut conn)).await {
+            Ok(reply) => reply,
+            Err(e) => {
+                if let Some(tag) = keys.first().and_then(|k| hash_tag(k)) {
+                    *self.failed_tag.lock().unwrap_or_else(|p| p.into_inner()) = Some(tag.to_string());
+                }
+                return Err(e);
+            }
+        };
         match reply.as_slice() {
             [allowed, wait, tightest, remaining, reset] => Ok(RedisOutcome {
                 allowed: *allowed == 1,
@@ -230,11 +246,21 @@ impl RedisStore {
     async fn ping(&self) -> bool {
         let Some(conn) = self.conn.load_full() else { return false };
         let mut conn = (*conn).clone();
+        let tag = self.failed_tag.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let key = format!("levee:{{{}}}:up", tag.as_deref().unwrap_or("probe"));
         let mut inv = self.gcra.prepare_invoke();
-        inv.key("levee:{probe}:up").arg(1).arg(1_000_000);
+        // Expires within a second by itself (its capacity is 1 s).
+        inv.key(key).arg(1).arg(1_000_000);
         let probe = inv.invoke_async::<Vec<i64>>(&mut conn);
         matches!(tokio::time::timeout(Duration::from_secs(1), probe).await, Ok(Ok(_)))
     }
+}
+
+/// The hash tag of a key (`route:client` of `levee:{route:client}:2/s:b4`).
+fn hash_tag(key: &str) -> Option<&str> {
+    let open = key.find('{')?;
+    let close = open + 1 + key[open + 1..].find('}')?;
+    Some(&key[open + 1..close])
 }
 
 /// Whether an error means Redis is not serving decisions (the store goes down
