@@ -230,6 +230,17 @@ async fn three_gateways_share_one_limit_through_a_redis_cluster() {
     // One script per admitted request, plus about one per gateway each time
     // a remembered refusal falls due (every second here), plus slack for races.
     assert!((scripts as f64) <= got + 3.0 * (elapsed + 1.0) + 20.0, "{scripts} scripts for {sent} requests");
+
+    // Every gateway follows resets: subscribed on some node of the cluster
+    // (a PUBLISH on any node reaches the subscribers of every node).
+    let mut subscribers = 0;
+    for i in 0..cluster.nodes.len() {
+        let mut conn = cluster.conn(i).await.unwrap();
+        let subs: (String, i64) =
+            redis::cmd("PUBSUB").arg("NUMSUB").arg("levee:reset").query_async(&mut conn).await.unwrap();
+        subscribers += subs.1;
+    }
+    assert_eq!(subscribers, 3, "each gateway subscribes to levee:reset once");
 }
 
 /// Every key of one client lives in one slot (its hash tag), so one script
@@ -290,11 +301,13 @@ async fn a_killed_master_fails_over_under_load_and_levee_follows_the_new_master(
     let _exclusive = crate::support::exclusive().await;
     let backend = Backend::start().await;
     let mut cluster = RedisCluster::spawn().await;
-    let limits = "[[routes.limits]]\nrate = \"1000/s\"\nburst = 1000\n";
+    // Generous (never refuses here) and slow to refill, so that each decision
+    // moves the key's tat 36 ms later and the key lives long enough to read.
+    let limits = "[[routes.limits]]\nrate = \"100000/h\"\nburst = 100000\n";
     let gw = TestGateway::start(&config(backend.addr, &cluster.urls(), "rc-failover", limits, "local")).await;
     wait_store(&gw, true, Duration::from_secs(10)).await;
     let c = Client::new();
-    let key = "levee:{rc-failover:f}:1000/s:b1000";
+    let key = "levee:{rc-failover:f}:100000/h:b100000";
     assert_eq!(c.get_with(gw.http, "/", &device("f")).await.status, 200);
     let victim = cluster.owner_of(key).await.expect("a master serves the key");
 
