@@ -340,7 +340,7 @@ async fn follow(store: &Weak<RedisStore>, pubsub: redis::aio::PubSub) {
                 if store.strong_count() == 0 {
                     return;
                 }
-                let ping = sink.ping::<String>();
+                let ping = sink.ping::<redis::Value>();
                 if !matches!(tokio::time::timeout(Duration::from_secs(2), ping).await, Ok(Ok(_))) {
                     return;
                 }
