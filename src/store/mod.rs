@@ -13,6 +13,7 @@ pub mod clock;
 pub mod gcra;
 pub mod memory;
 pub mod redis;
+pub mod refusals;
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -157,13 +158,17 @@ impl Store {
     /// probing), which ends when the store is dropped. Needs a tokio runtime.
     pub fn start(config: StoreConfig) -> Arc<Self> {
         let memory = Arc::new(MemoryStore::new(config.max_clients));
-        let redis =
-            (config.kind == StoreKind::Redis).then(|| RedisStore::start(config.urls.clone(), config.timeout));
+        let redis = (config.kind == StoreKind::Redis)
+            .then(|| RedisStore::start(config.urls.clone(), config.timeout, config.max_clients / 2));
         if redis.is_none() {
             metrics::gauge!(m::STORE_UP).set(1.0);
         }
         let budget = Arc::new(ClientBudget::new(config.max_clients));
-        tokio::spawn(sweep(Arc::downgrade(&memory), Arc::downgrade(&budget)));
+        tokio::spawn(sweep(
+            Arc::downgrade(&memory),
+            Arc::downgrade(&budget),
+            redis.as_ref().map(Arc::downgrade),
+        ));
         Arc::new(Store { config, memory, redis, budget })
     }
 
@@ -172,7 +177,16 @@ impl Store {
     /// of the routes about to be built take theirs through [`Store::budget`].
     pub fn plan_budget(&self, routes: &[crate::config::RouteConfig]) -> Shares {
         let shares = self.budget.plan(self.config.max_clients, routes);
-        self.memory.set_capacity(shares.limiter);
+        match &self.redis {
+            // The limiter's share is split between its two maps: the local
+            // buckets (`on_failure = "local"`) and the remembered refusals.
+            Some(redis) => {
+                let refusals = shares.limiter / 2;
+                self.memory.set_capacity(shares.limiter - refusals);
+                redis.refusals.set_capacity(refusals);
+            }
+            None => self.memory.set_capacity(shares.limiter),
+        }
         shares
     }
 
@@ -200,16 +214,21 @@ impl Store {
     ) -> Result<Decision, StoreError> {
         if let Some(redis) = &self.redis {
             if redis.is_up() {
+                if let Some(d) = remembered(redis, limits, client, now) {
+                    return Ok(d);
+                }
                 let keys = RedisStore::keys(&limits.route, client, &limits.identities);
                 match redis.check(&keys, &limits.us).await {
                     Ok(o) => {
-                        return Ok(Decision {
+                        let d = Decision {
                             allowed: o.allowed,
                             retry_after: Duration::from_micros(o.wait_us),
                             tightest: Some(o.tightest.min(limits.us.len().saturating_sub(1))),
                             remaining: o.remaining,
                             reset: Duration::from_micros(o.reset_us),
-                        })
+                        };
+                        remember(redis, limits, client, now, &d);
+                        return Ok(d);
                     }
                     Err(e) => tracing::debug!(error = %e, "Redis decision failed; on_failure applies"),
                 }
@@ -277,13 +296,16 @@ impl Store {
         )
     }
 
-    /// Resets the client on the route (in Redis and in this node's memory).
-    /// Returns whether anything was tracked.
+    /// Resets the client on the route (in Redis, in this node's memory and
+    /// refusal memory, and in every other replica's refusal memory through
+    /// pub/sub). Returns whether anything was tracked.
     pub async fn reset(&self, limits: &RouteLimits, client: &str) -> bool {
         let mut found = self.memory.remove(self.memory.key(&limits.route, client));
         if let Some(redis) = &self.redis {
+            found |= redis.refusals.forget(&limits.route, client);
             let keys = RedisStore::keys(&limits.route, client, &limits.identities);
             found |= redis.delete(&keys).await.is_ok_and(|n| n > 0);
+            redis.announce_reset(&limits.route, client).await;
         }
         found
     }
@@ -291,7 +313,7 @@ impl Store {
     /// Per-client entries held in this node's memory: the limiter's and
     /// every route's storm and auth guard maps, which `max_clients` caps together.
     pub fn tracked(&self) -> usize {
-        self.memory.len() + self.budget.tracked()
+        self.memory.len() + self.budget.tracked() + self.redis.as_ref().map_or(0, |r| r.refusals.len())
     }
 
     /// The limiter's entries alone.
@@ -300,9 +322,30 @@ impl Store {
     }
 }
 
+/// A refusal Redis decided for this client and these limits that still holds:
+/// answered here, at no cost to Redis (see [`refusals`]).
+fn remembered(redis: &RedisStore, limits: &RouteLimits, client: &str, now: Instant) -> Option<Decision> {
+    let r = redis.refusals.get(&limits.route, client, refusals::fingerprint(&limits.ids), now)?;
+    Some(Decision {
+        allowed: false,
+        retry_after: r.retry_after,
+        tightest: Some(r.tightest),
+        remaining: 0,
+        reset: r.reset,
+    })
+}
+
+/// Remembers a refusal Redis decided, until its retry time.
+fn remember(redis: &RedisStore, limits: &RouteLimits, client: &str, now: Instant, d: &Decision) {
+    if let (false, Some(tightest)) = (d.allowed, d.tightest) {
+        let refused = refusals::Remembered { retry_after: d.retry_after, reset: d.reset, tightest };
+        redis.refusals.remember(&limits.route, client, refusals::fingerprint(&limits.ids), now, refused);
+    }
+}
+
 /// Drops idle clients every few seconds and publishes `levee_tracked_clients`
 /// (every per-client entry of the node, the number `max_clients` caps).
-async fn sweep(memory: Weak<MemoryStore>, budget: Weak<ClientBudget>) {
+async fn sweep(memory: Weak<MemoryStore>, budget: Weak<ClientBudget>, redis: Option<Weak<RedisStore>>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut n: u64 = 0;
     loop {
@@ -312,6 +355,7 @@ async fn sweep(memory: Weak<MemoryStore>, budget: Weak<ClientBudget>) {
             memory.sweep(memory.ticks(Instant::now()));
         }
         n += 1;
-        metrics::gauge!(m::TRACKED_CLIENTS).set((memory.len() + budget.tracked()) as f64);
+        let refusals = redis.as_ref().and_then(Weak::upgrade).map_or(0, |r| r.refusals.len());
+        metrics::gauge!(m::TRACKED_CLIENTS).set((memory.len() + budget.tracked() + refusals) as f64);
     }
 }

@@ -17,7 +17,17 @@
 //! from a server that cannot take the decision ([`not_serving`]): read-only
 //! (a demoted master), out of memory, loading, master or cluster down, busy
 //! with a script. The probe is a real decision on a probe key, not a `PING`:
-//! a read-only or full server answers `PING` and refuses every write.
+//! a read-only or full server answers `PING` and refuses every write. It
+//! writes in the slot of the last decision that failed, so on a Redis Cluster
+//! the store is up again when that part of the cluster answers (a killed
+//! master's replica has taken over), not as soon as any master does.
+//!
+//! Refusals cost Redis nothing: a refusal Redis decided is remembered on the
+//! node until its retry time ([`Refusals`]). An admin reset forgets it here and
+//! publishes the (route, client) on [`RESET_CHANNEL`]; every node subscribes
+//! (one node of a cluster is enough: classic pub/sub reaches every node) and
+//! forgets it too. After any gap in the subscription a reset may have been
+//! missed, so the node forgets every refusal when it (re)subscribes.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
@@ -29,10 +39,17 @@ use redis::cluster_async::ClusterConnection;
 use redis::Script;
 
 use super::gcra::Gcra;
+use super::refusals::Refusals;
 use super::StoreError;
 use crate::metrics as m;
 
 const PROBE_EVERY: Duration = Duration::from_millis(250);
+
+/// The pub/sub channel on which a reset reaches every replica.
+pub const RESET_CHANNEL: &str = "levee:reset";
+
+/// How often the subscriber checks its connection (and the store's life).
+const SUBSCRIBER_PING_EVERY: Duration = Duration::from_secs(2);
 
 const PEEK: &str = r"
 local t = redis.call('TIME')
@@ -63,12 +80,18 @@ pub struct RedisStore {
     timeout: Duration,
     gcra: Script,
     peek: Script,
+    /// Refusals Redis decided, until their retry time.
+    pub refusals: Refusals,
+    /// The hash tag of the last decision that failed: the probe writes in its
+    /// slot, so that on a cluster the store is up again when the part that
+    /// failed answers, not when any master does.
+    failed_tag: std::sync::Mutex<Option<String>>,
 }
 
 impl RedisStore {
     /// Creates the store (down until the first connection succeeds) and starts
     /// its connector/prober, which ends when the store is dropped.
-    pub fn start(urls: Vec<String>, timeout: Duration) -> Arc<Self> {
+    pub fn start(urls: Vec<String>, timeout: Duration, max_refusals: usize) -> Arc<Self> {
         let store = Arc::new(RedisStore {
             urls,
             conn: ArcSwapOption::empty(),
@@ -76,9 +99,12 @@ impl RedisStore {
             timeout,
             gcra: Script::new(include_str!("gcra.lua")),
             peek: Script::new(PEEK),
+            refusals: Refusals::new(max_refusals),
+            failed_tag: std::sync::Mutex::new(None),
         });
         metrics::gauge!(m::STORE_UP).set(0.0);
         tokio::spawn(probe(Arc::downgrade(&store)));
+        tokio::spawn(subscribe(Arc::downgrade(&store)));
         store
     }
 
@@ -90,6 +116,9 @@ impl RedisStore {
         if self.up.swap(up, Ordering::Relaxed) != up {
             metrics::gauge!(m::STORE_UP).set(if up { 1.0 } else { 0.0 });
             if up {
+                // Redis may have lost state meanwhile (a restart, a failover
+                // before replication): its word from before no longer holds.
+                self.refusals.clear();
                 tracing::info!(urls = ?self.urls, "Redis store is up: limits are shared again");
             } else {
                 tracing::warn!(urls = ?self.urls, error = why, "Redis store is down: on_failure applies");
@@ -110,7 +139,15 @@ impl RedisStore {
         for (k, g) in keys.iter().zip(limits) {
             inv.key(k).arg(g.interval).arg(g.capacity);
         }
-        let reply: Vec<i64> = self.guard(inv.invoke_async(&mut conn)).await?;
+        let reply: Vec<i64> = match self.guard(inv.invoke_async(&mut conn)).await {
+            Ok(reply) => reply,
+            Err(e) => {
+                if let Some(tag) = keys.first().and_then(|k| hash_tag(k)) {
+                    *self.failed_tag.lock().unwrap_or_else(|p| p.into_inner()) = Some(tag.to_string());
+                }
+                return Err(e);
+            }
+        };
         match reply.as_slice() {
             [allowed, wait, tightest, remaining, reset] => Ok(RedisOutcome {
                 allowed: *allowed == 1,
@@ -144,6 +181,19 @@ impl RedisStore {
             cmd.arg(k);
         }
         self.guard(cmd.query_async(&mut conn)).await
+    }
+
+    /// Tells every replica (and this node, through its own subscription) that
+    /// `client` was reset on `route`. Best effort: a replica that misses it
+    /// forgets all its refusals when it subscribes again.
+    pub async fn announce_reset(&self, route: &str, client: &str) {
+        let Ok(mut conn) = self.connection() else { return };
+        let message = serde_json::json!({ "route": route, "client": client }).to_string();
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(RESET_CHANNEL).arg(message);
+        if let Err(e) = self.guard(cmd.query_async::<i64>(&mut conn)).await {
+            tracing::warn!(error = %e, "could not announce a reset to the other replicas");
+        }
     }
 
     fn connection(&self) -> Result<Conn, StoreError> {
@@ -196,11 +246,21 @@ impl RedisStore {
     async fn ping(&self) -> bool {
         let Some(conn) = self.conn.load_full() else { return false };
         let mut conn = (*conn).clone();
+        let tag = self.failed_tag.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let key = format!("levee:{{{}}}:up", tag.as_deref().unwrap_or("probe"));
         let mut inv = self.gcra.prepare_invoke();
-        inv.key("levee:{probe}:up").arg(1).arg(1_000_000);
+        // Expires within a second by itself (its capacity is 1 s).
+        inv.key(key).arg(1).arg(1_000_000);
         let probe = inv.invoke_async::<Vec<i64>>(&mut conn);
         matches!(tokio::time::timeout(Duration::from_secs(1), probe).await, Ok(Ok(_)))
     }
+}
+
+/// The hash tag of a key (`route:client` of `levee:{route:client}:2/s:b4`).
+fn hash_tag(key: &str) -> Option<&str> {
+    let open = key.find('{')?;
+    let close = open + 1 + key[open + 1..].find('}')?;
+    Some(&key[open + 1..close])
 }
 
 /// Whether an error means Redis is not serving decisions (the store goes down
@@ -221,10 +281,82 @@ pub fn not_serving(e: &redis::RedisError) -> bool {
     }
 }
 
-/// Connects, then watches: while the store is down, ping every `PROBE_EVERY`.
-async fn probe(store: Weak<RedisStore>) {
+/// Follows resets announced on [`RESET_CHANNEL`] for as long as the store
+/// lives: one subscription at a time, to one of `urls` in turn, reconnecting
+/// with a backoff (100 ms doubling to 5 s) when it fails or stops answering.
+async fn subscribe(store: Weak<RedisStore>) {
+    const MAX_BACKOFF: Duration = Duration::from_secs(5);
+    let mut backoff = Duration::from_millis(100);
+    for attempt in 0usize.. {
+        let Some(url) = store.upgrade().map(|s| s.urls[attempt % s.urls.len()].clone()) else { return };
+        match tokio::time::timeout(Duration::from_secs(2), subscription(&url)).await {
+            Ok(Ok(pubsub)) => {
+                backoff = Duration::from_millis(100);
+                // Resets may have been announced while nobody listened here.
+                let Some(s) = store.upgrade() else { return };
+                s.refusals.clear();
+                drop(s);
+                follow(&store, pubsub).await;
+                tracing::debug!(url, "reset subscription lost; resubscribing");
+            }
+            Ok(Err(e)) => tracing::debug!(url, error = %e, "reset subscription failed"),
+            Err(_) => tracing::debug!(url, "reset subscription timed out"),
+        }
+        if store.strong_count() == 0 {
+            return;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+async fn subscription(url: &str) -> redis::RedisResult<redis::aio::PubSub> {
+    let mut pubsub = redis::Client::open(url)?.get_async_pubsub().await?;
+    pubsub.subscribe(RESET_CHANNEL).await?;
+    Ok(pubsub)
+}
+
+/// Applies reset messages until the connection ends, stops answering a ping,
+/// or the store is dropped.
+async fn follow(store: &Weak<RedisStore>, pubsub: redis::aio::PubSub) {
+    use futures_util::StreamExt;
+    let (mut sink, mut stream) = pubsub.split();
+    let mut tick = tokio::time::interval(SUBSCRIBER_PING_EVERY);
+    tick.tick().await;
     loop {
+        tokio::select! {
+            msg = stream.next() => {
+                let Some(msg) = msg else { return };
+                let Some(s) = store.upgrade() else { return };
+                let Ok(v) = serde_json::from_slice::<serde_json::Value>(msg.get_payload_bytes()) else {
+                    tracing::debug!("ignoring a malformed reset message");
+                    continue;
+                };
+                if let (Some(route), Some(client)) = (v["route"].as_str(), v["client"].as_str()) {
+                    s.refusals.forget(route, client);
+                }
+            }
+            _ = tick.tick() => {
+                if store.strong_count() == 0 {
+                    return;
+                }
+                let ping = sink.ping::<redis::Value>();
+                if !matches!(tokio::time::timeout(Duration::from_secs(2), ping).await, Ok(Ok(_))) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Connects, then watches: while the store is down, ping every `PROBE_EVERY`.
+/// Also drops refusals whose retry time has passed, every few seconds.
+async fn probe(store: Weak<RedisStore>) {
+    for n in 0u64.. {
         let Some(s) = store.upgrade() else { return };
+        if n % 20 == 0 {
+            s.refusals.sweep(tokio::time::Instant::now());
+        }
         if s.conn.load().is_none() {
             match tokio::time::timeout(Duration::from_secs(2), s.connect()).await {
                 Ok(Ok(conn)) => {

@@ -18,6 +18,7 @@ mod grpc;
 mod hostile;
 mod proxy;
 mod rate_limit;
+mod redis_cluster;
 mod redis_store;
 mod reload;
 mod retry;

@@ -7,6 +7,7 @@ pub mod client;
 pub mod gateway;
 pub mod process;
 pub mod redis;
+pub mod redis_cluster;
 
 pub use backend::{Backend, Behavior};
 pub use client::{Client, TestResponse};

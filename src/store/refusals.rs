@@ -1,0 +1,215 @@
+//! Refusals Redis decided, remembered on the node until their retry time, so
+//! that a client being refused costs Redis nothing (SPEC, "Several gateways,
+//! one limit").
+//!
+//! Why this is exact: with GCRA a refusal changes no state, and another
+//! node's traffic can only move a client's `tat` later, never earlier. So
+//! until the retry time Redis gave, Redis would refuse again; the node answers
+//! for it with the same decision (tightest limit, `Retry-After` and `RateLimit`
+//! counted down from then). The one thing that moves a `tat` earlier is an
+//! operator's reset, which drops the memory here and, through a Redis pub/sub
+//! message, on every other replica ([`super::redis`]).
+//!
+//! The deadline is counted from the request's arrival, taken before the
+//! round trip to Redis, so the node never refuses longer than Redis would.
+//!
+//! Bounded like all per-client state: a [`ClockMap`] whose cap is the
+//! refusal memory's share of `store.max_clients` ([`super::Store::plan_budget`]),
+//! evicting the least recently seen (a hot refused client is seen constantly
+//! and stays; an evicted one only costs Redis one decision again), and swept
+//! once the deadline has passed.
+
+use std::hash::{BuildHasher, Hasher};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::clock::ClockMap;
+
+/// One remembered refusal; instants in nanoseconds since the memory's epoch.
+#[derive(Debug, Clone, Copy, Default)]
+struct Refusal {
+    /// When the request would pass (Redis's retry time).
+    until: u64,
+    /// When the tightest bucket is full again.
+    full_at: u64,
+    /// The route's limits (their identities) when Redis refused: a reload that
+    /// changes them makes the memory moot.
+    limits: u32,
+    /// The limit whose policy the headers describe.
+    tightest: u32,
+}
+
+/// What a remembered refusal answers now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Remembered {
+    pub retry_after: Duration,
+    pub reset: Duration,
+    pub tightest: usize,
+}
+
+pub struct Refusals {
+    map: ClockMap<Refusal>,
+    epoch: Instant,
+    seed: foldhash::fast::RandomState,
+}
+
+impl Refusals {
+    pub fn new(max_entries: usize) -> Self {
+        Refusals {
+            map: ClockMap::new(max_entries),
+            epoch: Instant::now(),
+            seed: foldhash::fast::RandomState::default(),
+        }
+    }
+
+    fn key(&self, route: &str, client: &str) -> u64 {
+        let mut h = self.seed.build_hasher();
+        h.write(route.as_bytes());
+        h.write_u8(0xff);
+        h.write(client.as_bytes());
+        h.finish()
+    }
+
+    fn ticks(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// The refusal remembered for `client` on `route` with these `limits`
+    /// (a fingerprint of their identities), if it still holds at `now`.
+    pub fn get(&self, route: &str, client: &str, limits: u32, now: Instant) -> Option<Remembered> {
+        let r = self.map.peek(self.key(route, client))?;
+        let now = self.ticks(now);
+        if r.until <= now || r.limits != limits {
+            return None;
+        }
+        // Seen: a hot refused client stays remembered ahead of one-off ones.
+        self.map.with(self.key(route, client), |_| ());
+        Some(Remembered {
+            retry_after: Duration::from_nanos(r.until - now),
+            reset: Duration::from_nanos(r.full_at.saturating_sub(now)),
+            tightest: r.tightest as usize,
+        })
+    }
+
+    /// Remembers Redis's refusal of a request that arrived at `now`.
+    pub fn remember(&self, route: &str, client: &str, limits: u32, now: Instant, refused: Remembered) {
+        if refused.retry_after.is_zero() {
+            return;
+        }
+        let now = self.ticks(now);
+        let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let r = Refusal {
+            until: now.saturating_add(nanos(refused.retry_after)),
+            full_at: now.saturating_add(nanos(refused.reset)),
+            limits,
+            tightest: u32::try_from(refused.tightest).unwrap_or(0),
+        };
+        self.map.with(self.key(route, client), |v| *v = r);
+    }
+
+    /// Forgets `client` on `route` (an operator's reset); true when remembered.
+    pub fn forget(&self, route: &str, client: &str) -> bool {
+        self.map.remove(self.key(route, client))
+    }
+
+    /// Forgets everything: after a gap in the reset messages (the subscription
+    /// was down), a reset may have been missed.
+    pub fn clear(&self) {
+        self.map.retain(|_| false);
+    }
+
+    /// Drops the refusals whose retry time has passed.
+    pub fn sweep(&self, now: Instant) -> usize {
+        let now = self.ticks(now);
+        self.map.retain(|r| r.until > now)
+    }
+
+    pub fn set_capacity(&self, max_entries: usize) {
+        self.map.set_capacity(max_entries);
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.map.capacity()
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+/// A fingerprint of a route's limit ids (their identities), never 0.
+pub fn fingerprint(ids: &[u32]) -> u32 {
+    ids.iter().fold(0x811c_9dc5u32, |h, &id| (h ^ id).wrapping_mul(0x0100_0193).rotate_left(5)).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(ms: u64) -> Remembered {
+        Remembered {
+            retry_after: Duration::from_millis(ms),
+            reset: Duration::from_millis(2 * ms),
+            tightest: 1,
+        }
+    }
+
+    #[test]
+    fn a_refusal_holds_until_its_retry_time_and_counts_down() {
+        let r = Refusals::new(100);
+        let t0 = Instant::now();
+        r.remember("api", "dev", 7, t0, refused(1000));
+        let got = r.get("api", "dev", 7, t0 + Duration::from_millis(400)).unwrap();
+        assert_eq!(got.retry_after, Duration::from_millis(600));
+        assert_eq!(got.reset, Duration::from_millis(1600));
+        assert_eq!(got.tightest, 1);
+        assert_eq!(r.get("api", "dev", 7, t0 + Duration::from_millis(1000)), None, "due: ask Redis");
+        assert_eq!(r.get("api", "other", 7, t0), None);
+        assert_eq!(r.get("web", "dev", 7, t0), None);
+        assert_eq!(r.get("api", "dev", 8, t0), None, "changed limits: ask Redis");
+        assert_eq!(r.sweep(t0 + Duration::from_millis(1001)), 1);
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn forget_and_clear() {
+        let r = Refusals::new(100);
+        let t0 = Instant::now();
+        r.remember("api", "a", 1, t0, refused(1000));
+        r.remember("api", "b", 1, t0, refused(1000));
+        assert!(r.forget("api", "a"));
+        assert!(!r.forget("api", "a"));
+        assert_eq!(r.get("api", "a", 1, t0), None);
+        assert!(r.get("api", "b", 1, t0).is_some());
+        r.clear();
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn bounded_by_its_share_and_a_hot_client_stays() {
+        let r = Refusals::new(1000);
+        let t0 = Instant::now();
+        r.remember("api", "hot", 1, t0, refused(60_000));
+        for i in 0..20_000 {
+            r.remember("api", &format!("c{i}"), 1, t0, refused(60_000));
+            if i % 100 == 0 {
+                assert!(r.get("api", "hot", 1, t0).is_some(), "the hot client was evicted at {i}");
+            }
+        }
+        assert!(r.len() <= r.capacity() && r.capacity() <= 1000, "{} of {}", r.len(), r.capacity());
+        r.set_capacity(10);
+        assert!(r.len() <= 10);
+    }
+
+    #[test]
+    fn fingerprints_differ_by_limits() {
+        assert_ne!(fingerprint(&[1, 2]), fingerprint(&[1, 3]));
+        assert_ne!(fingerprint(&[1]), fingerprint(&[1, 1]));
+        assert_ne!(fingerprint(&[]), 0);
+    }
+}
