@@ -135,22 +135,35 @@ async fn a_shadow_callback_bomb_is_forwarded_and_its_quarantine_survives_the_swi
     let gw = TestGateway::start(&route(backend.addr, "shadow-bomb", &storm("shadow"))).await;
     let c = Client::new();
     // The bomb: its rate is 2·2^t per second, until the backend sees it marked.
-    let started = Instant::now();
+    // On a starved machine the client can send in bursts that break a growth
+    // streak; then the bomb starts over as a new device (at most 3 times):
+    // what this test proves is shadow mode's handling, not detection latency
+    // (tests/it/storm.rs bounds that).
+    let mut device = String::new();
     let mut marked = false;
-    for k in 1..50_000u64 {
-        let due = (k as f64 * std::f64::consts::LN_2 / 2.0 + 1.0).log2();
-        tokio::time::sleep_until(started + Duration::from_secs_f64(due)).await;
-        let rsp = get(&c, &gw, "bomb").await;
-        assert_eq!(rsp.status, 200, "shadow mode never sheds the bomb");
-        if shadow_marks(&backend) == ["callback_bomb"] {
-            marked = true;
+    for attempt in 0..3 {
+        device = format!("bomb-{attempt}");
+        let started = Instant::now();
+        for k in 1..50_000u64 {
+            let due = (k as f64 * std::f64::consts::LN_2 / 2.0 + 1.0).log2();
+            tokio::time::sleep_until(started + Duration::from_secs_f64(due)).await;
+            let rsp = get(&c, &gw, &device).await;
+            assert_eq!(rsp.status, 200, "shadow mode never sheds the bomb");
+            if shadow_marks(&backend) == ["callback_bomb"] {
+                marked = true;
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(8) {
+                break;
+            }
+        }
+        if marked {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(8), "the bomb was never detected");
     }
-    assert!(marked);
+    assert!(marked, "the bomb was never detected in 3 tries");
     // Still quarantined (in shadow): the next request is marked too.
-    assert_eq!(get(&c, &gw, "bomb").await.status, 200);
+    assert_eq!(get(&c, &gw, &device).await.status, 200);
     assert_eq!(shadow_marks(&backend), ["callback_bomb"]);
     let metrics = gw.metrics().await;
     let labels = ["route=\"shadow-bomb\"", "reason=\"callback_bomb\""];
@@ -165,7 +178,7 @@ async fn a_shadow_callback_bomb_is_forwarded_and_its_quarantine_survives_the_swi
     // Enforce by reload: the detector and its quarantine are kept.
     gw.write_config(&route(backend.addr, "shadow-bomb", &storm("enforce")));
     assert_eq!(gw.reload().await.status, 200);
-    let rsp = get(&c, &gw, "bomb").await;
+    let rsp = get(&c, &gw, &device).await;
     assert_eq!(rsp.status, 429);
     assert_eq!(rsp.reason(), Some("callback_bomb"));
     assert!((50..=60).contains(&rsp.retry_after().unwrap()), "the quarantine left: {:?}", rsp.retry_after());
