@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # levee vs nginx: the same load, the same backend, the same CPU, in the same run.
 #
-#   bash benches/load/run.sh [proxy|clients|hot|redis|failing|storm|siege ...]
-#   (default: the first six; siege runs only when named: it takes SIEGE_QUIET + SIEGE_SECONDS)
+#   bash benches/load/run.sh [proxy|clients|hot|redis|failing|storm|siege|cluster ...]
+#   (default: the first six; siege and cluster run only when named: siege takes
+#   SIEGE_QUIET + SIEGE_SECONDS, cluster starts a 6-node Redis Cluster and three levees)
 #
 # Modes:
 #   proxy    plain reverse proxy, no limits
@@ -28,6 +29,16 @@
 #            levee, and nobody scrapes /metrics. Per minute: the fleet's success and p99,
 #            levee's RSS (/proc), client connections, what the attackers got; then the
 #            issue's targets, met or not
+#   cluster  levee only, three replicas (LEVEE_WORKERS=1 each, all on PROXY_CPU) sharing
+#            a throwaway Redis Cluster (3 masters + 3 replicas, on LOAD_CPU) with
+#            store.urls = all six nodes, on_failure = "local"; three wrk in parallel, one
+#            per replica, CLUSTER_CONNECTIONS (22) connections each: the `clients` load
+#            (1000/s burst 1000, never reached) with the cluster store, then the same with
+#            store.kind = "memory" (ratio redis/memory), then `hot` (one client id, 100/s
+#            burst 100) with the cluster store: decisions/s summed over the replicas, the
+#            worst replica's p50/p99, script calls (EVALSHA/EVAL/FCALL) per second and per
+#            request summed over the masters' INFO commandstats, the 429 share. Three
+#            replicas on one core measure the cost per decision, not scaling
 #
 # Environment: DURATION (10s) measured run, WARMUP (2s) before each, CONNECTIONS (64),
 # THREADS (1, wrk), PROXY_CPU (1), LOAD_CPU (0: wrk, backend, redis), LEVEE_BIN (skip
@@ -59,7 +70,7 @@ set -euo pipefail
 
 # The exact command, for the results file (before the defaults below are filled in).
 CMD=""
-for v in IDLE_WAIT STORM_SECONDS SIEGE_SECONDS SIEGE_QUIET DURATION WARMUP CONNECTIONS THREADS PROXY_CPU LOAD_CPU LEVEE_BIN PERF PERF_DURATION; do
+for v in CLUSTER_CONNECTIONS IDLE_WAIT STORM_SECONDS SIEGE_SECONDS SIEGE_QUIET DURATION WARMUP CONNECTIONS THREADS PROXY_CPU LOAD_CPU LEVEE_BIN PERF PERF_DURATION; do
   if [ -n "${!v+x}" ]; then CMD+="$v=${!v} "; fi
 done
 CMD+="bash benches/load/run.sh${*:+ $*}"
@@ -80,6 +91,7 @@ IDLE_WAIT=${IDLE_WAIT:-600}
 STORM_SECONDS=${STORM_SECONDS:-12}
 SIEGE_SECONDS=${SIEGE_SECONDS:-300}
 SIEGE_QUIET=${SIEGE_QUIET:-60}
+CLUSTER_CONNECTIONS=${CLUSTER_CONNECTIONS:-22}
 CLIENTS=10000
 
 
@@ -91,7 +103,7 @@ ALL_MODES=(proxy clients hot redis failing storm)
 MODES=("$@")
 [ ${#MODES[@]} -eq 0 ] && MODES=("${ALL_MODES[@]}")
 for m in "${MODES[@]}"; do
-  case "$m" in proxy|clients|hot|redis|failing|storm|siege) ;; *) die "unknown mode '$m' (expected: ${ALL_MODES[*]} siege)" ;; esac
+  case "$m" in proxy|clients|hot|redis|failing|storm|siege|cluster) ;; *) die "unknown mode '$m' (expected: ${ALL_MODES[*]} siege cluster)" ;; esac
 done
 want() { local m; for m in "${MODES[@]}"; do [ "$m" = "$1" ] && return 0; done; return 1; }
 
@@ -101,7 +113,7 @@ command -v nginx >/dev/null 2>&1 || need+=(nginx-light)
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
 command -v taskset >/dev/null 2>&1 || need+=(util-linux)
 command -v python3 >/dev/null 2>&1 || need+=(python3-minimal)
-if want redis; then command -v redis-server >/dev/null 2>&1 || need+=(redis-server); fi
+if want redis || want cluster; then command -v redis-server >/dev/null 2>&1 || need+=(redis-server); fi
 if [ "$PERF" = 1 ]; then command -v perf >/dev/null 2>&1 || need+=(linux-perf); fi
 if [ ${#need[@]} -gt 0 ]; then
   [ "$(id -u)" -eq 0 ] || die "missing ${need[*]}; run as root or install them (apt-get install ${need[*]})"
@@ -304,6 +316,10 @@ levee_conf() { # FILE PORT ADMIN_PORT LIMIT STORE
     if [ "$store" = redis ]; then
       # deny: a store failure shows up as 503s instead of a silent fall-back to memory
       printf '[store]\nkind = "redis"\nurl = "redis://127.0.0.1:%s"\non_failure = "deny"\n\n' "$REDIS_PORT"
+    elif [ "$store" = cluster ]; then
+      # a Redis Cluster: every node's url; local: per-node buckets while it is unreachable
+      printf '[store]\nkind = "redis"\nurls = [%s]\non_failure = "local"\n\n' \
+        "$(printf '"redis://127.0.0.1:%s", ' "${CLUSTER_PORTS[@]}" | sed 's/, $//')"
     fi
     if [ "$limit" = failing ]; then
       printf '[upstreams.backend]\nendpoints = ["127.0.0.1:%s", "127.0.0.1:%s"]\nmax_concurrency = 100000\n\n' \
@@ -686,6 +702,181 @@ start_redis() {
   wait_up redis "$LAST_PID" "$REDIS_PORT"
 }
 
+# ---------------------------------------------------------------------------- mode cluster
+# A throwaway Redis Cluster: 3 masters + 3 replicas on LOAD_CPU, as tests/it/support/
+# redis_cluster.rs starts it. A node's cluster bus listens 10,000 above its port, so
+# both must be free: ports are drawn below the ephemeral range minus 10,000, where no
+# port-0 bind (free_port, outgoing connections) can land on either.
+CLUSTER_PORTS=()
+CLUSTER_PIDS=()
+CLUSTER_MASTERS=()
+cluster_port() { # -> PORT: a port whose bus port (+10,000) is free too, not near a taken one
+  PORT=$(python3 - "${CLUSTER_PORTS[@]}" <<'PY'
+import random, socket, sys
+taken = [int(p) for p in sys.argv[1:]]
+lo = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+top = min(max(lo - 10000, 12000), 45535)
+def free(p):
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", p)); return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+for _ in range(1000):
+    p = random.randrange(10000, top)
+    if all(abs(p - t) >= 2 for t in taken) and free(p) and free(p + 10000):
+        print(p); break
+PY
+) || true
+  [ -n "$PORT" ]
+}
+
+start_cluster() { # -> CLUSTER_PORTS, CLUSTER_PIDS, CLUSTER_MASTERS, or returns 1 (CLUSTER_ERR)
+  local dir="$TMP/cluster" i try p ok n
+  mkdir -p "$dir"
+  for i in 1 2 3 4 5 6; do
+    ok=0
+    for try in 1 2 3 4 5; do
+      cluster_port || { CLUSTER_ERR="no free port pair below the ephemeral range"; return 1; }
+      p=$PORT
+      start "redis-$p" "$LOAD_CPU" redis-server --port "$p" --bind 127.0.0.1 --cluster-enabled yes \
+        --cluster-config-file "$dir/nodes-$p.conf" --cluster-node-timeout 2000 \
+        --appendonly no --save "" --dir "$dir"
+      if wait_up "redis-$p" "$LAST_PID" "$p"; then ok=1; break; fi
+      forget "$LAST_PID"
+    done
+    [ "$ok" = 1 ] || { CLUSTER_ERR="redis-server --cluster-enabled yes did not start"; return 1; }
+    CLUSTER_PORTS+=("$p"); CLUSTER_PIDS+=("$LAST_PID")
+  done
+  say "  cluster nodes on 127.0.0.1:${CLUSTER_PORTS[*]} (core $LOAD_CPU); redis-cli --cluster create"
+  local addrs=()
+  for p in "${CLUSTER_PORTS[@]}"; do addrs+=("127.0.0.1:$p"); done
+  timeout 60 redis-cli --cluster create "${addrs[@]}" --cluster-replicas 1 --cluster-yes \
+    >"$TMP/cluster-create.log" 2>&1 || { tail -n 5 "$TMP/cluster-create.log" >&2; CLUSTER_ERR="redis-cli --cluster create failed"; return 1; }
+  # every node says cluster_state:ok, three masters, each replica's link up (30 s at most)
+  for _ in $(seq 300); do
+    n=0; CLUSTER_MASTERS=()
+    for p in "${CLUSTER_PORTS[@]}"; do
+      timeout 2 redis-cli -p "$p" cluster info 2>/dev/null | grep -q '^cluster_state:ok' && n=$((n + 1))
+      case "$(timeout 2 redis-cli -p "$p" role 2>/dev/null | head -n1)" in master) CLUSTER_MASTERS+=("$p") ;; esac
+    done
+    local synced=0
+    for p in "${CLUSTER_PORTS[@]}"; do
+      timeout 2 redis-cli -p "$p" info replication 2>/dev/null | grep -q '^master_link_status:up' && synced=$((synced + 1))
+    done
+    [ "$n" = 6 ] && [ ${#CLUSTER_MASTERS[@]} = 3 ] && [ "$synced" = 3 ] && return 0
+    sleep 0.1
+  done
+  CLUSTER_ERR="the cluster is not healthy after 30 s (cluster_state:ok on $n of 6, ${#CLUSTER_MASTERS[@]} masters)"
+  return 1
+}
+
+cluster_cmds() { # "commands scripts" the masters have run so far (scripts: EVALSHA/EVAL/FCALL calls)
+  local p
+  for p in "${CLUSTER_MASTERS[@]}"; do
+    timeout 2 redis-cli -p "$p" info stats 2>/dev/null; timeout 2 redis-cli -p "$p" info commandstats 2>/dev/null
+  done | awk -F'[:=,]' '/^total_commands_processed/ { c += $2 }
+      /^cmdstat_(evalsha|evalsha_ro|eval|eval_ro|fcall|fcall_ro):/ { s += $3 }
+      END { print c + 0, s + 0 }'
+}
+
+CL_PORTS=()
+CL_PIDS=()
+start_replicas() { # LIMIT STORE -> CL_PORTS, CL_PIDS (three levees on PROXY_CPU), or returns 1 (SKIP_REASON)
+  local limit=$1 store=$2 i port admin pid st tries
+  CL_PORTS=(); CL_PIDS=()
+  for i in 1 2 3; do
+    free_port; port=$PORT; free_port; admin=$PORT
+    levee_conf "$TMP/levee-$store-$limit-$i.toml" "$port" "$admin" "$limit" "$store"
+    if ! levee_check "$TMP/levee-$store-$limit-$i.toml"; then SKIP_REASON="levee check rejects the config: $CHECK_ERR"; return 1; fi
+    start "levee-$store-$i" "$PROXY_CPU" env LEVEE_WORKERS=1 LEVEE_LOG=warn "$LEVEE" run --config "$TMP/levee-$store-$limit-$i.toml"
+    pid=$LAST_PID
+    wait_up "levee-$store-$i" "$pid" "$port" || { SKIP_REASON="levee did not start: $(tail -n1 "$TMP/levee-$store-$i.log")"; return 1; }
+    CL_PORTS+=("$port"); CL_PIDS+=("$pid")
+  done
+  say "  levee x3 (limit: $limit, store: $store) on 127.0.0.1:${CL_PORTS[*]}, core $PROXY_CPU"
+  for port in "${CL_PORTS[@]}"; do
+    tries=0
+    while [ $tries -lt 50 ]; do
+      st=$(http_status "$port" "x-device-id: check")
+      [ "$st" = 200 ] && break
+      tries=$((tries + 1)); sleep 0.1
+    done
+    [ "$st" = 200 ] || { SKIP_REASON="levee on $port answered '${st:-nothing}' instead of 200 for 5 s"; return 1; }
+  done
+}
+
+stop_replicas() { local p; for p in "${CL_PIDS[@]}"; do forget "$p"; done; CL_PIDS=(); CL_PORTS=(); }
+
+# Three wrk in parallel, one per replica, on LOAD_CPU. Sets C_* variables.
+cluster_measure() { # LABEL SCRIPT
+  local label=$1 script=$2 i pids=() out
+  wait_idle
+  say "  $label: warm-up $WARMUP (3 x wrk -c$CLUSTER_CONNECTIONS)"
+  for i in 0 1 2; do
+    timeout $(( $(secs "$WARMUP") + 30 )) taskset -c "$LOAD_CPU" wrk -t1 -c"$CLUSTER_CONNECTIONS" -d"$WARMUP" \
+      -s "$script" "http://127.0.0.1:${CL_PORTS[$i]}/" >/dev/null 2>&1 &
+    pids+=($!)
+  done
+  for i in "${pids[@]}"; do wait "$i" || die "wrk warm-up against $label failed"; done
+  local r0 s0 r1 s1 c0a t0 c0b t0b c1a t1 c1b t1b lu=0 ls=0 lu2=0 ls2=0 ru=0 rs=0 ru2=0 rs2=0 x y p w0 w1 wall
+  read -r r0 s0 < <(cluster_cmds)
+  read -r c0a t0 < <(cpu_busy "$LOAD_CPU"); read -r c1a t1 < <(cpu_busy "$PROXY_CPU")
+  for p in "${CL_PIDS[@]}"; do read -r x y < <(tree_ticks "$p"); lu=$((lu + x)); ls=$((ls + y)); done
+  for p in "${CLUSTER_PIDS[@]}"; do read -r x y < <(tree_ticks "$p"); ru=$((ru + x)); rs=$((rs + y)); done
+  say "  $label: measuring $DURATION (3 x wrk -t1 -c$CLUSTER_CONNECTIONS --latency -s $(basename "$script"))"
+  w0=$EPOCHREALTIME; pids=()
+  for i in 0 1 2; do
+    timeout $(( DUR_S + 30 )) taskset -c "$LOAD_CPU" wrk -t1 -c"$CLUSTER_CONNECTIONS" -d"$DURATION" --latency \
+      -s "$script" "http://127.0.0.1:${CL_PORTS[$i]}/" >"$TMP/wrk-$label-$i.txt" 2>&1 &
+    pids+=($!)
+  done
+  for i in "${pids[@]}"; do wait "$i" || die "wrk against $label failed"; done
+  w1=$EPOCHREALTIME
+  for p in "${CL_PIDS[@]}"; do read -r x y < <(tree_ticks "$p"); lu2=$((lu2 + x)); ls2=$((ls2 + y)); done
+  for p in "${CLUSTER_PIDS[@]}"; do read -r x y < <(tree_ticks "$p"); ru2=$((ru2 + x)); rs2=$((rs2 + y)); done
+  read -r c0b t0b < <(cpu_busy "$LOAD_CPU"); read -r c1b t1b < <(cpu_busy "$PROXY_CPU")
+  read -r r1 s1 < <(cluster_cmds)
+  wall=$(awk -v a="$w0" -v b="$w1" 'BEGIN{printf "%.3f", b - a}')
+  C_RPS=0; C_TOTAL=0; C_NON2XX=0; C_P50=0; C_P99=0; C_EACH=""; C_P99S=""
+  local a2=0 a4=0 ao=0 v s
+  for i in 0 1 2; do
+    out="$TMP/wrk-$label-$i.txt"
+    v=$(awk '/^Requests\/sec:/{printf "%.0f", $2}' "$out"); [ -n "$v" ] || { cat "$out" >&2; die "cannot read wrk's output for $label"; }
+    C_RPS=$((C_RPS + v)); C_EACH+="${C_EACH:+ / }$v"
+    C_TOTAL=$((C_TOTAL + $(awk '/requests in/{print $1; exit}' "$out")))
+    v=$(awk '/Non-2xx or 3xx responses:/{print $NF}' "$out"); C_NON2XX=$((C_NON2XX + ${v:-0}))
+    v=$(to_ms "$(awk '$1 == "50%" {print $2}' "$out")"); C_P50=$(awk -v a="$C_P50" -v b="$v" 'BEGIN{print (b + 0 > a + 0) ? b : a}')
+    v=$(to_ms "$(awk '$1 == "99%" {print $2}' "$out")"); C_P99=$(awk -v a="$C_P99" -v b="$v" 'BEGIN{print (b + 0 > a + 0) ? b : a}')
+    C_P99S+="${C_P99S:+ / }$v"
+    s=$(awk '/^STATUS /{print $2, $3, $4}' "$out")
+    if [ -n "$s" ]; then
+      read -r x y p < <(echo "$s" | sed 's/[a-z0-9]*=//g')
+      a2=$((a2 + x)); a4=$((a4 + y)); ao=$((ao + p))
+    fi
+    v=$(awk -F'Socket errors: ' '/Socket errors/{print $2}' "$out"); [ -n "$v" ] && say "  $label replica $i: socket errors: $v"
+  done
+  C_2XX=$a2; C_429=$a4; C_OTHER=$ao
+  C_SHARE429=$(awk -v a="$a2" -v b="$a4" -v c="$ao" 'BEGIN{ t = a + b + c; if (t > 0) printf "%.1f%%", 100 * b / t; else print "-" }')
+  C_CPU=$(awk -v d="$((lu2 - lu + ls2 - ls))" -v hz="$CLK_TCK" -v s="$wall" 'BEGIN{printf "%.0f", 100 * d / hz / s}')
+  C_USR=$(awk -v d="$((lu2 - lu))" -v hz="$CLK_TCK" -v s="$wall" 'BEGIN{printf "%.0f", 100 * d / hz / s}')
+  C_SYS=$(awk -v d="$((ls2 - ls))" -v hz="$CLK_TCK" -v s="$wall" 'BEGIN{printf "%.0f", 100 * d / hz / s}')
+  C_RCPU=$(awk -v d="$((ru2 - ru + rs2 - rs))" -v hz="$CLK_TCK" -v s="$wall" 'BEGIN{printf "%.0f", 100 * d / hz / s}')
+  C_EFF=$(awk -v r="$C_RPS" -v c="$C_CPU" 'BEGIN{ if (c > 0) printf "%.0f", r / (c / 100); else print "?" }')
+  C_CORE0=$(awk -v b="$((c0b - c0a))" -v t="$((t0b - t0))" 'BEGIN{ if (t > 0) printf "%.0f", 100 * b / t; else print "?" }')
+  C_CORE1=$(awk -v b="$((c1b - c1a))" -v t="$((t1b - t1))" 'BEGIN{ if (t > 0) printf "%.0f", 100 * b / t; else print "?" }')
+  C_SPS=$(awk -v d="$((s1 - s0))" -v s="$wall" 'BEGIN{printf "%.0f", d / s}')
+  C_SPR=$(awk -v d="$((s1 - s0))" -v n="$C_TOTAL" 'BEGIN{ if (n > 0) printf "%.3f", d / n; else print "-" }')
+  C_CPR=$(awk -v d="$((r1 - r0))" -v n="$C_TOTAL" 'BEGIN{ if (n > 0) printf "%.3f", d / n; else print "-" }')
+  if [ "$C_CORE1" != "?" ] && [ $(( C_CORE1 - C_CPU )) -gt 10 ]; then
+    NOTES+="warning: during the $label run core $PROXY_CPU was ${C_CORE1}% busy but the levees used ${C_CPU}%: something else ran there."$'\n'
+  fi
+  say "  $label: $C_RPS decisions/s ($C_EACH), worst p50 $C_P50 ms, worst p99 $C_P99 ms, levee CPU ${C_CPU}%, redis CPU ${C_RCPU}%, core $LOAD_CPU ${C_CORE0}%, non-2xx $C_NON2XX, scripts $C_SPS/s ($C_SPR/request), commands $C_CPR/request${C_2XX:+, 2xx=$C_2XX 429=$C_429 other=$C_OTHER}"
+}
+crow() { echo "| $1 | $C_RPS | $C_EACH | $C_P50 | $C_P99 ($C_P99S) | $C_CPU ($C_USR+$C_SYS) | $C_EFF | $C_RCPU | $C_CORE0 | $C_NON2XX | $C_SPS | $C_SPR | $C_CPR |"; }
+
 # ---------------------------------------------------------------------------- runs
 run_nginx() { # LIMIT SCRIPT -> R_*
   local port; free_port; port=$PORT
@@ -840,6 +1031,59 @@ for mode in "${MODES[@]}"; do
     else
       skipped "storm" "$SKIP_REASON"
     fi
+    ;;
+  cluster)
+    say "mode cluster: three levee replicas on core $PROXY_CPU sharing a 6-node Redis Cluster on core $LOAD_CPU"
+    if [ "$HAVE_REDIS" != 1 ] || ! command -v redis-cli >/dev/null 2>&1; then skipped "cluster" "redis-server / redis-cli are not installed"; continue; fi
+    if ! start_cluster; then skipped "cluster" "$CLUSTER_ERR"; continue; fi
+    HDR="| run | decisions/s (3 replicas) | per replica req/s | p50 ms (worst) | p99 ms (worst; each) | levee CPU % (3, user+sys) | decisions/CPU-s | redis CPU % (6 nodes) | core $LOAD_CPU busy % | non-2xx | script calls/s (masters) | script calls / request | Redis commands / request |"
+    SEP="|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    CA="" CB="" CH=""
+    if start_replicas clients cluster; then
+      cluster_measure cluster-clients "$TMP/clients.lua"; CA=$(crow "cluster store (clients)"); A_RPS=$C_RPS A_P50=$C_P50 A_P99=$C_P99 A_EFF=$C_EFF
+      A_NON2XX=$C_NON2XX
+    else
+      skipped "cluster" "$SKIP_REASON"
+    fi
+    stop_replicas
+    if [ -n "$CA" ] && start_replicas clients memory; then
+      cluster_measure memory-clients "$TMP/clients.lua"; CB=$(crow "memory store (clients)")
+      B_RPS=$C_RPS B_P50=$C_P50 B_P99=$C_P99 B_EFF=$C_EFF
+    fi
+    stop_replicas
+    if [ -n "$CA" ] && start_replicas hot cluster; then
+      cluster_measure cluster-hot "$TMP/hot.lua"; CH=$(crow "cluster store (hot)")
+    fi
+    stop_replicas
+    if [ -n "$CA" ]; then
+      out ""
+      out "### cluster: three levee replicas (LEVEE_WORKERS=1 each, all on core $PROXY_CPU) sharing a Redis Cluster (3 masters + 3 replicas on core $LOAD_CPU): three replicas on one core measure the cost per decision, not scaling"
+      out ""
+      out "$HDR"
+      out "$SEP"
+      out "$CA"
+      [ -n "$CB" ] && out "$CB"
+      [ -n "$CB" ] && out "| **cluster/memory** | **$(ratio "$A_RPS" "$B_RPS")** | | $(ratio "$A_P50" "$B_P50") | $(ratio "$A_P99" "$B_P99") | | $(ratio "$A_EFF" "$B_EFF") | | | | | | |"
+      [ -n "$CH" ] && out "$CH"
+      out ""
+      out "Load: three \`wrk -t1 -c$CLUSTER_CONNECTIONS\` in parallel, one per replica, on core $LOAD_CPU with the backend nginx and the six redis-servers. clients: $CLIENTS rotating x-device-id values, limit 1000/s burst 1000 per client (never reached); hot: one x-device-id on every request, limit 100/s burst 100 (one bucket for the fleet with the cluster store). Cluster store: \`store.kind = \"redis\"\`, \`urls\` = the six nodes, \`on_failure = \"local\"\`; storm off. Script calls: \`cmdstat_evalsha\`/\`evalsha_ro\`/\`eval\`/\`eval_ro\`/\`fcall\`/\`fcall_ro\` calls summed over the three masters (INFO commandstats, before and after the measured run); Redis commands: \`total_commands_processed\` on the masters (it counts those the scripts run, and this script's INFO calls)."
+      [ -n "$CH" ] && out "" && out "hot: $C_2XX answered 2xx, $C_429 answered 429, $C_OTHER other over ${DURATION} (after a ${WARMUP} warm-up that spent the burst): 429 share $C_SHARE429, $C_SPR script calls per request (target ≤ 0.01: a refused client adds no Redis load)."
+      if [ -n "$CB" ]; then
+        T_RATIO=$(ratio "$A_RPS" "$B_RPS")
+        T_MET=$(awk -v r="$T_RATIO" 'BEGIN{print (r + 0 >= 0.8) ? "**met**" : "**not met**"}')
+        T_HOT=""
+        if [ -n "$CH" ]; then
+          T_HOT=$(awk -v r="$C_SPR" 'BEGIN{print (r + 0 <= 0.01) ? "**met**" : "**not met**"}')
+          T_HOT="; hot client's script calls per request $C_SPR (target ≤ 0.01: $T_HOT)"
+        fi
+        out ""
+        out "Targets: cluster/memory decisions/s $T_RATIO (target ≥ 0.8: $T_MET)$T_HOT."
+      fi
+      [ "${A_NON2XX:-0}" -gt 0 ] && out "" && out "note: $A_NON2XX non-2xx answers in the clients run with the cluster store (the limit is never reached: these are failures)."
+      if [ -n "$NOTES" ]; then out ""; printf '%s' "$NOTES" | tee -a "$REPORT"; NOTES=""; fi
+    fi
+    for p in "${CLUSTER_PIDS[@]}"; do forget "$p"; done
+    CLUSTER_PIDS=()
     ;;
   siege)
     say "mode siege: levee alone under every attack at once, ${SIEGE_QUIET}s quiet + ${SIEGE_SECONDS}s siege"
