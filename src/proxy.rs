@@ -16,7 +16,7 @@ use tower::ServiceExt;
 use http_body::Body as _;
 use http_body_util::BodyExt;
 
-use crate::body::{self, Body, BodyFault, ClientBody};
+use crate::body::{self, Body, BodyFault, ClientBody, Fault};
 use crate::context::{new_request_id, RequestContext, Scheme};
 use crate::listener::{plain_http, ConnInfo, ConnLimits, Handler};
 use crate::respond::{Reason, Shed};
@@ -160,10 +160,11 @@ impl Proxy {
             std::borrow::Cow::Owned(normal) => Some(normal),
             std::borrow::Cow::Borrowed(_) => None,
         };
+        let client_ip = crate::context::client_ip(conn.peer.ip(), req.headers(), &server.trusted_proxies);
         let mut req = req;
         let upgrade = match route.config.websocket && crate::websocket::is_upgrade(&req) {
             false => None,
-            true => match self.upgrade_slot(route, &req, conn, &server.trusted_proxies) {
+            true => match self.upgrade_slot(route, &req, client_ip) {
                 Ok(slot) => Some((slot, hyper::upgrade::on(&mut req))),
                 Err(shed) => return Err((Some(route), shed)),
             },
@@ -189,12 +190,14 @@ impl Proxy {
                 // it holds its own connection, never anyone else's slot.
                 Some(n) if n <= server.buffer_body_bytes => match body.collect().await {
                     Ok(collected) => (body::full(collected.to_bytes()), true),
-                    Err(_) => return Err((Some(route), client_fault(&fault, server))),
+                    Err(_) => {
+                        let f = fault.get().unwrap_or(Fault::CutOff);
+                        return Err((Some(route), client_fault(f, server)));
+                    }
                 },
                 _ => (body::boxed(body), false),
             }
         };
-        let client_ip = crate::context::client_ip(conn.peer.ip(), &parts.headers, &server.trusted_proxies);
         parts.extensions.insert(RequestContext {
             peer: conn.peer,
             client_ip,
@@ -227,8 +230,7 @@ impl Proxy {
                 Ok((route, rsp))
             }
             // The upstream try failed because of the client's body: its fault.
-            Err(_) if fault.get().is_some() => Err((Some(route), client_fault(&fault, server))),
-            Err(shed) => Err((Some(route), shed)),
+            Err(shed) => Err((Some(route), fault.get().map_or(shed, |f| client_fault(f, server)))),
         }
     }
 }
@@ -240,10 +242,8 @@ impl Proxy {
         &self,
         route: &Route,
         req: &Request<B>,
-        conn: ConnInfo,
-        trusted: &crate::config::TrustedProxies,
+        client_ip: std::net::IpAddr,
     ) -> Result<Slot, Shed> {
-        let client_ip = crate::context::client_ip(conn.peer.ip(), req.headers(), trusted);
         let identity = route.client_id.identify(req, client_ip)?;
         let client = identity.client.clone();
         route.upgraded.acquire(Arc::from(client.as_str())).ok_or_else(|| {
@@ -258,13 +258,13 @@ impl Proxy {
     }
 }
 
-/// levee's answer to a request whose body failed (the fault is set).
-fn client_fault(fault: &BodyFault, server: &crate::config::Server) -> Shed {
-    match fault.get().map(Reason::from) {
-        Some(Reason::BodyTooLarge) => body_too_large(server.max_body_bytes),
-        Some(Reason::RequestTimeout) => Shed::new(Reason::RequestTimeout)
+/// levee's answer to a request whose body failed.
+fn client_fault(fault: Fault, server: &crate::config::Server) -> Shed {
+    match fault {
+        Fault::TooLarge => body_too_large(server.max_body_bytes),
+        Fault::Stalled => Shed::new(Reason::RequestTimeout)
             .detail(format!("the request body stalled for more than {:?}", server.body_read_timeout)),
-        _ => Shed::new(Reason::ClientClosed).detail("the client cut its request body off"),
+        Fault::CutOff => Shed::new(Reason::ClientClosed).detail("the client cut its request body off"),
     }
 }
 

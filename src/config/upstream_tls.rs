@@ -5,9 +5,10 @@
 //! when one is given (a private CA should not widen trust to every public
 //! one). SNI and the verified name: `server_name`, else the endpoint's host.
 //! A client certificate (`cert` + `key`) for upstreams that want mTLS, its
-//! key checked against it like the listener's. Files are read at load, so a
-//! reload re-reads them; a changed file changes the upstream's identity
-//! (`fingerprint`) and so its connection pool.
+//! key checked against it like the listener's: both read their files through
+//! [`cert_and_key`]. Files are read at load, so a reload re-reads them; a
+//! changed file changes the upstream's identity (`fingerprint`) and so its
+//! connection pool.
 
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::path::Path;
@@ -86,20 +87,10 @@ pub fn build(raw: Option<&RawUpstreamTls>, base_dir: &Path, p: &KeyPath) -> Resu
     let (client, client_chain) = match (raw.cert.is_empty(), raw.key.is_empty()) {
         (true, true) => (builder.with_no_client_auth(), Vec::new()),
         (false, false) => {
-            let (cert_path, pem) = read(&raw.cert, "cert")?;
-            pem.hash(&mut fingerprint);
-            let chain: Vec<CertificateDer<'static>> =
-                CertificateDer::pem_slice_iter(&pem).collect::<Result<_, _>>().map_err(|e| {
-                    invalid("cert", format!("{}: not a PEM certificate chain: {e}", cert_path.display()))
-                })?;
-            if chain.is_empty() {
-                return Err(invalid("cert", format!("{}: holds no certificate", cert_path.display())));
-            }
-            let (key_path, pem) = read(&raw.key, "key")?;
-            pem.hash(&mut fingerprint);
-            let key = PrivateKeyDer::from_pem_slice(&pem)
-                .map_err(|_| invalid("key", format!("{}: holds no PEM private key", key_path.display())))?;
-            key_matches(&chain, &key, &cert_path, &key_path, p)?;
+            let cert_path = base_dir.join(&raw.cert);
+            let (chain, key) = cert_and_key(&cert_path, &base_dir.join(&raw.key), p)?;
+            chain.hash(&mut fingerprint);
+            key.secret_der().hash(&mut fingerprint);
             let client = builder
                 .with_client_auth_cert(chain.clone(), key)
                 .map_err(|e| invalid("cert", format!("{}: {e}", cert_path.display())))?;
@@ -121,11 +112,37 @@ pub fn build(raw: Option<&RawUpstreamTls>, base_dir: &Path, p: &KeyPath) -> Resu
     Ok(UpstreamTls { client: Arc::new(client), server_name, client_chain, fingerprint: fingerprint.finish() })
 }
 
+/// A certificate chain (leaf first) and its private key, from PEM files, the
+/// key checked against the leaf: the listener's `cert`/`key` and an
+/// upstream's client certificate alike. Errors name `p.cert` or `p.key`.
+pub(super) fn cert_and_key(
+    cert_path: &Path,
+    key_path: &Path,
+    p: &KeyPath,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), Invalid> {
+    let fail = |key: &str, message: String| Invalid { path: p.key(key), message };
+    let read = |path: &Path, key: &str| {
+        std::fs::read(path).map_err(|e| fail(key, format!("cannot read {}: {e}", path.display())))
+    };
+    let pem = read(cert_path, "cert")?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| fail("cert", format!("{}: not a PEM certificate chain: {e}", cert_path.display())))?;
+    if chain.is_empty() {
+        return Err(fail("cert", format!("{}: holds no certificate", cert_path.display())));
+    }
+    let pem = read(key_path, "key")?;
+    let key = PrivateKeyDer::from_pem_slice(&pem)
+        .map_err(|_| fail("key", format!("{}: holds no PEM private key", key_path.display())))?;
+    key_matches(&chain, &key, cert_path, key_path, p)?;
+    Ok((chain, key))
+}
+
 /// The private key must be the leaf certificate's: a key of another
 /// certificate would load, then fail every handshake. rustls compares the
 /// key's public half with the leaf's SubjectPublicKeyInfo. Used for the
 /// listener's certificate and for upstream client certificates alike.
-pub(super) fn key_matches(
+fn key_matches(
     chain: &[CertificateDer<'static>],
     key: &PrivateKeyDer<'static>,
     cert_path: &Path,

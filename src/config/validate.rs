@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls_pki_types::pem::PemObject;
 
 use super::raw::{self, RawConfig};
 use super::units::{Dur, KeySource, Rate};
@@ -452,22 +451,7 @@ fn tls(t: &raw::RawTls, base_dir: &Path) -> Result<Tls> {
     let p = KeyPath::root().key("server").key("tls");
     let cert_path = base_dir.join(&t.cert);
     let key_path = base_dir.join(&t.key);
-    let read = |path: &Path, key: &str| {
-        std::fs::read(path).or_else(|e| invalid(p.key(key), format!("cannot read {}: {e}", path.display())))
-    };
-    let pem = read(&cert_path, "cert")?;
-    let chain: Vec<_> =
-        CertificateDer::pem_slice_iter(&pem).collect::<std::result::Result<_, _>>().or_else(|e| {
-            invalid(p.key("cert"), format!("{}: not a PEM certificate chain: {e}", cert_path.display()))
-        })?;
-    if chain.is_empty() {
-        return invalid(p.key("cert"), format!("{}: holds no certificate", cert_path.display()));
-    }
-    let pem = read(&key_path, "key")?;
-    let Ok(key) = PrivateKeyDer::from_pem_slice(&pem) else {
-        return invalid(p.key("key"), format!("{}: holds no PEM private key", key_path.display()));
-    };
-    super::upstream_tls::key_matches(&chain, &key, &cert_path, &key_path, &p)?;
+    let (chain, key) = super::upstream_tls::cert_and_key(&cert_path, &key_path, &p)?;
     Ok(Tls { listen: addr(&t.listen, p.key("listen"))?, cert_path, chain, key, plain_http: t.plain_http })
 }
 

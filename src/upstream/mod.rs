@@ -166,13 +166,13 @@ impl Upstream {
                 let (parts, body) = rsp.into_parts();
                 Ok(Response::from_parts(parts, Guarded::wrap(body, guard)))
             }
-            // The try failed because the client's body did (too large, stalled,
-            // cut off): the client's fault, never the endpoint's.
-            Err(_) if ctx.body_fault.get().is_some() => {
-                self.count(idx, error_code("client_fault"));
-                Err(Shed::new(ctx.body_fault.get().map_or(Reason::ClientClosed, Reason::from)))
-            }
             Err(e) => {
+                // The try failed because the client's body did (too large,
+                // stalled, cut off): the client's fault, never the endpoint's.
+                if let Some(fault) = ctx.body_fault.get() {
+                    self.count(idx, error_code("client_fault"));
+                    return Err(Shed::new(Reason::from(fault)));
+                }
                 self.outlier.record(idx, true, now);
                 let (label, reason) = match &e {
                     ForwardError::Connect(_) => ("connect_error", Reason::UpstreamUnreachable),
