@@ -61,8 +61,14 @@ pub struct RequestContext {
 
 /// A new request id: 128 random bits in hex.
 pub fn new_request_id() -> http::HeaderValue {
-    let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-    http::HeaderValue::from_str(&id).unwrap_or(http::HeaderValue::from_static("0"))
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    // Hex by hand: no formatter and no intermediate `String` on every request.
+    let mut id = [0u8; 32];
+    for (i, byte) in fastrand::u128(..).to_be_bytes().into_iter().enumerate() {
+        id[2 * i] = HEX[usize::from(byte >> 4)];
+        id[2 * i + 1] = HEX[usize::from(byte & 0xf)];
+    }
+    http::HeaderValue::from_bytes(&id).unwrap_or(http::HeaderValue::from_static("0"))
 }
 
 /// The client's address for a request from `peer`, NGINX's `real_ip` with

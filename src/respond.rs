@@ -190,15 +190,8 @@ impl Shed {
     /// Builds the response: status, `x-levee-reason`, `Retry-After` and the JSON body.
     pub fn into_response(self, route: Option<&str>) -> Response<Body> {
         let retry_after_s = self.reason.has_retry_after().then(|| retry_after_secs(self.retry_after));
-        let mut json = serde_json::json!({
-            "error": self.reason.as_str(),
-            "route": route,
-            "retry_after_s": retry_after_s,
-        });
-        if let Some(detail) = &self.detail {
-            json["detail"] = serde_json::Value::String(detail.clone());
-        }
-        let mut rsp = Response::new(body::full(json.to_string()));
+        let json = answer_json(self.reason, route, retry_after_s, self.detail.as_deref());
+        let mut rsp = Response::new(body::full(json));
         *rsp.status_mut() = self.reason.status();
         let h = rsp.headers_mut();
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -215,6 +208,55 @@ impl Shed {
         }
         rsp
     }
+}
+
+/// The JSON body of an answer, written directly (a refusal is the hot path of
+/// a client being shed; a `serde_json::Value` would build a map per answer).
+fn answer_json(
+    reason: Reason,
+    route: Option<&str>,
+    retry_after_s: Option<u64>,
+    detail: Option<&str>,
+) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(80 + route.map_or(0, str::len) + detail.map_or(0, str::len));
+    out.push_str("{\"error\":\"");
+    out.push_str(reason.as_str());
+    out.push_str("\",\"route\":");
+    match route {
+        Some(r) => json_string(&mut out, r),
+        None => out.push_str("null"),
+    }
+    out.push_str(",\"retry_after_s\":");
+    match retry_after_s {
+        Some(secs) => {
+            let _ = write!(out, "{secs}");
+        }
+        None => out.push_str("null"),
+    }
+    if let Some(detail) = detail {
+        out.push_str(",\"detail\":");
+        json_string(&mut out, detail);
+    }
+    out.push('}');
+    out
+}
+
+/// `s` as a JSON string literal (RFC 8259 §7).
+fn json_string(out: &mut String, s: &str) {
+    use std::fmt::Write;
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if u32::from(c) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
 }
 
 // === gRPC callers ===
@@ -277,6 +319,25 @@ pub fn jitter(d: Duration, max_share: f64) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_answer_body_is_json_whatever_the_route_name_and_detail_hold() {
+        let odd = ["api", "", "quo\"te", "back\\slash", "tab\tnew\nline\u{1}", "ünï €", "</script>"];
+        for route in odd {
+            for detail in [None, Some("x"), Some("say \"no\"\r\n\\")] {
+                let text = answer_json(Reason::RateLimited, Some(route), Some(3), detail);
+                let v: serde_json::Value =
+                    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
+                assert_eq!(v["error"], "rate_limited");
+                assert_eq!(v["route"], route);
+                assert_eq!(v["retry_after_s"], 3);
+                assert_eq!(v.get("detail").and_then(|d| d.as_str()), detail);
+            }
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(&answer_json(Reason::NoRoute, None, None, None)).unwrap();
+        assert!(v["route"].is_null() && v["retry_after_s"].is_null());
+    }
 
     #[test]
     fn never_401_or_403() {

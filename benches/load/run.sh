@@ -6,7 +6,7 @@
 #   SIEGE_QUIET + SIEGE_SECONDS, cluster starts a 6-node Redis Cluster and three levees)
 #
 # Modes:
-#   proxy    plain reverse proxy, no limits
+#   proxy    plain reverse proxy, no limits (10,000 rotating x-device-id values)
 #   clients  10,000 rotating x-device-id values, a per-client limit (1000/s, burst 1000)
 #            that no client comes near: the cost of tracking many clients
 #   hot      every request from one x-device-id limited to 100/s (burst 100): the cost
@@ -63,9 +63,11 @@
 # connections (C10k), connection setup (wrk keeps its connections alive), latency
 # over a real network, or a Redis on another host (here it is on loopback).
 # nginx is told to do the same header work as levee (x-forwarded-for,
-# x-forwarded-proto, x-request-id both ways); levee's storm detector is off in every
-# mode, because wrk's identical concurrent requests are exactly what it sheds and
-# nginx has no equivalent.
+# x-forwarded-proto, x-request-id both ways). levee runs its storm detector as shipped
+# (config/levee.toml) in every mode but `failing` (whose one request, failing on one
+# endpoint, is the retry storm it sheds), so wrk sends what a fleet would: proxy and
+# clients rotate $CLIENTS client ids, hot sends one client id for $CLIENTS rotating
+# paths; never the same request from the same client while it is in flight.
 set -euo pipefail
 
 # The exact command, for the results file (before the defaults below are filled in).
@@ -334,7 +336,7 @@ levee_conf() { # FILE PORT ADMIN_PORT LIMIT STORE
       clients) printf '\n[[routes.limits]]\nrate = "1000/s"\nburst = 1000\n' ;;
       hot|storm) printf '\n[[routes.limits]]\nrate = "100/s"\nburst = 100\n' ;;
     esac
-    if [ "$limit" = storm ]; then
+    if [ "$limit" != failing ]; then
       # as shipped in config/levee.toml
       printf '\n[routes.storm]\nenabled = true\ninterval = "1s"\ngrowth_factor = 2.0\ngrowth_intervals = 3\n'
       printf 'min_rate = "5/s"\nduplicate_window = "2s"\nmax_duplicates = 3\nquarantine = "60s"\n'
@@ -386,12 +388,22 @@ function request()
 end
 EOF
 
-cat >"$TMP/hot.lua" <<'EOF'
--- One client id on every request; counts the statuses.
-wrk.headers["x-device-id"] = "hot-device"
+cat >"$TMP/hot.lua" <<EOF
+-- One client id on every request, each for a different path (a device polling
+-- $CLIENTS resources, not retrying one: the storm detector stays on); counts the statuses.
+local n, i, reqs = $CLIENTS, 0, {}
 local threads = {}
+function request()
+  i = i % n + 1
+  return reqs[i]
+end
 function setup(thread) table.insert(threads, thread) end
-function init(args) s2xx, s429, sother = 0, 0, 0 end
+function init(args)
+  s2xx, s429, sother = 0, 0, 0
+  for k = 1, n do
+    reqs[k] = wrk.format(nil, string.format("/item/%05d", k), { ["x-device-id"] = "hot-device" })
+  end
+end
 function response(status, headers, body)
   if status == 429 then s429 = s429 + 1
   elseif status >= 200 and status < 300 then s2xx = s2xx + 1
@@ -937,8 +949,8 @@ for mode in "${MODES[@]}"; do
   case "$mode" in
   proxy)
     say "mode proxy: plain reverse proxy, no limits"
-    run_nginx none ""; A=$(row nginx "")
-    run_levee levee none memory "" || die "mode proxy: $SKIP_REASON"
+    run_nginx none "$TMP/clients.lua"; A=$(row nginx "")
+    run_levee levee none memory "$TMP/clients.lua" || die "mode proxy: $SKIP_REASON"
     B=$(row levee "")
     table "proxy: plain reverse proxy, no limits" "" "levee/nginx" "$A" "$B"
     ;;
@@ -1066,7 +1078,7 @@ for mode in "${MODES[@]}"; do
       [ -n "$CB" ] && out "| **cluster/memory** | **$(ratio "$A_RPS" "$B_RPS")** | | $(ratio "$A_P50" "$B_P50") | $(ratio "$A_P99" "$B_P99") | | $(ratio "$A_EFF" "$B_EFF") | | | | | | |"
       [ -n "$CH" ] && out "$CH"
       out ""
-      out "Load: three \`wrk -t1 -c$CLUSTER_CONNECTIONS\` in parallel, one per replica, on core $LOAD_CPU with the backend nginx and the six redis-servers. clients: $CLIENTS rotating x-device-id values, limit 1000/s burst 1000 per client (never reached); hot: one x-device-id on every request, limit 100/s burst 100 (one bucket for the fleet with the cluster store). Cluster store: \`store.kind = \"redis\"\`, \`urls\` = the six nodes, \`on_failure = \"local\"\`; storm off. Script calls: \`cmdstat_evalsha\`/\`evalsha_ro\`/\`eval\`/\`eval_ro\`/\`fcall\`/\`fcall_ro\` calls summed over the three masters (INFO commandstats, before and after the measured run); Redis commands: \`total_commands_processed\` on the masters (it counts those the scripts run, and this script's INFO calls)."
+      out "Load: three \`wrk -t1 -c$CLUSTER_CONNECTIONS\` in parallel, one per replica, on core $LOAD_CPU with the backend nginx and the six redis-servers. clients: $CLIENTS rotating x-device-id values, limit 1000/s burst 1000 per client (never reached); hot: one x-device-id on every request, limit 100/s burst 100 (one bucket for the fleet with the cluster store). Cluster store: \`store.kind = \"redis\"\`, \`urls\` = the six nodes, \`on_failure = \"local\"\`; storm detector as shipped. Script calls: \`cmdstat_evalsha\`/\`evalsha_ro\`/\`eval\`/\`eval_ro\`/\`fcall\`/\`fcall_ro\` calls summed over the three masters (INFO commandstats, before and after the measured run); Redis commands: \`total_commands_processed\` on the masters (it counts those the scripts run, and this script's INFO calls)."
       [ -n "$CH" ] && out "" && out "hot: $C_2XX answered 2xx, $C_429 answered 429, $C_OTHER other over ${DURATION} (after a ${WARMUP} warm-up that spent the burst): 429 share $C_SHARE429, $C_SPR script calls per request (target ≤ 0.01: a refused client adds no Redis load)."
       if [ -n "$CB" ]; then
         T_RATIO=$(ratio "$A_RPS" "$B_RPS")

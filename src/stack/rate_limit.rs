@@ -30,6 +30,7 @@
 //! Shadow limits add no `RateLimit` headers: a client must not change its
 //! behaviour because of a limit that is only being tried.
 
+use std::io::Write;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -128,7 +129,7 @@ where
                 if !decision.allowed {
                     let mut shed =
                         Shed::new(Reason::RateLimited).retry_after(decision.retry_after).client(client);
-                    shed.headers.extend(headers(limits, &decision));
+                    shed.headers.extend(headers(limits, &decision).into_iter().flatten());
                     return Err(shed);
                 }
                 enforced = Some((limits, decision));
@@ -145,7 +146,7 @@ where
             }
             let mut rsp = inner.call(req).await?;
             if let Some((limits, decision)) = enforced {
-                for (name, value) in headers(limits, &decision) {
+                for (name, value) in headers(limits, &decision).into_iter().flatten() {
                     rsp.headers_mut().insert(name, value);
                 }
             }
@@ -165,9 +166,9 @@ async fn decide(store: &Store, limits: &RouteLimits, client: &str) -> Result<Dec
 }
 
 /// `RateLimit-Policy` and `RateLimit` for the decision's tightest limit.
-fn headers(limits: &RouteLimits, d: &Decision) -> Vec<(HeaderName, HeaderValue)> {
-    let Some(i) = d.tightest else { return Vec::new() };
-    let (Some(policy), Some(name)) = (limits.policies.get(i), limits.names.get(i)) else { return Vec::new() };
+fn headers(limits: &RouteLimits, d: &Decision) -> Option<[(HeaderName, HeaderValue); 2]> {
+    let i = d.tightest?;
+    let (policy, name) = (limits.policies.get(i)?, limits.names.get(i)?);
     // `t`: seconds until the bucket is full again (allowed), or until the
     // request would pass (refused); rounded up, 0 only for an untouched bucket.
     let t = match (d.allowed, d.reset.is_zero()) {
@@ -175,7 +176,17 @@ fn headers(limits: &RouteLimits, d: &Decision) -> Vec<(HeaderName, HeaderValue)>
         (true, false) => retry_after_secs(Some(d.reset)),
         (false, _) => retry_after_secs(Some(d.retry_after)),
     };
-    let value = HeaderValue::from_str(&format!("{name};r={};t={t}", d.remaining))
-        .unwrap_or(HeaderValue::from_static("\"limit\""));
-    vec![(RATELIMIT_POLICY, policy.clone()), (RATELIMIT, value)]
+    // Written into a stack buffer: this header is on every limited response.
+    let mut buf = [0u8; 256];
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    let value = match write!(cursor, "{name};r={};t={t}", d.remaining) {
+        Ok(()) => {
+            let len = usize::try_from(cursor.position()).unwrap_or(0);
+            HeaderValue::from_bytes(&buf[..len]).ok()
+        }
+        // A very long policy name: the heap, once.
+        Err(_) => HeaderValue::from_str(&format!("{name};r={};t={t}", d.remaining)).ok(),
+    };
+    let value = value.unwrap_or(HeaderValue::from_static("\"limit\""));
+    Some([(RATELIMIT_POLICY, policy.clone()), (RATELIMIT, value)])
 }

@@ -11,24 +11,27 @@ use hyper_util::client::legacy::Client;
 
 use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
 
-use crate::body::{self, Body};
+use std::sync::Arc;
+
+use crate::body::{self, Body, BoxError};
 use crate::config::{EndpointAddr, UpstreamTls};
 use crate::context::RequestContext;
+use crate::upstream::pool::{EndpointPool, PoolError};
 
 pub use crate::context::{X_FORWARDED_FOR, X_FORWARDED_PROTO, X_REQUEST_ID};
 
 pub type HttpClient = Client<HttpConnector, Body>;
 
-/// Why a try failed before a response head arrived. Built from hyper-util's
-/// predicates, never from error text.
+/// Why a try failed before a response head arrived. Built from the pool's
+/// and hyper-util's error kinds, never from error text.
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
     #[error("connect failed: {0}")]
-    Connect(hyper_util::client::legacy::Error),
+    Connect(BoxError),
     #[error("no response head within {0:?}")]
     Timeout(Duration),
     #[error("invalid or broken response: {0}")]
-    BadResponse(hyper_util::client::legacy::Error),
+    BadResponse(BoxError),
 }
 
 /// The clients of one upstream: pooled keep-alive HTTP/1.1 for everything
@@ -36,9 +39,14 @@ pub enum ForwardError {
 /// over HTTP/2 (h2c with prior knowledge, or ALPN `h2` over TLS),
 /// multiplexed on few connections. TLS only where the upstream has
 /// `https://` endpoints: a plain upstream pays nothing for it.
+///
+/// Plain HTTP/1.1 requests (the hot path) go through one [`EndpointPool`] per
+/// `http://` endpoint; TLS, gRPC and upgrades through hyper-util's client.
 pub struct Clients {
     http1: Transport,
     h2: Transport,
+    /// By endpoint index; `None` for `https://` endpoints.
+    pools: Vec<Option<Arc<EndpointPool>>>,
 }
 
 type HttpsClient = Client<HttpsConnector<HttpConnector>, Body>;
@@ -58,18 +66,54 @@ impl Transport {
 }
 
 impl Clients {
-    pub fn new(connect_timeout: Duration, tls: Option<&UpstreamTls>) -> Self {
-        match tls {
-            None => Clients {
-                http1: Transport::Plain(client(connector(connect_timeout), false)),
-                h2: Transport::Plain(client(connector(connect_timeout), true)),
-            },
-            Some(tls) => Clients {
-                http1: Transport::Tls(client(tls_connector(connect_timeout, tls, false), false)),
-                h2: Transport::Tls(client(tls_connector(connect_timeout, tls, true), true)),
-            },
-        }
+    pub fn new(connect_timeout: Duration, tls: Option<&UpstreamTls>, endpoints: &[EndpointAddr]) -> Self {
+        let pools: Vec<Option<Arc<EndpointPool>>> = endpoints
+            .iter()
+            .map(|e| (!e.tls).then(|| EndpointPool::new(&e.authority, connect_timeout)))
+            .collect();
+        sweep_idle(&pools);
+        let (http1, h2) = match tls {
+            None => (
+                Transport::Plain(client(connector(connect_timeout), false)),
+                Transport::Plain(client(connector(connect_timeout), true)),
+            ),
+            Some(tls) => (
+                Transport::Tls(client(tls_connector(connect_timeout, tls, false), false)),
+                Transport::Tls(client(tls_connector(connect_timeout, tls, true), true)),
+            ),
+        };
+        Clients { http1, h2, pools }
     }
+
+    /// The pool of endpoint `idx`, for a plain-HTTP endpoint.
+    pub fn pool(&self, idx: usize) -> Option<&Arc<EndpointPool>> {
+        self.pools.get(idx).and_then(Option::as_ref)
+    }
+}
+
+/// Closes idle connections past their timeout every 30 s while the pools
+/// live (a pool that gets no traffic meets none of its connections).
+fn sweep_idle(pools: &[Option<Arc<EndpointPool>>]) {
+    let weak: Vec<std::sync::Weak<EndpointPool>> = pools.iter().flatten().map(Arc::downgrade).collect();
+    let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+    if weak.is_empty() {
+        return;
+    }
+    rt.spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(30));
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let mut alive = false;
+            for pool in weak.iter().filter_map(std::sync::Weak::upgrade) {
+                pool.close_expired();
+                alive = true;
+            }
+            if !alive {
+                return;
+            }
+        }
+    });
 }
 
 fn connector(connect_timeout: Duration) -> HttpConnector {
@@ -110,25 +154,38 @@ where
         .build(connector)
 }
 
-/// Rewrites `req` for `authority` and sends it; the response head must arrive within `timeout`.
+/// Rewrites `req` for endpoint `idx` and sends it; the response head must
+/// arrive within `timeout`.
 pub async fn send(
     clients: &Clients,
+    idx: usize,
     endpoint: &EndpointAddr,
     mut req: Request<Body>,
     ctx: &RequestContext,
     timeout: Duration,
 ) -> Result<Response<Body>, ForwardError> {
     let grpc = crate::respond::is_grpc(req.headers());
-    let client = if grpc { &clients.h2 } else { &clients.http1 };
+    let pool = clients.pool(idx).filter(|_| !grpc && !ctx.upgrade);
     let version = if grpc { Version::HTTP_2 } else { Version::HTTP_11 };
-    prepare_request(&mut req, endpoint, ctx, version);
-    let rsp = match tokio::time::timeout(timeout, client.request(req)).await {
-        Err(_) => return Err(ForwardError::Timeout(timeout)),
-        Ok(Err(e)) if e.is_connect() => return Err(ForwardError::Connect(e)),
-        Ok(Err(e)) => return Err(ForwardError::BadResponse(e)),
-        Ok(Ok(rsp)) => rsp,
+    prepare_request(&mut req, endpoint, ctx, version, pool.is_none());
+    let rsp = match pool {
+        Some(pool) => match tokio::time::timeout(timeout, pool.send(req)).await {
+            Err(_) => return Err(ForwardError::Timeout(timeout)),
+            Ok(Err(PoolError::Connect(e))) => return Err(ForwardError::Connect(e)),
+            Ok(Err(PoolError::Send(e))) => return Err(ForwardError::BadResponse(e.into())),
+            Ok(Ok(rsp)) => rsp,
+        },
+        None => {
+            let client = if grpc { &clients.h2 } else { &clients.http1 };
+            match tokio::time::timeout(timeout, client.request(req)).await {
+                Err(_) => return Err(ForwardError::Timeout(timeout)),
+                Ok(Err(e)) if e.is_connect() => return Err(ForwardError::Connect(e.into())),
+                Ok(Err(e)) => return Err(ForwardError::BadResponse(e.into())),
+                Ok(Ok(rsp)) => rsp.map(body::boxed),
+            }
+        }
     };
-    let (mut parts, incoming) = rsp.into_parts();
+    let (mut parts, body) = rsp.into_parts();
     remove_hop_by_hop(&mut parts.headers);
     if ctx.upgrade && parts.status == http::StatusCode::SWITCHING_PROTOCOLS {
         crate::websocket::restore_upgrade_headers(&mut parts.headers);
@@ -136,23 +193,42 @@ pub async fn send(
     // The client's protocol is levee's business, not the upstream's (an HTTP/1.0
     // upstream must not downgrade an HTTP/1.1 client).
     parts.version = Version::HTTP_11;
-    Ok(Response::from_parts(parts, body::boxed(incoming)))
+    Ok(Response::from_parts(parts, body))
 }
 
-fn prepare_request(req: &mut Request<Body>, endpoint: &EndpointAddr, ctx: &RequestContext, version: Version) {
+/// The request as the upstream gets it: `Host`, the target (absolute form for
+/// hyper-util's client, which picks its pool by it; origin form for an
+/// [`EndpointPool`], which writes it as is), version, hop-by-hop headers and
+/// the forwarding headers.
+fn prepare_request(
+    req: &mut Request<Body>,
+    endpoint: &EndpointAddr,
+    ctx: &RequestContext,
+    version: Version,
+    absolute: bool,
+) {
     // HTTP/2 clients carry the host in :authority; HTTP/1.1 upstreams need Host.
     if !req.headers().contains_key(header::HOST) {
-        if let Some(host) = req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+        // An HTTP/1.0 request may have neither: the endpoint's, as hyper-util's client would.
+        let authority = req.uri().authority().unwrap_or(&endpoint.authority);
+        if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
             req.headers_mut().insert(header::HOST, host);
         }
     }
-    let path_and_query = req.uri().path_and_query().cloned();
-    let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(if endpoint.tls { http::uri::Scheme::HTTPS } else { http::uri::Scheme::HTTP });
-    parts.authority = Some(endpoint.authority.clone());
-    parts.path_and_query = path_and_query.or_else(|| Some(http::uri::PathAndQuery::from_static("/")));
-    if let Ok(uri) = Uri::from_parts(parts) {
-        *req.uri_mut() = uri;
+    let uri = req.uri();
+    let origin_form = uri.scheme().is_none() && uri.authority().is_none() && uri.path_and_query().is_some();
+    if absolute || !origin_form {
+        let mut parts = http::uri::Parts::default();
+        if absolute {
+            parts.scheme =
+                Some(if endpoint.tls { http::uri::Scheme::HTTPS } else { http::uri::Scheme::HTTP });
+            parts.authority = Some(endpoint.authority.clone());
+        }
+        parts.path_and_query =
+            Some(uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")));
+        if let Ok(uri) = Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
+        }
     }
     *req.version_mut() = version;
 
@@ -164,24 +240,61 @@ fn prepare_request(req: &mut Request<Body>, endpoint: &EndpointAddr, ctx: &Reque
     // Only a trusted proxy's chain is passed on (NGINX's realip, Envoy's
     // xff_num_trusted_hops): from anyone else it is replaced, so a client
     // cannot forge its place in the chain the upstream reads.
-    let peer_ip = ctx.peer.ip().to_canonical().to_string();
+    let peer_ip = ip_header(ctx.peer.ip().to_canonical());
     let prior: Vec<&str> = if ctx.peer_trusted {
         headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect()
     } else {
         Vec::new()
     };
-    let xff = if prior.is_empty() { peer_ip.clone() } else { format!("{}, {peer_ip}", prior.join(", ")) };
-    if let Ok(v) = HeaderValue::from_str(&xff).or_else(|_| HeaderValue::from_str(&peer_ip)) {
+    let xff = if prior.is_empty() {
+        Some(peer_ip)
+    } else {
+        let chain = format!("{}, {}", prior.join(", "), ctx.peer.ip().to_canonical());
+        HeaderValue::from_str(&chain).ok().or(Some(peer_ip))
+    };
+    if let Some(v) = xff {
         headers.insert(X_FORWARDED_FOR, v);
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(ctx.scheme.as_str()));
     headers.insert(X_REQUEST_ID, ctx.request_id.clone());
 }
 
+/// An IP address as a header value, formatted on the stack (no `String`).
+fn ip_header(ip: std::net::IpAddr) -> HeaderValue {
+    use std::io::Write;
+    let mut buf = [0u8; 48];
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    // 48 bytes hold the longest IPv6 text (45), so the write cannot fail.
+    let _ = write!(cursor, "{ip}");
+    let len = usize::try_from(cursor.position()).unwrap_or(0);
+    HeaderValue::from_bytes(&buf[..len]).unwrap_or(HeaderValue::from_static("unknown"))
+}
+
+/// Whether `name` is hop-by-hop whatever `Connection` says.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
+}
+
 /// Removes the hop-by-hop headers of RFC 9110 §7.6.1: those named by
 /// `Connection`, and the well-known ones. `TE: trailers` is the one TE value
 /// that may pass, and only on requests; hyper manages framing itself.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // The common case, one pass over the names: nothing to remove (a header
+    // named by `Connection` needs a `Connection` header, which is in the list).
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()

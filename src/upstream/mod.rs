@@ -12,6 +12,7 @@ pub mod circuit_breaker;
 pub mod concurrency;
 pub mod forward;
 pub mod outlier;
+pub mod pool;
 pub mod retry_budget;
 pub mod window;
 
@@ -103,7 +104,7 @@ impl Upstream {
             budget: RetryBudget::new(&config.retry, origin),
             concurrency: Arc::new(Concurrency::new(config.max_concurrency)),
             counters: dashmap::DashMap::new(),
-            clients: Clients::new(config.connect_timeout, config.tls.as_ref()),
+            clients: Clients::new(config.connect_timeout, config.tls.as_ref(), &config.endpoints),
             duration: metrics::histogram!(m::UPSTREAM_DURATION, "upstream" => name.clone()),
             endpoints,
             rr: AtomicUsize::new(0),
@@ -154,7 +155,8 @@ impl Upstream {
         let guard = InFlight::enter(self.clone(), idx);
         let start = Instant::now();
         let result =
-            forward::send(&self.clients, &self.config.endpoints[idx], req, &ctx, self.config.timeout).await;
+            forward::send(&self.clients, idx, &self.config.endpoints[idx], req, &ctx, self.config.timeout)
+                .await;
         let now = Instant::now();
         self.duration.record(now.duration_since(start).as_secs_f64());
         match result {

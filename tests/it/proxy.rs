@@ -127,3 +127,97 @@ async fn streams_request_bodies() {
     let seen = backend.last().unwrap();
     assert_eq!((seen.method.as_str(), seen.body_len), ("POST", 300_000));
 }
+
+/// A raw HTTP/1.1 backend that answers every request `200 ok` on a kept-alive
+/// connection, counts the connections it accepts, and closes a connection
+/// that stays idle for `idle_close` (an upstream's keep-alive timeout).
+struct CountingBackend {
+    addr: std::net::SocketAddr,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    closed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl CountingBackend {
+    async fn start(idle_close: std::time::Duration) -> CountingBackend {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let closed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (a, c) = (accepted.clone(), closed.clone());
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                a.fetch_add(1, Ordering::SeqCst);
+                let c = c.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        let n = match tokio::time::timeout(idle_close, sock.read(&mut chunk)).await {
+                            Ok(Ok(n)) if n > 0 => n,
+                            _ => break,
+                        };
+                        buf.extend_from_slice(&chunk[..n]);
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buf.drain(..end + 4);
+                            let rsp = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if sock.write_all(rsp).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    drop(sock);
+                    c.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        });
+        CountingBackend { addr, accepted, closed }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn closed(&self) -> usize {
+        self.closed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[tokio::test]
+async fn sequential_requests_reuse_one_upstream_connection() {
+    let backend = CountingBackend::start(std::time::Duration::from_secs(30)).await;
+    let gw = TestGateway::start(
+        &(base_config() + &upstream_and_route("px-pool-up", &[backend.addr], "px-pool", "/")),
+    )
+    .await;
+    let client = Client::new();
+    for i in 0..50 {
+        let rsp = client.get(gw.http, &format!("/pool/{i}")).await;
+        assert_eq!(rsp.status, 200, "request {i}");
+        assert_eq!(rsp.text(), "ok");
+    }
+    assert_eq!(backend.accepted(), 1, "50 requests one after another share one pooled connection");
+}
+
+#[tokio::test]
+async fn a_pooled_connection_the_upstream_closed_is_replaced_without_an_error() {
+    let backend = CountingBackend::start(std::time::Duration::from_millis(150)).await;
+    let gw = TestGateway::start(
+        &(base_config() + &upstream_and_route("px-stale-up", &[backend.addr], "px-stale", "/")),
+    )
+    .await;
+    let client = Client::new();
+    for round in 1..=3 {
+        assert_eq!(client.get(gw.http, "/stale").await.status, 200, "round {round}");
+        // The upstream's keep-alive timeout closes the pooled connection.
+        crate::support::poll_until(
+            std::time::Duration::from_secs(5),
+            "the backend closed the idle connection",
+            async || (backend.closed() >= round).then_some(()),
+        )
+        .await;
+    }
+    assert_eq!(client.get(gw.http, "/stale").await.status, 200);
+    assert_eq!(backend.accepted(), 4, "each closed connection was replaced by a new one");
+}
