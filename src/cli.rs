@@ -275,12 +275,18 @@ fn run(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
     // LEVEE_WORKERS pins the number of worker threads (the load benchmark gives
-    // levee and nginx the same CPU allotment); default: one per core.
-    if let Some(n) =
-        std::env::var("LEVEE_WORKERS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|n| *n > 0)
-    {
+    // levee and nginx the same CPU allotment); default: one per core. One
+    // worker runs on a current-thread runtime: a work-stealing scheduler with
+    // a single worker pays for queues, atomics and a second thread (the one
+    // that blocks on the main future) and steals nothing (README: "Speed").
+    let workers =
+        std::env::var("LEVEE_WORKERS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|n| *n > 0);
+    let mut builder = match workers {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    if let Some(n) = workers.filter(|n| *n > 1) {
         builder.worker_threads(n);
     }
     let runtime = match builder.enable_all().build() {

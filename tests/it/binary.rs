@@ -116,17 +116,34 @@ async fn sighup_rejects_a_broken_config_then_applies_the_fixed_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_the_request_in_flight_finish_and_exits_zero() {
+    sigterm_drains("term", &[]).await;
+}
+
+/// One worker runs on tokio's current-thread runtime (`cli.rs`): the same
+/// signals, the same drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_worker_on_a_current_thread_runtime_serves_and_drains_on_sigterm() {
+    sigterm_drains("term-one", &[("LEVEE_WORKERS", "1")]).await;
+}
+
+async fn sigterm_drains(name: &str, env: &[(&str, &str)]) {
     // The backend answers only when the test says so: the request is in
     // flight for certain when levee gets its SIGTERM, and still when levee
     // has acted on it.
     let backend = Backend::with(Behavior::Held).await;
-    let path = temp_dir("term").join("levee.toml");
+    let path = temp_dir(name).join("levee.toml");
     std::fs::write(
         &path,
-        base_config() + &upstream_and_route("bin-term-up", &[backend.addr], "bin-term-api", "/"),
+        base_config()
+            + &upstream_and_route(
+                &format!("bin-{name}-up"),
+                &[backend.addr],
+                &format!("bin-{name}-api"),
+                "/",
+            ),
     )
     .unwrap();
-    let mut p = Process::start(&path);
+    let mut p = Process::start_with_env(&path, env);
     let http = p.http;
     let in_flight = tokio::spawn(async move { Client::new().get(http, "/slow").await });
     poll_until(Duration::from_secs(20), "the request reaches the backend", async || {

@@ -16,9 +16,15 @@ pub struct Process {
 
 impl Process {
     pub fn start(config_path: &std::path::Path) -> Process {
+        Process::start_with_env(config_path, &[])
+    }
+
+    /// `levee run` with extra environment variables (such as `LEVEE_WORKERS`).
+    pub fn start_with_env(config_path: &std::path::Path, env: &[(&str, &str)]) -> Process {
         let mut child = Command::new(LEVEE)
             .args(["run", "--config"])
             .arg(config_path)
+            .envs(env.iter().copied())
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
