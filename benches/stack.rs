@@ -13,10 +13,9 @@ use http::{Request, Response};
 use levee::body::{self, Body};
 use levee::context::{RequestContext, Scheme};
 use levee::respond::Shed;
-use levee::stack::{self, RouteState};
+use levee::stack::{self, Innermost, RouteState};
 use levee::store::Store;
 use levee::upstream::Upstream;
-use tower::ServiceExt;
 
 const CONFIG: &str = r#"
 [upstreams.backend]
@@ -42,7 +41,7 @@ pub fn bench(c: &mut Criterion) {
     let store = Store::start(config.store.clone());
     let state = RouteState::build(route, config.store.max_clients, None, &Default::default());
     let upstream = Arc::new(Upstream::new(config.upstreams[0].clone()));
-    let noop = tower::service_fn(|_req: Request<Body>| async { Ok::<_, Shed>(Response::new(body::empty())) });
+    let noop = Innermost(|_req: Request<Body>| async { Ok::<_, Shed>(Response::new(body::empty())) });
     let svc = stack::build_on(route, upstream, &state, store, noop);
     let ids: Vec<http::HeaderValue> = (0..10_000).map(|i| format!("device-{i}").parse().unwrap()).collect();
     let ctx = RequestContext {
@@ -67,7 +66,7 @@ pub fn bench(c: &mut Criterion) {
             let mut req = Request::get("/v1/device/status").body(body::empty()).unwrap();
             req.headers_mut().insert("x-device-id", ids[i].clone());
             req.extensions_mut().insert(ctx.clone());
-            let rsp = rt.block_on(svc.clone().oneshot(req));
+            let rsp = rt.block_on(svc.call(req));
             black_box(rsp.map(|r| r.status()).ok())
         })
     });

@@ -11,7 +11,6 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use metrics::Counter;
 use tokio::time::Instant;
-use tower::ServiceExt;
 
 use http_body::Body as _;
 use http_body_util::BodyExt;
@@ -212,7 +211,7 @@ impl Proxy {
         });
         let req = Request::from_parts(parts, body);
 
-        match route.service.clone().oneshot(req).await {
+        match route.service.call(req).await {
             Ok(mut rsp) => {
                 if let Some((slot, client_side)) = upgrade {
                     if rsp.status() == http::StatusCode::SWITCHING_PROTOCOLS {

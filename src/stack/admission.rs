@@ -5,16 +5,14 @@
 //! random; an admitted request holds its permit until the response body is
 //! finished, since an upstream streaming a body is still busy with it.
 
+use std::future::Future;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::FutureExt;
-use http::{Request, Response};
-use tower::{Layer, Service};
+use http::Request;
 
 use super::client_id::Identity;
-use super::BoxFuture;
+use super::{Answer, Next, Stage};
 use crate::body::{Body, Guarded};
 use crate::config::{Priority, RouteConfig};
 use crate::respond::{self, Reason, Shed};
@@ -29,56 +27,30 @@ fn overloaded(refusal: Refusal) -> Shed {
     Shed::new(Reason::Overloaded).retry_after(respond::jitter(Duration::from_secs(1), 1.0)).detail(detail)
 }
 
-pub struct AdmissionLayer {
+/// The stage: the upstream's in-flight count, by this route's priority.
+pub struct Admission {
     concurrency: Arc<Concurrency>,
     priority: Priority,
 }
 
-impl AdmissionLayer {
+impl Admission {
     pub fn new(route: &RouteConfig, upstream: &Upstream) -> Self {
-        AdmissionLayer { concurrency: upstream.concurrency.clone(), priority: route.priority }
+        Admission { concurrency: upstream.concurrency.clone(), priority: route.priority }
     }
 }
 
-impl<S> Layer<S> for AdmissionLayer {
-    type Service = AdmissionService<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        AdmissionService { concurrency: self.concurrency.clone(), priority: self.priority, inner }
-    }
-}
-
-#[derive(Clone)]
-pub struct AdmissionService<S> {
-    concurrency: Arc<Concurrency>,
-    priority: Priority,
-    inner: S,
-}
-
-impl<S> Service<Request<Body>> for AdmissionService<S>
-where
-    S: Service<Request<Body>, Response = Response<Body>, Error = Shed> + Send,
-    S::Future: Send + 'static,
-{
-    type Response = Response<Body>;
-    type Error = Shed;
-    type Future = BoxFuture<Result<Response<Body>, Shed>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Shed>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<Body>) -> Self::Future {
+impl Stage for Admission {
+    fn call<'a, N: Next>(
+        &'a self,
+        req: Request<Body>,
+        next: &'a N,
+    ) -> impl Future<Output = Answer> + Send + 'a {
         let tenant = req.extensions().get::<Identity>().and_then(|i| i.tenant.as_ref());
-        let permit = match self.concurrency.acquire(self.priority, tenant) {
-            Ok(permit) => permit,
-            Err(refusal) => return Box::pin(std::future::ready(Err(overloaded(refusal)))),
-        };
-        // `map` rather than an `async` block: rustc cannot prove such a block
-        // `Send` over the generic inner future (rust-lang/rust#64552).
-        Box::pin(
-            self.inner
-                .call(req)
-                .map(move |result| result.map(|rsp| rsp.map(|body| Guarded::wrap(body, permit)))),
-        )
+        let permit = self.concurrency.acquire(self.priority, tenant);
+        async move {
+            let permit = permit.map_err(overloaded)?;
+            let rsp = next.run(req).await?;
+            Ok(rsp.map(|body| Guarded::wrap(body, permit)))
+        }
     }
 }

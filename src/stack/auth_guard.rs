@@ -27,19 +27,18 @@
 //! already, so there is no `x-levee-shadow` header). The mode is the live
 //! config's: a reload that only switches it keeps the guard's window.
 
+use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::{Request, Response, StatusCode};
+use http::{Request, StatusCode};
 use tokio::time::Instant;
-use tower::{Layer, Service};
 
 use super::client_id::Identity;
 use super::shadow::Shadow;
-use super::BoxFuture;
+use super::{Answer, Next, Stage};
 use crate::body::Body;
 use crate::config::{AuthGuardConfig, Mode};
 use crate::metrics as m;
@@ -163,69 +162,43 @@ impl AuthGuard {
     }
 }
 
-#[derive(Clone)]
-pub struct AuthGuardLayer {
+/// The stage, on the response side of everything that sheds.
+pub struct Guard {
     guard: Arc<AuthGuard>,
     /// The live config's `mode` (the guard may be an older config's).
     mode: Mode,
     report: Arc<Shadow>,
 }
 
-impl AuthGuardLayer {
-    /// `None` when `[routes.auth_guard] enabled = false`.
+impl Guard {
+    /// `None` when `[routes.auth_guard] enabled = false`: the stage is then absent.
     pub fn new(guard: Option<Arc<AuthGuard>>, mode: Mode, report: Arc<Shadow>) -> Option<Self> {
-        guard.filter(|g| g.config.enabled).map(|guard| AuthGuardLayer { guard, mode, report })
+        guard.filter(|g| g.config.enabled).map(|guard| Guard { guard, mode, report })
     }
 }
 
-impl<S> Layer<S> for AuthGuardLayer {
-    type Service = AuthGuardService<S>;
-    fn layer(&self, inner: S) -> AuthGuardService<S> {
-        AuthGuardService { guard: self.guard.clone(), mode: self.mode, report: self.report.clone(), inner }
-    }
-}
-
-#[derive(Clone)]
-pub struct AuthGuardService<S> {
-    guard: Arc<AuthGuard>,
-    mode: Mode,
-    report: Arc<Shadow>,
-    inner: S,
-}
-
-impl<S> Service<Request<Body>> for AuthGuardService<S>
-where
-    S: Service<Request<Body>, Response = Response<Body>, Error = Shed> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = Response<Body>;
-    type Error = Shed;
-    type Future = BoxFuture<Result<Response<Body>, Shed>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Shed>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        let (guard, mode, report) = (self.guard.clone(), self.mode, self.report.clone());
+impl Stage for Guard {
+    fn call<'a, N: Next>(
+        &'a self,
+        req: Request<Body>,
+        next: &'a N,
+    ) -> impl Future<Output = Answer> + Send + 'a {
         let client = req.extensions().get::<Identity>().map(|i| i.client.clone());
-        Box::pin(async move {
-            let rsp = inner.call(req).await?;
+        async move {
+            let rsp = next.run(req).await?;
             let Some(client) = client else { return Ok(rsp) };
-            if guard.observe(client.as_str(), rsp.status(), Instant::now()) {
-                let retry = jitter(guard.config.window.max(Duration::from_secs(1)), 0.5);
+            if self.guard.observe(client.as_str(), rsp.status(), Instant::now()) {
+                let retry = jitter(self.guard.config.window.max(Duration::from_secs(1)), 0.5);
                 let shed = Shed::new(Reason::UpstreamAuthAnomaly)
                     .retry_after(retry)
                     .detail("the upstream is refusing clients it accepted moments ago; keep your credentials and retry later");
-                if mode == Mode::Enforce {
+                if self.mode == Mode::Enforce {
                     return Err(shed.client(client));
                 }
-                report.record(&shed, client.as_str(), None);
+                self.report.record(&shed, client.as_str(), None);
             }
             Ok(rsp)
-        })
+        }
     }
 }
 

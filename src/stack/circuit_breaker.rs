@@ -11,15 +11,12 @@
 //! is not counted, and frees its probe slot when the breaker is half-open.
 
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::FutureExt;
 use http::{Request, Response};
 use tokio::time::Instant;
-use tower::{Layer, Service};
 
-use super::BoxFuture;
+use super::{Answer, Next, Stage};
 use crate::body::Body;
 use crate::classify::Outcome;
 use crate::respond::{Reason, Shed};
@@ -41,74 +38,41 @@ fn refusal(remaining: Duration, open_for: Duration) -> Shed {
         .detail("the upstream is failing; levee stopped sending it requests for a while")
 }
 
-pub struct CircuitBreakerLayer {
+/// The stage, around everything nearer the upstream (retries included).
+pub struct Breaker {
     upstream: Arc<Upstream>,
 }
 
-impl CircuitBreakerLayer {
+impl Breaker {
     pub fn new(upstream: Arc<Upstream>) -> Self {
-        CircuitBreakerLayer { upstream }
+        Breaker { upstream }
     }
 }
 
-impl<S> Layer<S> for CircuitBreakerLayer {
-    type Service = CircuitBreakerService<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        CircuitBreakerService { upstream: self.upstream.clone(), inner }
-    }
-}
-
-#[derive(Clone)]
-pub struct CircuitBreakerService<S> {
-    upstream: Arc<Upstream>,
-    inner: S,
-}
-
-impl<S> Service<Request<Body>> for CircuitBreakerService<S>
-where
-    S: Service<Request<Body>, Response = Response<Body>, Error = Shed> + Send,
-    S::Future: Send + 'static,
-{
-    type Response = Response<Body>;
-    type Error = Shed;
-    type Future = BoxFuture<Result<Response<Body>, Shed>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Shed>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<Body>) -> Self::Future {
+impl Stage for Breaker {
+    async fn call<'a, N: Next>(&'a self, req: Request<Body>, next: &'a N) -> Answer {
         let breaker = &self.upstream.breaker;
         // The request's arrival stands for "now": no stage before this one waits,
         // and it saves a clock read on every request.
-        let arrived = match super::context(&req) {
-            Ok(ctx) => ctx.started,
-            Err(shed) => return Box::pin(std::future::ready(Err(shed))),
-        };
-        let ticket = match breaker.admit(arrived) {
-            Ok(ticket) => ticket,
-            Err(refused) => {
-                let shed = refusal(refused.remaining, breaker.config().open_for);
-                return Box::pin(std::future::ready(Err(shed)));
-            }
-        };
-        let pending = Pending { upstream: self.upstream.clone(), ticket: Some(ticket) };
-        // `map` rather than an `async` block: see `admission.rs`.
-        Box::pin(self.inner.call(req).map(move |result| {
-            pending.finish(failed(&result));
-            result
-        }))
+        let arrived = super::context(&req)?.started;
+        let ticket = breaker
+            .admit(arrived)
+            .map_err(|refused| refusal(refused.remaining, breaker.config().open_for))?;
+        let pending = Pending { upstream: &self.upstream, ticket: Some(ticket) };
+        let result = next.run(req).await;
+        pending.finish(failed(&result));
+        result
     }
 }
 
 /// An admitted request whose outcome the breaker has not heard yet; dropped
 /// unfinished (the client went away), it frees its probe slot.
-struct Pending {
-    upstream: Arc<Upstream>,
+struct Pending<'a> {
+    upstream: &'a Upstream,
     ticket: Option<Ticket>,
 }
 
-impl Pending {
+impl Pending<'_> {
     fn finish(mut self, failed: Option<bool>) {
         if let (Some(ticket), Some(failed)) = (self.ticket, failed) {
             self.ticket = None;
@@ -117,7 +81,7 @@ impl Pending {
     }
 }
 
-impl Drop for Pending {
+impl Drop for Pending<'_> {
     fn drop(&mut self) {
         if let Some(ticket) = self.ticket.take() {
             self.upstream.breaker.cancel(ticket);

@@ -14,6 +14,12 @@
 //! A stage that is not configured for a route is absent from its stack, not a
 //! no-op in it. Every stage's error is a [`Shed`]: the outermost caller turns it
 //! into levee's answer through `respond.rs`.
+//!
+//! A stage is a [`Stage`]: an async function of the request and the rest of
+//! the stack ([`Next`]). A route's stages are composed once, by type (no
+//! dynamic dispatch between them), so one request's whole trip through the
+//! stack is one future, allocated once, where six tower layers each boxed a
+//! future of their own and the stack was cloned for every request.
 
 pub mod admission;
 pub mod auth_guard;
@@ -27,11 +33,8 @@ pub mod storm;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use http::{Request, Response};
-use tower::util::BoxCloneSyncService;
-use tower::{Layer, Service, ServiceBuilder};
 
 use crate::body::Body;
 use crate::config::{AuthGuardConfig, Mode, RouteConfig, StormConfig};
@@ -39,15 +42,86 @@ use crate::context::RequestContext;
 use crate::respond::{Reason, Shed};
 use crate::stats::{RouteStats, ShedSamples};
 use crate::store::{RouteLimits, Store};
-use crate::upstream::{Upstream, UpstreamService};
+use crate::upstream::Upstream;
 use auth_guard::AuthGuard;
 use shadow::Shadow;
 use storm::Storm;
 
-/// A route's whole stack, type-erased so `Route` is one concrete type.
-pub type RouteService = BoxCloneSyncService<Request<Body>, Response<Body>, Shed>;
+/// A route's whole stack, type-erased once so `Route` is one concrete type.
+pub type RouteService = Arc<dyn RouteStack>;
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// What the stack answers: the upstream's response, or levee's own refusal.
+pub type Answer = Result<Response<Body>, Shed>;
+
+/// The rest of the stack, as a stage sees it.
+pub trait Next: Send + Sync {
+    fn run(&self, req: Request<Body>) -> impl Future<Output = Answer> + Send + '_;
+}
+
+/// One stage: decides, and calls the rest of the stack (or not, or again).
+pub trait Stage: Send + Sync {
+    fn call<'a, N: Next>(
+        &'a self,
+        req: Request<Body>,
+        next: &'a N,
+    ) -> impl Future<Output = Answer> + Send + 'a;
+}
+
+/// A stage in front of the rest of the stack.
+pub struct Then<S, N> {
+    stage: S,
+    next: N,
+}
+
+impl<S: Stage, N: Next> Next for Then<S, N> {
+    fn run(&self, req: Request<Body>) -> impl Future<Output = Answer> + Send + '_ {
+        self.stage.call(req, &self.next)
+    }
+}
+
+/// A stage a route may not configure: absent, it costs one branch.
+impl<S: Stage> Stage for Option<S> {
+    async fn call<'a, N: Next>(&'a self, req: Request<Body>, next: &'a N) -> Answer {
+        match self {
+            Some(stage) => stage.call(req, next).await,
+            None => next.run(req).await,
+        }
+    }
+}
+
+/// The innermost end of a stack: any async function of the request (the
+/// upstream in production, a no-op in `benches/stack.rs`).
+pub struct Innermost<F>(pub F);
+
+impl<F, Fut> Next for Innermost<F>
+where
+    F: Fn(Request<Body>) -> Fut + Send + Sync,
+    Fut: Future<Output = Answer> + Send + 'static,
+{
+    fn run(&self, req: Request<Body>) -> impl Future<Output = Answer> + Send + '_ {
+        (self.0)(req)
+    }
+}
+
+/// A composed stack behind one pointer: the request's future is boxed here,
+/// once, whatever the number of stages.
+pub trait RouteStack: Send + Sync {
+    fn call(&self, req: Request<Body>) -> Pin<Box<dyn Future<Output = Answer> + Send + '_>>;
+}
+
+impl<N: Next> RouteStack for N {
+    fn call(&self, req: Request<Body>) -> Pin<Box<dyn Future<Output = Answer> + Send + '_>> {
+        Box::pin(self.run(req))
+    }
+}
+
+/// `stages!(a, b, c, inner)`: `a` outermost, `inner` the end of the stack.
+macro_rules! stages {
+    ($inner:expr) => { $inner };
+    ($stage:expr, $($rest:tt)+) => { Then { stage: $stage, next: stages!($($rest)+) } };
+}
 
 /// The state of one route that outlives a config reload (when its settings do
 /// not change): its limits (whose buckets live in the store), its storm
@@ -124,50 +198,45 @@ pub fn build(
     state: &RouteState,
     store: Arc<Store>,
 ) -> RouteService {
-    let pool = UpstreamService(upstream.clone());
-    build_on(route, upstream, state, store, pool)
+    let pool = upstream.clone();
+    // The upstream call's future (hyper's, the timeout's) is by far the largest
+    // part of the stack's: boxed, every stage above moves a pointer, not it.
+    let forward = move |req| -> BoxFuture<Answer> { Box::pin(pool.clone().forward(req)) };
+    build_on(route, upstream, state, store, Innermost(forward))
 }
 
-/// The stack of one route on any innermost service: the upstream pool in
+/// The stack of one route on any innermost end: the upstream pool in
 /// production, a no-op in `benches/stack.rs` (the stack's own cost).
-pub fn build_on<S>(
+pub fn build_on<I: Next + 'static>(
     route: &RouteConfig,
     upstream: Arc<Upstream>,
     state: &RouteState,
     store: Arc<Store>,
-    inner: S,
-) -> RouteService
-where
-    S: Service<Request<Body>, Response = Response<Body>, Error = Shed> + Clone + Send + Sync + 'static,
-    S::Future: Send + 'static,
-{
+    inner: I,
+) -> RouteService {
     // A client's own `x-levee-shadow` must not reach the upstream as levee's.
     let shadow_requests = route.limit_modes.contains(&Mode::Shadow)
         || (route.storm.enabled && route.storm.mode == Mode::Shadow);
-    let svc = ServiceBuilder::new()
-        .option_layer(shadow_requests.then(|| CheckLayer::new(shadow::Strip)))
+    Arc::new(stages!(
+        shadow_requests.then_some(Checked(shadow::Strip)),
         // 3a: every later stage keys its state by this identity.
-        .layer(CheckLayer::new(client_id::ClientId::new(route)))
+        Checked(client_id::ClientId::new(route)),
         // Response side: sees every relayed response, so it sits outside the
         // stages that shed; turns a 401 wave to authorized clients into 503.
-        .option_layer(auth_guard::AuthGuardLayer::new(
-            state.guard.clone(),
-            route.auth_guard.mode,
-            state.shadow.clone(),
-        ))
+        auth_guard::Guard::new(state.guard.clone(), route.auth_guard.mode, state.shadow.clone()),
         // 3b: shed before any work when the upstream is full: priorities, tenant fair share.
-        .layer(admission::AdmissionLayer::new(route, &upstream))
+        admission::Admission::new(route, &upstream),
         // 3c: callback bombs and retry storms, before any state is spent on them.
-        .option_layer(storm::StormLayer::new(state.storm.clone(), route.storm.mode, state.shadow.clone()))
+        storm::Detect::new(state.storm.clone(), route.storm.mode, state.shadow.clone()),
         // 3d: every [[routes.limits]], through the store; absent without limits.
-        .option_layer(rate_limit::RateLimitLayer::new(state.limits.clone(), store, state.shadow.clone()))
+        rate_limit::RateLimit::new(state.limits.clone(), store, state.shadow.clone()),
         // 3e: refuse without touching a failing upstream; sees each request's final outcome.
-        .layer(circuit_breaker::CircuitBreakerLayer::new(upstream.clone()))
+        circuit_breaker::Breaker::new(upstream.clone()),
         // 3f: retry idempotent failures within the upstream's budget (absent with attempts = 1).
-        .option_layer(retry::RetryLayer::new(&upstream))
+        retry::Retry::new(&upstream),
         // 4: the upstream pool: balance, forward, time out.
-        .service(inner);
-    BoxCloneSyncService::new(svc)
+        inner
+    ))
 }
 
 /// Milliseconds from `epoch` to `now`, plus one so that 0 can mean "never":
@@ -191,52 +260,13 @@ pub trait Check: Send + Sync + 'static {
     fn check(&self, req: &mut Request<Body>) -> Result<(), Shed>;
 }
 
-/// The thin tower adapter around a [`Check`], so the decision itself is tested
-/// without tower.
-pub struct CheckLayer<C>(Arc<C>);
+/// The stage around a [`Check`], so the decision itself is tested alone.
+pub struct Checked<C>(pub C);
 
-impl<C> CheckLayer<C> {
-    pub fn new(check: C) -> Self {
-        CheckLayer(Arc::new(check))
-    }
-}
-
-impl<C, S> Layer<S> for CheckLayer<C> {
-    type Service = CheckService<C, S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        CheckService { check: self.0.clone(), inner }
-    }
-}
-
-pub struct CheckService<C, S> {
-    check: Arc<C>,
-    inner: S,
-}
-
-impl<C, S: Clone> Clone for CheckService<C, S> {
-    fn clone(&self) -> Self {
-        CheckService { check: self.check.clone(), inner: self.inner.clone() }
-    }
-}
-
-impl<C, S> Service<Request<Body>> for CheckService<C, S>
-where
-    C: Check,
-    S: Service<Request<Body>, Response = Response<Body>, Error = Shed> + Send,
-    S::Future: Send + 'static,
-{
-    type Response = Response<Body>;
-    type Error = Shed;
-    type Future = BoxFuture<Result<Response<Body>, Shed>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Shed>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
-        match self.check.check(&mut req) {
-            Ok(()) => Box::pin(self.inner.call(req)),
-            Err(shed) => Box::pin(std::future::ready(Err(shed))),
-        }
+impl<C: Check> Stage for Checked<C> {
+    async fn call<'a, N: Next>(&'a self, req: Request<Body>, next: &'a N) -> Answer {
+        let mut req = req;
+        self.0.check(&mut req)?;
+        next.run(req).await
     }
 }

@@ -32,16 +32,14 @@
 
 use std::io::Write;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use http::header::{HeaderName, HeaderValue};
-use http::{Request, Response};
+use http::Request;
 use tokio::time::Instant;
-use tower::{Layer, Service};
 
 use super::client_id::Identity;
 use super::shadow::Shadow;
-use super::BoxFuture;
+use super::{Answer, Next, Stage};
 use crate::body::Body;
 use crate::config::Mode;
 use crate::respond::{retry_after_secs, Reason, Shed};
@@ -51,20 +49,19 @@ pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-poli
 pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
 /// The route's limits split by mode (either may be absent).
-#[derive(Clone)]
 struct Split {
     enforce: Option<Arc<RouteLimits>>,
     shadow: Option<Arc<RouteLimits>>,
     report: Arc<Shadow>,
 }
 
-#[derive(Clone)]
-pub struct RateLimitLayer {
+/// The stage: one decision of the enforcing limits, then of the shadow ones.
+pub struct RateLimit {
     split: Split,
     store: Arc<Store>,
 }
 
-impl RateLimitLayer {
+impl RateLimit {
     /// `None` for a route without limits: the stage is then absent.
     pub fn new(limits: Arc<RouteLimits>, store: Arc<Store>, report: Arc<Shadow>) -> Option<Self> {
         if limits.is_empty() {
@@ -76,82 +73,45 @@ impl RateLimitLayer {
             let part = |mode| Some(Arc::new(limits.only(mode))).filter(|l| !l.is_empty());
             Split { enforce: part(Mode::Enforce), shadow: part(Mode::Shadow), report }
         };
-        Some(RateLimitLayer { split, store })
+        Some(RateLimit { split, store })
     }
 }
 
-impl<S> Layer<S> for RateLimitLayer {
-    type Service = RateLimit<S>;
-    fn layer(&self, inner: S) -> RateLimit<S> {
-        RateLimit { split: self.split.clone(), store: self.store.clone(), inner }
-    }
-}
-
-#[derive(Clone)]
-pub struct RateLimit<S> {
-    split: Split,
-    store: Arc<Store>,
-    inner: S,
-}
-
-impl<S> Service<Request<Body>> for RateLimit<S>
-where
-    S: Service<
-            Request<Body>,
-            Response = Response<Body>,
-            Error = Shed,
-            Future = BoxFuture<Result<Response<Body>, Shed>>,
-        > + Clone
-        + Send
-        + 'static,
-{
-    type Response = Response<Body>;
-    type Error = Shed;
-    type Future = BoxFuture<Result<Response<Body>, Shed>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Shed>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<Body>) -> Self::Future {
-        // The clone is the one that is not ready; keep the ready one (tower's idiom).
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        let (split, store) = (self.split.clone(), self.store.clone());
-        Box::pin(async move {
-            let mut req = req;
-            let Some(client) = req.extensions().get::<Identity>().map(|i| i.client.clone()) else {
-                return Err(Shed::new(Reason::BadRequest).detail("request without identity"));
+impl Stage for RateLimit {
+    async fn call<'a, N: Next>(&'a self, req: Request<Body>, next: &'a N) -> Answer {
+        let (split, store) = (&self.split, &*self.store);
+        let mut req = req;
+        let Some(client) = req.extensions().get::<Identity>().map(|i| i.client.clone()) else {
+            return Err(Shed::new(Reason::BadRequest).detail("request without identity"));
+        };
+        let mut enforced = None;
+        if let Some(limits) = &split.enforce {
+            let decision = decide(store, limits, client.as_str()).await?;
+            if !decision.allowed {
+                let mut shed =
+                    Shed::new(Reason::RateLimited).retry_after(decision.retry_after).client(client);
+                shed.headers.extend(headers(limits, &decision).into_iter().flatten());
+                return Err(shed);
+            }
+            enforced = Some((limits, decision));
+        }
+        if let Some(limits) = &split.shadow {
+            let would = match decide(store, limits, client.as_str()).await {
+                Ok(d) if !d.allowed => Some(Shed::new(Reason::RateLimited).retry_after(d.retry_after)),
+                Ok(_) => None,
+                Err(shed) => Some(shed),
             };
-            let mut enforced = None;
-            if let Some(limits) = &split.enforce {
-                let decision = decide(&store, limits, client.as_str()).await?;
-                if !decision.allowed {
-                    let mut shed =
-                        Shed::new(Reason::RateLimited).retry_after(decision.retry_after).client(client);
-                    shed.headers.extend(headers(limits, &decision).into_iter().flatten());
-                    return Err(shed);
-                }
-                enforced = Some((limits, decision));
+            if let Some(shed) = would {
+                split.report.record(&shed, client.as_str(), Some(&mut req));
             }
-            if let Some(limits) = &split.shadow {
-                let would = match decide(&store, limits, client.as_str()).await {
-                    Ok(d) if !d.allowed => Some(Shed::new(Reason::RateLimited).retry_after(d.retry_after)),
-                    Ok(_) => None,
-                    Err(shed) => Some(shed),
-                };
-                if let Some(shed) = would {
-                    split.report.record(&shed, client.as_str(), Some(&mut req));
-                }
+        }
+        let mut rsp = next.run(req).await?;
+        if let Some((limits, decision)) = enforced {
+            for (name, value) in headers(limits, &decision).into_iter().flatten() {
+                rsp.headers_mut().insert(name, value);
             }
-            let mut rsp = inner.call(req).await?;
-            if let Some((limits, decision)) = enforced {
-                for (name, value) in headers(limits, &decision).into_iter().flatten() {
-                    rsp.headers_mut().insert(name, value);
-                }
-            }
-            Ok(rsp)
-        })
+        }
+        Ok(rsp)
     }
 }
 

@@ -22,7 +22,6 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -31,9 +30,8 @@ use http_body::Body as _;
 use http_body_util::BodyExt;
 use metrics::Counter;
 use tokio::time::Instant;
-use tower::{Layer, Service};
 
-use super::BoxFuture;
+use super::{Answer, Next, Stage};
 use crate::body::{self, Body};
 use crate::classify::Outcome;
 use crate::config::RetryConfig;
@@ -78,20 +76,21 @@ fn refused(last: Result<Response<Body>, Shed>) -> Result<Response<Body>, Shed> {
     }
 }
 
-pub struct RetryLayer {
+/// The stage: the request's tries, within the upstream's budget.
+pub struct Retry {
     upstream: Arc<Upstream>,
     retries: Counter,
     exhausted: Counter,
 }
 
-impl RetryLayer {
+impl Retry {
     /// `None` when the upstream allows one try only: the stage is then absent.
     pub fn new(upstream: &Arc<Upstream>) -> Option<Self> {
         if upstream.config.retry.attempts <= 1 {
             return None;
         }
         let name = upstream.name().to_string();
-        Some(RetryLayer {
+        Some(Retry {
             upstream: upstream.clone(),
             retries: metrics::counter!(m::RETRIES_TOTAL, "upstream" => name.clone()),
             exhausted: metrics::counter!(m::RETRY_BUDGET_EXHAUSTED_TOTAL, "upstream" => name),
@@ -99,86 +98,22 @@ impl RetryLayer {
     }
 }
 
-impl<S> Layer<S> for RetryLayer {
-    type Service = RetryService<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        RetryService {
-            upstream: self.upstream.clone(),
-            retries: self.retries.clone(),
-            exhausted: self.exhausted.clone(),
-            inner,
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct RetryService<S> {
-    upstream: Arc<Upstream>,
-    retries: Counter,
-    exhausted: Counter,
-    inner: S,
-}
-
-impl<S> Service<Request<Body>> for RetryService<S>
-where
-    S: Service<Request<Body>, Response = Response<Body>, Error = Shed> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = Response<Body>;
-    type Error = Shed;
-    type Future = BoxFuture<Result<Response<Body>, Shed>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Shed>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<Body>) -> Self::Future {
+impl Stage for Retry {
+    async fn call<'a, N: Next>(&'a self, req: Request<Body>, next: &'a N) -> Answer {
         // The request deposits at its arrival, a clock read the listener made already.
-        let buffered = match super::context(&req) {
-            Ok(ctx) => {
-                self.upstream.budget.deposit(ctx.started);
-                ctx.body_buffered
-            }
-            Err(shed) => return Box::pin(std::future::ready(Err(shed))),
-        };
-        let replayable = buffered && idempotent(req.method());
-        if !replayable {
-            return Box::pin(self.inner.call(req));
+        let ctx = super::context(&req)?;
+        self.upstream.budget.deposit(ctx.started);
+        if ctx.body_buffered && idempotent(req.method()) {
+            self.tries(req, next).await
+        } else {
+            next.run(req).await
         }
-        // The clone that was made ready goes into the future; `self` keeps a fresh one.
-        let ready = self.inner.clone();
-        let svc = std::mem::replace(&mut self.inner, ready);
-        let this = Tries {
-            upstream: self.upstream.clone(),
-            retries: self.retries.clone(),
-            exhausted: self.exhausted.clone(),
-        };
-        Box::pin(this.run(svc, req))
     }
 }
 
-/// One request's tries.
-struct Tries {
-    upstream: Arc<Upstream>,
-    retries: Counter,
-    exhausted: Counter,
-}
-
-impl Tries {
-    async fn run<S>(self, mut svc: S, req: Request<Body>) -> Result<Response<Body>, Shed>
-    where
-        S: Service<Request<Body>, Response = Response<Body>, Error = Shed>,
-        S::Future: Send + 'static,
-    {
-        // Each try's future is boxed before it is awaited, so this `async fn` holds no
-        // generic future rustc cannot prove `Send` (rust-lang/rust#64552).
-        fn call<S>(svc: &mut S, req: Request<Body>) -> BoxFuture<Result<Response<Body>, Shed>>
-        where
-            S: Service<Request<Body>, Response = Response<Body>, Error = Shed>,
-            S::Future: Send + 'static,
-        {
-            Box::pin(svc.call(req))
-        }
+impl Retry {
+    /// One request's tries.
+    async fn tries<N: Next>(&self, req: Request<Body>, next: &N) -> Answer {
         let policy = &self.upstream.config.retry;
         let (mut parts, body) = req.into_parts();
         let bytes = if body.is_end_stream() {
@@ -195,7 +130,7 @@ impl Tries {
         let mut tries = 1;
         loop {
             parts.extensions.insert(hint.clone());
-            let result = call(&mut svc, Request::from_parts(parts.clone(), body::full(bytes.clone()))).await;
+            let result = next.run(Request::from_parts(parts.clone(), body::full(bytes.clone()))).await;
             if tries >= policy.attempts || !retryable(policy, &result) {
                 return result;
             }
@@ -209,7 +144,6 @@ impl Tries {
             hint.avoid = Some(hint.picked.load(Ordering::Relaxed));
             tokio::time::sleep(backoff(policy.backoff, tries, fastrand::f64())).await;
             tries += 1;
-            std::future::poll_fn(|cx| svc.poll_ready(cx)).await?;
         }
     }
 }

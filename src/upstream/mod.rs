@@ -16,11 +16,8 @@ pub mod pool;
 pub mod retry_budget;
 pub mod window;
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use http::{Request, Response};
 use metrics::{Counter, Histogram, SharedString};
@@ -279,23 +276,5 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.upstream.endpoints[self.idx].in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// The innermost service of a route stack: the upstream pool.
-#[derive(Clone)]
-pub struct UpstreamService(pub Arc<Upstream>);
-
-impl tower::Service<Request<Body>> for UpstreamService {
-    type Response = Response<Body>;
-    type Error = Shed;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Shed>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Shed>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request<Body>) -> Self::Future {
-        Box::pin(self.0.clone().forward(req))
     }
 }

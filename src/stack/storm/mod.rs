@@ -24,18 +24,16 @@ pub mod growth;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::Request;
 use http_body_util::BodyExt;
 use tokio::time::Instant;
-use tower::{Layer, Service};
 
 use super::client_id::Identity;
 use super::shadow::Shadow;
-use super::BoxFuture;
+use super::{Answer, Next, Stage};
 use crate::body::{self, Body};
 use crate::classify::Outcome;
 use crate::config::{Mode, StormConfig};
@@ -255,86 +253,54 @@ async fn sweep(storm: Weak<Storm>) {
 
 // === the stage ===
 
-#[derive(Clone)]
-pub struct StormLayer {
+/// The stage: observes each request before any state is spent on it.
+pub struct Detect {
     storm: Arc<Storm>,
     /// The live config's `mode` (the detector may be an older config's).
     mode: Mode,
     report: Arc<Shadow>,
 }
 
-impl StormLayer {
+impl Detect {
     /// `None` when `[routes.storm] enabled = false`: the stage is then absent.
     pub fn new(storm: Option<Arc<Storm>>, mode: Mode, report: Arc<Shadow>) -> Option<Self> {
-        storm.filter(|s| s.config.enabled).map(|storm| StormLayer { storm, mode, report })
+        storm.filter(|s| s.config.enabled).map(|storm| Detect { storm, mode, report })
     }
-}
-
-impl<S> Layer<S> for StormLayer {
-    type Service = StormService<S>;
-    fn layer(&self, inner: S) -> StormService<S> {
-        StormService { storm: self.storm.clone(), mode: self.mode, report: self.report.clone(), inner }
-    }
-}
-
-#[derive(Clone)]
-pub struct StormService<S> {
-    storm: Arc<Storm>,
-    mode: Mode,
-    report: Arc<Shadow>,
-    inner: S,
 }
 
 /// Marks the request finished even if the client goes away mid-flight.
-struct InFlight {
-    storm: Arc<Storm>,
+struct InFlight<'a> {
+    storm: &'a Storm,
     fingerprint: u64,
     failed: bool,
 }
 
-impl Drop for InFlight {
+impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.storm.finish(self.fingerprint, self.failed);
     }
 }
 
-impl<S> Service<Request<Body>> for StormService<S>
-where
-    S: Service<Request<Body>, Response = Response<Body>, Error = Shed> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = Response<Body>;
-    type Error = Shed;
-    type Future = BoxFuture<Result<Response<Body>, Shed>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Shed>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        let (storm, mode, report) = (self.storm.clone(), self.mode, self.report.clone());
-        Box::pin(async move {
-            let Some(client) = req.extensions().get::<Identity>().map(|i| i.client.clone()) else {
-                return Err(Shed::new(Reason::BadRequest).detail("request without identity"));
-            };
-            let (mut req, body) = small_body(req).await?;
-            let fingerprint = storm.fingerprint(client.as_str(), req.method(), req.uri(), body.as_deref());
-            if let Err(shed) = storm.observe(client.as_str(), fingerprint, Instant::now()) {
-                if mode == Mode::Enforce {
-                    return Err(shed.client(client));
-                }
-                // Shadow: the detector counted a shed; forward without telling it more.
-                report.record(&shed, client.as_str(), Some(&mut req));
-                return inner.call(req).await;
+impl Stage for Detect {
+    async fn call<'a, N: Next>(&'a self, req: Request<Body>, next: &'a N) -> Answer {
+        let Some(client) = req.extensions().get::<Identity>().map(|i| i.client.clone()) else {
+            return Err(Shed::new(Reason::BadRequest).detail("request without identity"));
+        };
+        let (mut req, body) = small_body(req).await?;
+        let fingerprint = self.storm.fingerprint(client.as_str(), req.method(), req.uri(), body.as_deref());
+        if let Err(shed) = self.storm.observe(client.as_str(), fingerprint, Instant::now()) {
+            if self.mode == Mode::Enforce {
+                return Err(shed.client(client));
             }
-            let mut guard = InFlight { storm, fingerprint, failed: true };
-            let result = inner.call(req).await;
-            guard.failed = Outcome::of(&result).is_failure_for_client();
-            drop(guard);
-            result
-        })
+            // Shadow: the detector counted a shed; forward without telling it more.
+            self.report.record(&shed, client.as_str(), Some(&mut req));
+            return next.run(req).await;
+        }
+        let mut guard = InFlight { storm: &self.storm, fingerprint, failed: true };
+        let result = next.run(req).await;
+        guard.failed = Outcome::of(&result).is_failure_for_client();
+        drop(guard);
+        result
     }
 }
 
