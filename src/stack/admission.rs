@@ -9,6 +9,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::Either;
+use futures_util::FutureExt;
 use http::Request;
 
 use super::client_id::Identity;
@@ -46,11 +48,13 @@ impl Stage for Admission {
         next: &'a N,
     ) -> impl Future<Output = Answer> + Send + 'a {
         let tenant = req.extensions().get::<Identity>().and_then(|i| i.tenant.as_ref());
-        let permit = self.concurrency.acquire(self.priority, tenant);
-        async move {
-            let permit = permit.map_err(overloaded)?;
-            let rsp = next.run(req).await?;
-            Ok(rsp.map(|body| Guarded::wrap(body, permit)))
+        match self.concurrency.acquire(self.priority, tenant) {
+            // `map`, not an async block: one level less to move the future below through.
+            Ok(permit) => Either::Left(
+                next.run(req)
+                    .map(move |answer| answer.map(|rsp| rsp.map(|body| Guarded::wrap(body, permit)))),
+            ),
+            Err(refusal) => Either::Right(std::future::ready(Err(overloaded(refusal)))),
         }
     }
 }

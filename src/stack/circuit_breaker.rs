@@ -10,9 +10,12 @@
 //! nothing about the upstream (a bad request body, a client that went away)
 //! is not counted, and frees its probe slot when the breaker is half-open.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::Either;
+use futures_util::FutureExt;
 use http::{Request, Response};
 use tokio::time::Instant;
 
@@ -50,18 +53,31 @@ impl Breaker {
 }
 
 impl Stage for Breaker {
-    async fn call<'a, N: Next>(&'a self, req: Request<Body>, next: &'a N) -> Answer {
+    fn call<'a, N: Next>(
+        &'a self,
+        req: Request<Body>,
+        next: &'a N,
+    ) -> impl Future<Output = Answer> + Send + 'a {
         let breaker = &self.upstream.breaker;
         // The request's arrival stands for "now": no stage before this one waits,
         // and it saves a clock read on every request.
-        let arrived = super::context(&req)?.started;
-        let ticket = breaker
-            .admit(arrived)
-            .map_err(|refused| refusal(refused.remaining, breaker.config().open_for))?;
-        let pending = Pending { upstream: &self.upstream, ticket: Some(ticket) };
-        let result = next.run(req).await;
-        pending.finish(failed(&result));
-        result
+        let arrived = match super::context(&req) {
+            Ok(ctx) => ctx.started,
+            Err(shed) => return Either::Right(std::future::ready(Err(shed))),
+        };
+        match breaker.admit(arrived) {
+            Ok(ticket) => {
+                let pending = Pending { upstream: &self.upstream, ticket: Some(ticket) };
+                // `map`, not an async block: see `Option<S>` in `stack/mod.rs`.
+                Either::Left(next.run(req).map(move |result| {
+                    pending.finish(failed(&result));
+                    result
+                }))
+            }
+            Err(refused) => {
+                Either::Right(std::future::ready(Err(refusal(refused.remaining, breaker.config().open_for))))
+            }
+        }
     }
 }
 

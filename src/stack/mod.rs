@@ -34,6 +34,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use futures_util::future::Either;
 use http::{Request, Response};
 
 use crate::body::Body;
@@ -81,12 +82,18 @@ impl<S: Stage, N: Next> Next for Then<S, N> {
     }
 }
 
-/// A stage a route may not configure: absent, it costs one branch.
+/// A stage a route may not configure: absent, it costs one branch. No async
+/// block of its own (nor in [`Checked`]): each nested async level would move
+/// the whole future below it once more on every request.
 impl<S: Stage> Stage for Option<S> {
-    async fn call<'a, N: Next>(&'a self, req: Request<Body>, next: &'a N) -> Answer {
+    fn call<'a, N: Next>(
+        &'a self,
+        req: Request<Body>,
+        next: &'a N,
+    ) -> impl Future<Output = Answer> + Send + 'a {
         match self {
-            Some(stage) => stage.call(req, next).await,
-            None => next.run(req).await,
+            Some(stage) => Either::Left(stage.call(req, next)),
+            None => Either::Right(next.run(req)),
         }
     }
 }
@@ -264,9 +271,15 @@ pub trait Check: Send + Sync + 'static {
 pub struct Checked<C>(pub C);
 
 impl<C: Check> Stage for Checked<C> {
-    async fn call<'a, N: Next>(&'a self, req: Request<Body>, next: &'a N) -> Answer {
+    fn call<'a, N: Next>(
+        &'a self,
+        req: Request<Body>,
+        next: &'a N,
+    ) -> impl Future<Output = Answer> + Send + 'a {
         let mut req = req;
-        self.0.check(&mut req)?;
-        next.run(req).await
+        match self.0.check(&mut req) {
+            Ok(()) => Either::Left(next.run(req)),
+            Err(shed) => Either::Right(std::future::ready(Err(shed))),
+        }
     }
 }

@@ -30,7 +30,6 @@
 //! Shadow limits add no `RateLimit` headers: a client must not change its
 //! behaviour because of a limit that is only being tried.
 
-use std::io::Write;
 use std::sync::Arc;
 
 use http::header::{HeaderName, HeaderValue};
@@ -136,17 +135,60 @@ fn headers(limits: &RouteLimits, d: &Decision) -> Option<[(HeaderName, HeaderVal
         (true, false) => retry_after_secs(Some(d.reset)),
         (false, _) => retry_after_secs(Some(d.retry_after)),
     };
-    // Written into a stack buffer: this header is on every limited response.
+    // Written by hand into a stack buffer: this header is on every limited
+    // response, and `write!` costs more than the rest of the decision.
     let mut buf = [0u8; 256];
-    let mut cursor = std::io::Cursor::new(&mut buf[..]);
-    let value = match write!(cursor, "{name};r={};t={t}", d.remaining) {
-        Ok(()) => {
-            let len = usize::try_from(cursor.position()).unwrap_or(0);
-            HeaderValue::from_bytes(&buf[..len]).ok()
-        }
+    let value = match ratelimit_value(&mut buf, name.as_bytes(), u64::from(d.remaining), t) {
+        Some(len) => HeaderValue::from_bytes(&buf[..len]).ok(),
         // A very long policy name: the heap, once.
-        Err(_) => HeaderValue::from_str(&format!("{name};r={};t={t}", d.remaining)).ok(),
+        None => HeaderValue::from_str(&format!("{name};r={};t={t}", d.remaining)).ok(),
     };
     let value = value.unwrap_or(HeaderValue::from_static("\"limit\""));
     Some([(RATELIMIT_POLICY, policy.clone()), (RATELIMIT, value)])
+}
+
+/// `{name};r={remaining};t={t}` into `buf`; its length, or `None` when it does not fit.
+fn ratelimit_value(buf: &mut [u8], name: &[u8], remaining: u64, t: u64) -> Option<usize> {
+    fn put(buf: &mut [u8], at: &mut usize, bytes: &[u8]) -> Option<()> {
+        buf.get_mut(*at..*at + bytes.len())?.copy_from_slice(bytes);
+        *at += bytes.len();
+        Some(())
+    }
+    fn put_u64(buf: &mut [u8], at: &mut usize, mut n: u64) -> Option<()> {
+        let mut digits = [0u8; 20];
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        put(buf, at, &digits[i..])
+    }
+    let mut at = 0;
+    put(buf, &mut at, name)?;
+    put(buf, &mut at, b";r=")?;
+    put_u64(buf, &mut at, remaining)?;
+    put(buf, &mut at, b";t=")?;
+    put_u64(buf, &mut at, t)?;
+    Some(at)
+}
+
+#[cfg(test)]
+mod value_tests {
+    use super::ratelimit_value;
+
+    #[test]
+    fn the_ratelimit_value_is_written_like_format_and_never_overflows() {
+        let mut buf = [0u8; 64];
+        for (r, t) in [(0, 0), (7, 1), (1000, 60), (u64::MAX, u64::MAX)] {
+            let len = ratelimit_value(&mut buf, b"\"1000-per-1s\"", r, t).unwrap();
+            assert_eq!(std::str::from_utf8(&buf[..len]).unwrap(), format!("\"1000-per-1s\";r={r};t={t}"));
+        }
+        let mut small = [0u8; 16];
+        assert_eq!(ratelimit_value(&mut small, b"\"a-long-policy-name\"", 1, 1), None);
+        assert_eq!(ratelimit_value(&mut small, b"p", u64::MAX, 1), None);
+    }
 }

@@ -218,7 +218,10 @@ impl Store {
                     return Ok(d);
                 }
                 let keys = RedisStore::keys(&limits.route, client, &limits.identities);
-                match redis.check(&keys, &limits.us).await {
+                // Boxed: the Redis client's future is large, and inline it would
+                // make every memory-store decision's future (and every stage
+                // future around it) as large, moved at every `.await` above.
+                match Box::pin(redis.check(&keys, &limits.us)).await {
                     Ok(o) => {
                         let d = Decision {
                             allowed: o.allowed,

@@ -270,57 +270,73 @@ fn ip_header(ip: std::net::IpAddr) -> HeaderValue {
     HeaderValue::from_bytes(&buf[..len]).unwrap_or(HeaderValue::from_static("unknown"))
 }
 
-/// Whether `name` is hop-by-hop whatever `Connection` says.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-    )
+/// The headers that are hop-by-hop whatever `Connection` says (RFC 9110
+/// §7.6.1, and the legacy `keep-alive` and `proxy-connection`).
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Which of [`HOP_BY_HOP`] `name` is.
+fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    HOP_BY_HOP.iter().position(|h| h == name)
 }
 
 /// Removes the hop-by-hop headers of RFC 9110 §7.6.1: those named by
 /// `Connection`, and the well-known ones. `TE: trailers` is the one TE value
 /// that may pass, and only on requests; hyper manages framing itself.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // The common case, one pass over the names: nothing to remove (a header
-    // named by `Connection` needs a `Connection` header, which is in the list).
-    if !headers.keys().any(is_hop_by_hop) {
+    // One pass over the names: which well-known ones are present. Usually
+    // none on a request, `Connection` alone on a response; each removal is a
+    // hash and a probe, so only those present are removed.
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = hop_by_hop_index(name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
+        // A header named by `Connection` needs a `Connection` header.
         return;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    if present & 1 != 0 {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            // `close` and `keep-alive` are options, not other headers to drop.
+            .filter(|t| {
+                !t.is_empty() && !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive")
+            })
+            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+            .collect();
+        for name in named {
+            match hop_by_hop_index(&name) {
+                Some(i) => present |= 1 << i,
+                None => {
+                    headers.remove(name);
+                }
+            }
+        }
     }
-    let keep_te_trailers = headers
-        .get(header::TE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")));
-    for name in [
-        header::CONNECTION,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ] {
-        headers.remove(name);
+    let keep_te_trailers = present & (1 << 5) != 0
+        && headers
+            .get(header::TE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")));
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
     if keep_te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -346,5 +362,31 @@ mod tests {
         assert!(h.get(header::TRANSFER_ENCODING).is_none());
         assert_eq!(h.get(header::TE).unwrap(), "trailers");
         assert_eq!(h.get("x-end-to-end").unwrap(), "1");
+    }
+
+    #[test]
+    fn only_hop_by_hop_headers_go_whatever_their_case_and_options() {
+        let mut h = HeaderMap::new();
+        h.insert("x-a", HeaderValue::from_static("1"));
+        h.append("x-a", HeaderValue::from_static("2"));
+        h.insert("x-b", HeaderValue::from_static("3"));
+        let before = h.clone();
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h, before, "nothing hop-by-hop: untouched");
+
+        h.insert(header::CONNECTION, HeaderValue::from_static("Keep-Alive"));
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h, before, "a response's `Connection: keep-alive` goes, nothing else");
+
+        h.insert(header::CONNECTION, HeaderValue::from_static("close, X-A, ,upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::TE, HeaderValue::from_static("deflate"));
+        h.insert(header::PROXY_AUTHORIZATION, HeaderValue::from_static("Basic x"));
+        remove_hop_by_hop(&mut h);
+        assert!(h.get("x-a").is_none(), "named by Connection, in another case");
+        assert_eq!(h.get("x-b").unwrap(), "3");
+        for name in HOP_BY_HOP {
+            assert!(h.get(&name).is_none(), "{name}");
+        }
     }
 }
