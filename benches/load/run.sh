@@ -44,7 +44,9 @@
 # THREADS (1, wrk), PROXY_CPU (1), LOAD_CPU (0: wrk, backend, redis), LEVEE_BIN (skip
 # the build and use this binary), PERF=1 (after each measured run, one more run of
 # PERF_DURATION=5 s under perf: system calls per request of each proxy, and levee's top
-# symbols; the measured numbers are taken without perf), KEEP_TMP=1 (keep configs and
+# symbols; the measured numbers are taken without perf), PROFILES=DIR (with PERF=1: a
+# flame graph per proxy and mode, DIR/MODE-PROXY.svg, and DIR/syscalls.md; needs inferno:
+# `cargo install inferno`), KEEP_TMP=1 (keep configs and
 # logs), RESULTS (results.md: where the tables are appended), IDLE_WAIT (600: how long
 # to wait, before each run, for cores that something else keeps busy).
 #
@@ -72,7 +74,7 @@ set -euo pipefail
 
 # The exact command, for the results file (before the defaults below are filled in).
 CMD=""
-for v in CLUSTER_CONNECTIONS IDLE_WAIT STORM_SECONDS SIEGE_SECONDS SIEGE_QUIET DURATION WARMUP CONNECTIONS THREADS PROXY_CPU LOAD_CPU LEVEE_BIN PERF PERF_DURATION; do
+for v in PROFILES CLUSTER_CONNECTIONS IDLE_WAIT STORM_SECONDS SIEGE_SECONDS SIEGE_QUIET DURATION WARMUP CONNECTIONS THREADS PROXY_CPU LOAD_CPU LEVEE_BIN PERF PERF_DURATION; do
   if [ -n "${!v+x}" ]; then CMD+="$v=${!v} "; fi
 done
 CMD+="bash benches/load/run.sh${*:+ $*}"
@@ -94,6 +96,7 @@ STORM_SECONDS=${STORM_SECONDS:-12}
 SIEGE_SECONDS=${SIEGE_SECONDS:-300}
 SIEGE_QUIET=${SIEGE_QUIET:-60}
 CLUSTER_CONNECTIONS=${CLUSTER_CONNECTIONS:-22}
+PROFILES=${PROFILES:-}
 CLIENTS=10000
 
 
@@ -125,6 +128,17 @@ if [ ${#need[@]} -gt 0 ]; then
   say "installed ${need[*]}"
 fi
 command -v redis-server >/dev/null 2>&1 && HAVE_REDIS=1 || HAVE_REDIS=0
+
+# PERF=1 PROFILES=DIR: also a flame graph per proxy and mode (DIR/MODE-PROXY.svg, perf
+# with DWARF call graphs, folded and drawn by inferno) and DIR/syscalls.md.
+REV=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo "?")
+FLAME=""
+CUR_MODE=""
+if [ "$PERF" = 1 ] && [ -n "$PROFILES" ]; then
+  command -v inferno-flamegraph >/dev/null 2>&1 || die "PROFILES needs inferno's tools (cargo install inferno)"
+  mkdir -p "$PROFILES"; FLAME=$(cd "$PROFILES" && pwd)
+  : >"$FLAME/syscalls.rows"
+fi
 
 NPROC=$(nproc)
 if [ "$NPROC" -lt 2 ]; then
@@ -584,13 +598,15 @@ profile() { # LABEL PORT PROXY_PID SCRIPT|""
   pids=$(tree_pids "$pid" | paste -sd,)
   ev=raw_syscalls:sys_enter,syscalls:sys_enter_writev,syscalls:sys_enter_write,syscalls:sys_enter_sendto,syscalls:sys_enter_sendmsg
   ev+=,syscalls:sys_enter_recvfrom,syscalls:sys_enter_read,syscalls:sys_enter_readv,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_epoll_ctl
+  ev+=,syscalls:sys_enter_futex,context-switches,cpu-migrations
   say "  $label: profiling for ${PERF_DURATION}s under perf (not part of the table)"
   taskset -c "$LOAD_CPU" perf stat -x, -e "$ev" -p "$pids" -o "$TMP/perfstat-$label.txt" -- sleep "$PERF_DURATION" \
     >/dev/null 2>&1 &
   local stat_pid=$!; PIDS+=("$stat_pid")
-  if [ "${label#levee}" != "$label" ]; then
-    taskset -c "$LOAD_CPU" perf record -g -F 999 -p "$pids" -o "$TMP/perf-$label.data" -- sleep "$PERF_DURATION" \
-      >"$TMP/perf-$label.log" 2>&1 &
+  if [ "${label#levee}" != "$label" ] || [ -n "$FLAME" ]; then
+    # DWARF unwinding: neither levee's release build nor Debian's nginx keeps frame pointers.
+    taskset -c "$LOAD_CPU" perf record --call-graph dwarf,16384 -F 499 -p "$pids" -o "$TMP/perf-$label.data" \
+      -- sleep "$PERF_DURATION" >"$TMP/perf-$label.log" 2>&1 &
     rec=$!; PIDS+=("$rec")
   fi
   timeout $(( PERF_DURATION + 30 )) taskset -c "$LOAD_CPU" \
@@ -598,11 +614,25 @@ profile() { # LABEL PORT PROXY_PID SCRIPT|""
   wait "$stat_pid" 2>/dev/null || true
   n=$(awk '/requests in/{print $1; exit}' "$TMP/wrk-perf-$label.txt")
   say "  $label: system calls per request (over ${n:-?} requests):"
-  awk -F, -v n="${n:-0}" -v l="$label" '$3 ~ /sys_enter/ && n > 0 && $1 + 0 > 0 {
-      e = $3; sub(/^(raw_)?syscalls:sys_enter_?/, "", e); if (e == "") e = "all"
-      printf "      %-12s %6.2f\n", e, $1 / n }' "$TMP/perfstat-$label.txt" | tee "$TMP/syscalls-$label.txt" >&2
+  awk -F, -v n="${n:-0}" -v l="$label" '($3 ~ /sys_enter/ || $3 ~ /context-switches|cpu-migrations/) && n > 0 && $1 + 0 > 0 {
+      e = $3; sub(/^(raw_)?syscalls:sys_enter_?/, "", e); if (e == "") e = "all syscalls"
+      printf "      %-16s %6.3f\n", e, $1 / n }' "$TMP/perfstat-$label.txt" | tee "$TMP/syscalls-$label.txt" >&2
+  if [ -n "$FLAME" ]; then
+    { printf '| %s | %s | %s |' "$CUR_MODE" "$label" "${n:-?}"
+      for e in "all syscalls" writev write recvfrom read readv epoll_wait epoll_ctl futex context-switches cpu-migrations; do
+        printf ' %s |' "$(awk -v e="$e" '{ k = $0; sub(/ +[0-9.]+$/, "", k); sub(/^ +/, "", k) } k == e { print $NF }' "$TMP/syscalls-$label.txt")"
+      done
+      echo
+    } >>"$FLAME/syscalls.rows"
+  fi
   if [ -n "$rec" ]; then
     wait "$rec" 2>/dev/null || true
+    if [ -n "$FLAME" ]; then
+      perf script -i "$TMP/perf-$label.data" 2>/dev/null | inferno-collapse-perf >"$TMP/$CUR_MODE-$label.folded" 2>/dev/null \
+        && inferno-flamegraph --title "$label, mode $CUR_MODE ($REV)" <"$TMP/$CUR_MODE-$label.folded" \
+          >"$FLAME/$CUR_MODE-$label.svg" 2>/dev/null \
+        && say "  $label: flame graph $FLAME/$CUR_MODE-$label.svg"
+    fi
     say "  $label: perf: self time by object, then the top symbols ($TMP/perf-$label.data)"
     { perf report -i "$TMP/perf-$label.data" --no-children --sort dso --stdio -g none 2>/dev/null \
         | grep -v '^#' | grep -v '^$' | head -6
@@ -946,6 +976,7 @@ START=$(date -u '+%Y-%m-%d %H:%M UTC')
 say "modes: ${MODES[*]}; $DURATION per run after a $WARMUP warm-up; proxies on core $PROXY_CPU, wrk + backend on core $LOAD_CPU"
 
 for mode in "${MODES[@]}"; do
+  CUR_MODE=$mode
   case "$mode" in
   proxy)
     say "mode proxy: plain reverse proxy, no limits"
@@ -1130,6 +1161,21 @@ for mode in "${MODES[@]}"; do
 done
 
 # ---------------------------------------------------------------------------- results
+if [ -n "$FLAME" ]; then
+  {
+    echo "# System calls and context switches per request"
+    echo
+    echo "From \`$CMD\` on commit $REV ($START): \`perf stat\` over the ${PERF_DURATION} s profiling run after"
+    echo "each measured run (the proxy's process tree; per request = count / wrk's requests). The"
+    echo "flame graphs beside this file come from the same runs (\`perf record --call-graph dwarf\`)."
+    echo
+    echo "| mode | proxy | requests | syscalls | writev | write | recvfrom | read | readv | epoll_wait | epoll_ctl | futex | context switches | migrations |"
+    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    cat "$FLAME/syscalls.rows"
+  } >"$FLAME/syscalls.md"
+  rm -f "$FLAME/syscalls.rows"
+  say "system calls per request: ${FLAME#"$ROOT"/}/syscalls.md"
+fi
 REV=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo "?")
 [ -n "$(git -C "$ROOT" status --porcelain --untracked-files=no 2>/dev/null)" ] && REV+=" (with uncommitted changes)"
 {
