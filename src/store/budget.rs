@@ -168,7 +168,13 @@ mod tests {
         }
         let tracked = store.tracked();
         assert!(tracked <= max_clients, "{tracked} entries > max_clients {max_clients}");
-        assert!(tracked >= max_clients * 9 / 10, "{tracked}: the shares are used");
+        // A finished request that did not fail leaves no entry in the storm
+        // detector's request table (`Storm::finish`): those 6 of the 24 shares
+        // stay empty, and every other map fills its share.
+        for (_, storm, _) in &routes {
+            assert_eq!(storm.budget_maps()[1].tracked(), 0, "finished requests hold no entry");
+        }
+        assert!(tracked >= max_clients * 18 / 24 * 9 / 10, "{tracked}: the shares are used");
         let bytes = store.memory.bytes() + store.budget().bytes();
         let per_client = bytes / max_clients;
         println!("{tracked} entries, {bytes} bytes of tables: {per_client} bytes per tracked client");

@@ -222,6 +222,19 @@ impl<V: Copy + Default> ClockMap<V> {
         f(&mut shard.touch(key).value)
     }
 
+    /// Runs `f` on the value of `key` if it is present (an absent key stays
+    /// absent), under the shard's lock; removes the entry when `f` returns
+    /// false (it holds nothing worth a slot any more).
+    pub fn update_or_remove(&self, key: u64, f: impl FnOnce(&mut V) -> bool) {
+        let key = key.max(1);
+        let mut shard = self.shard(key);
+        if let Some(i) = shard.find(key) {
+            if !f(&mut shard.slots[i].value) {
+                shard.remove_at(i);
+            }
+        }
+    }
+
     /// The value of `key`, if present; does not count as seeing it.
     pub fn peek(&self, key: u64) -> Option<V> {
         let key = key.max(1);

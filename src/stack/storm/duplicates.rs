@@ -70,6 +70,25 @@ impl DupRules {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// Why `Storm::finish` may drop an entry with nothing in flight and no
+        /// failure: the next arrival decides and leaves state exactly as a fresh one.
+        #[test]
+        fn an_idle_entry_decides_as_a_fresh_one(
+            window_start in 0u64..1_000_000,
+            last_seen in 0u64..1_000_000,
+            retries in 0u32..100,
+            dt in 0u64..10_000,
+        ) {
+            let rules = DupRules { window_ms: 2000, max_duplicates: 3, max_backoff_ms: 60_000 };
+            let now = last_seen.max(window_start) + dt + 1;
+            let mut idle = Dup { window_start, last_seen, retries, in_flight: 0, failed: false };
+            let mut fresh = Dup::default();
+            proptest::prop_assert_eq!(rules.arrive(&mut idle, now), rules.arrive(&mut fresh, now));
+            proptest::prop_assert_eq!(idle, fresh);
+        }
+    }
+
     fn rules() -> DupRules {
         DupRules { window_ms: 2000, max_duplicates: 3, max_backoff_ms: 60_000 }
     }

@@ -175,9 +175,16 @@ impl Storm {
         Ok(())
     }
 
-    /// The admitted request with `fingerprint` finished.
+    /// The admitted request with `fingerprint` finished. A fingerprint with
+    /// nothing in flight and no failure holds nothing: the next arrival of it
+    /// decides exactly as on a fresh entry (polling is never a retry), so its
+    /// slot goes now. The table then holds requests in flight and recent
+    /// failures, not every request of every client.
     pub fn finish(&self, fingerprint: u64, failed: bool) {
-        self.requests.with(fingerprint, |d| self.dups.finish(d, failed));
+        self.requests.update_or_remove(fingerprint, |d| {
+            self.dups.finish(d, failed);
+            d.in_flight > 0 || d.failed
+        });
     }
 
     /// The per-client maps, for the node's budget to cap and count.
