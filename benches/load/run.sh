@@ -47,7 +47,9 @@
 # symbols; the measured numbers are taken without perf), PROFILES=DIR (with PERF=1: a
 # flame graph per proxy and mode, DIR/MODE-PROXY.svg, and DIR/syscalls.md; needs inferno:
 # `cargo install inferno`), KEEP_TMP=1 (keep configs and
-# logs), RESULTS (results.md: where the tables are appended), IDLE_WAIT (600: how long
+# logs), ROUNDS (3: proxy, clients and hot keep both proxies up and measure them in turn
+# this many times; the table shows the round with the median levee/nginx ratio and lists
+# every round's), RESULTS (results.md: where the tables are appended), IDLE_WAIT (600: how long
 # to wait, before each run, for cores that something else keeps busy).
 #
 # Layout on the machine (2 cores here):
@@ -74,7 +76,7 @@ set -euo pipefail
 
 # The exact command, for the results file (before the defaults below are filled in).
 CMD=""
-for v in PROFILES CLUSTER_CONNECTIONS IDLE_WAIT STORM_SECONDS SIEGE_SECONDS SIEGE_QUIET DURATION WARMUP CONNECTIONS THREADS PROXY_CPU LOAD_CPU LEVEE_BIN PERF PERF_DURATION; do
+for v in ROUNDS PROFILES CLUSTER_CONNECTIONS IDLE_WAIT STORM_SECONDS SIEGE_SECONDS SIEGE_QUIET DURATION WARMUP CONNECTIONS THREADS PROXY_CPU LOAD_CPU LEVEE_BIN PERF PERF_DURATION; do
   if [ -n "${!v+x}" ]; then CMD+="$v=${!v} "; fi
 done
 CMD+="bash benches/load/run.sh${*:+ $*}"
@@ -97,6 +99,7 @@ SIEGE_SECONDS=${SIEGE_SECONDS:-300}
 SIEGE_QUIET=${SIEGE_QUIET:-60}
 CLUSTER_CONNECTIONS=${CLUSTER_CONNECTIONS:-22}
 PROFILES=${PROFILES:-}
+ROUNDS=${ROUNDS:-3}
 CLIENTS=10000
 
 
@@ -934,6 +937,50 @@ run_nginx() { # LIMIT SCRIPT -> R_*
   forget "$pid"
 }
 
+# Modes proxy, clients and hot: nginx and levee both up on PROXY_CPU (only the one being
+# measured gets load), ROUNDS measurements of each in turn, so a slow minute of the
+# machine hits both. Sets A and B (the rows of the round with the median levee/nginx
+# req/s ratio) and RATIOS (every round's); EXTRA names a function whose output fills the
+# extra column after each measurement. Returns 1 (with SKIP_REASON) when levee cannot run.
+duel() { # LIMIT SCRIPT EXTRA
+  local limit=$1 script=$2 extra=$3 ng_port ng_pid lv_port lv_admin lv_pid r na i
+  free_port; ng_port=$PORT
+  proxy_nginx_conf "$TMP/nginx.conf" "$ng_port" "$limit"
+  say "  starting nginx (proxy, limit: $limit) on 127.0.0.1:$ng_port, core $PROXY_CPU"
+  start_nginx nginx "$PROXY_CPU" "$TMP/nginx.conf" "$ng_port"; ng_pid=$LAST_PID
+  [ "$(http_status "$ng_port" "x-device-id: check")" = 200 ] || die "nginx does not proxy to the backend (no 200)"
+  free_port; lv_port=$PORT; free_port; lv_admin=$PORT
+  levee_conf "$TMP/levee.toml" "$lv_port" "$lv_admin" "$limit" memory
+  if ! levee_check "$TMP/levee.toml"; then
+    forget "$ng_pid"; SKIP_REASON="levee check rejects the config: $CHECK_ERR"; return 1
+  fi
+  say "  starting levee (limit: $limit, store: memory) on 127.0.0.1:$lv_port, core $PROXY_CPU"
+  if ! start_levee "$TMP/levee.toml" "$lv_port"; then
+    forget "$ng_pid"; SKIP_REASON="levee did not start: $(tail -n1 "$TMP/levee.log")"; return 1
+  fi
+  lv_pid=$LAST_PID
+  if [ "$(http_status "$lv_port" "x-device-id: check")" != 200 ]; then
+    forget "$lv_pid"; forget "$ng_pid"; SKIP_REASON="levee does not answer 200 through the proxy"; return 1
+  fi
+  ENF_A="" ENF_B=""
+  if [ "$limit" = clients ]; then ENF_A=$(probe_limit "$ng_port"); ENF_B=$(probe_limit "$lv_port"); fi
+  local rows_a=() rows_b=() ratios=()
+  for r in $(seq "$ROUNDS"); do
+    say "  round $r of $ROUNDS"
+    measure nginx "$ng_port" "$ng_pid" "$script"; rows_a+=("$(row nginx "$($extra A)")"); na=$R_RPS
+    measure levee "$lv_port" "$lv_pid" "$script"; rows_b+=("$(row levee "$($extra B)")")
+    ratios+=("$(ratio "$R_RPS" "$na")")
+  done
+  i=$(for r in "${!ratios[@]}"; do echo "$r ${ratios[$r]}"; done | sort -k2 -g | awk -v m=$(( (ROUNDS + 1) / 2 )) 'NR == m { print $1 }')
+  A=${rows_a[$i]} B=${rows_b[$i]} RATIOS="${ratios[*]}"
+  profile nginx "$ng_port" "$ng_pid" "$script"
+  profile levee "$lv_port" "$lv_pid" "$script"
+  forget "$lv_pid"; forget "$ng_pid"
+}
+no_extra() { :; }
+enforced() { if [ "$1" = A ]; then echo "$ENF_A"; else echo "$ENF_B"; fi; }
+rounds_note() { out ""; out "levee/nginx req/s in each of the $ROUNDS rounds: $RATIOS (the table shows the median round)."; }
+
 # Returns 1 (with SKIP_REASON) when levee cannot run this config.
 run_levee() { # LABEL LIMIT STORE SCRIPT -> R_*
   local label=$1 port admin; free_port; port=$PORT; free_port; admin=$PORT
@@ -979,31 +1026,27 @@ for mode in "${MODES[@]}"; do
   CUR_MODE=$mode
   case "$mode" in
   proxy)
-    say "mode proxy: plain reverse proxy, no limits"
-    run_nginx none "$TMP/clients.lua"; A=$(row nginx "")
-    run_levee levee none memory "$TMP/clients.lua" || die "mode proxy: $SKIP_REASON"
-    B=$(row levee "")
-    table "proxy: plain reverse proxy, no limits" "" "levee/nginx" "$A" "$B"
+    say "mode proxy: plain reverse proxy, no limits ($CLIENTS rotating client ids)"
+    duel none "$TMP/clients.lua" no_extra || die "mode proxy: $SKIP_REASON"
+    table "proxy: plain reverse proxy, no limits, $CLIENTS rotating client ids" "" "levee/nginx" "$A" "$B"
+    rounds_note
     ;;
   clients)
     say "mode clients: $CLIENTS rotating x-device-id, limit 1000/s burst 1000 per client"
-    run_nginx clients "$TMP/clients.lua"; A=$(row nginx "$R_ENFORCED")
-    if run_levee levee clients memory "$TMP/clients.lua"; then
-      B=$(row levee "$R_ENFORCED")
+    if duel clients "$TMP/clients.lua" enforced; then
       table "clients: $CLIENTS rotating client ids, per-client limit 1000/s burst 1000 (never reached)" \
         "limit enforced" "levee/nginx" "$A" "$B"
-      [ "$R_ENFORCED" = no ] && out "" && out "note: levee sent no 429 to a single client at full speed: this build does not enforce route limits, so its row measures no limiter work."
+      rounds_note
+      [ "$ENF_B" = no ] && out "" && out "note: levee sent no 429 to a single client at full speed: this build does not enforce route limits, so its row measures no limiter work."
     else
       skipped "clients" "$SKIP_REASON"
     fi
     ;;
   hot)
-    say "mode hot: one client id, limit 100/s burst 100"
-    run_nginx hot "$TMP/hot.lua"; A=$(row nginx "$(share429)")
-    if run_levee levee hot memory "$TMP/hot.lua"; then
-      B=$(row levee "$(share429)")
-      table "hot: one client id on every request, limit 100/s burst 100" "429 share" "levee/nginx" "$A" "$B"
-      case "$R_STATUS" in *" 429=0 "*) out "" && out "note: levee answered no 429: this build does not enforce route limits, so its row measures proxying only." ;; esac
+    say "mode hot: one client id (rotating paths), limit 100/s burst 100"
+    if duel hot "$TMP/hot.lua" share429; then
+      table "hot: one client id on every request ($CLIENTS rotating paths), limit 100/s burst 100" "429 share" "levee/nginx" "$A" "$B"
+      rounds_note
     else
       skipped "hot" "$SKIP_REASON"
     fi
