@@ -338,12 +338,29 @@ fn remembered(redis: &RedisStore, limits: &RouteLimits, client: &str, now: Insta
     })
 }
 
-/// Remembers a refusal Redis decided, until its retry time.
+/// Remembers a refusal Redis decided, until its retry time; and an admission
+/// that took the tightest limit's last token, as a refusal until its next
+/// token (`refusals.rs`).
 fn remember(redis: &RedisStore, limits: &RouteLimits, client: &str, now: Instant, d: &Decision) {
-    if let (false, Some(tightest)) = (d.allowed, d.tightest) {
-        let refused = refusals::Remembered { retry_after: d.retry_after, reset: d.reset, tightest };
-        redis.refusals.remember(&limits.route, client, refusals::fingerprint(&limits.ids), now, refused);
-    }
+    let Some(tightest) = d.tightest else { return };
+    let retry_after = match (d.allowed, d.remaining) {
+        (false, _) => d.retry_after,
+        (true, 0) => match limits.us.get(tightest) {
+            Some(g) => next_token(g, d.reset),
+            None => return,
+        },
+        (true, _) => return redis.refusals.admitted(&limits.route, client),
+    };
+    let refused = refusals::Remembered { retry_after, reset: d.reset, tightest };
+    redis.refusals.remember(&limits.route, client, refusals::fingerprint(&limits.ids), now, refused);
+}
+
+/// How long after a decision that left `reset` until the bucket is full the
+/// next request can pass limit `g` (GCRA, in microseconds as Redis keeps
+/// them): `reset + T − b·T`, zero when a token is left.
+fn next_token(g: &Gcra, reset: Duration) -> Duration {
+    let reset_us = u64::try_from(reset.as_micros()).unwrap_or(u64::MAX);
+    Duration::from_micros(reset_us.saturating_add(g.interval).saturating_sub(g.capacity))
 }
 
 /// Drops idle clients every few seconds and publishes `levee_tracked_clients`
@@ -360,5 +377,30 @@ async fn sweep(memory: Weak<MemoryStore>, budget: Weak<ClientBudget>, redis: Opt
         n += 1;
         let refusals = redis.as_ref().and_then(Weak::upgrade).map_or(0, |r| r.refusals.len());
         metrics::gauge!(m::TRACKED_CLIENTS).set((memory.len() + budget.tracked() + refusals) as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn after_the_last_token_the_next_passes_one_interval_later() {
+        // 10/s burst 3, in microseconds as Redis keeps them: T = 100 ms, capacity 300 ms.
+        let limit = Limit { rate: "10/s".parse().unwrap(), burst: std::num::NonZeroU32::new(3).unwrap() };
+        let g = Gcra::new(&limit, Duration::from_micros(1));
+        let (mut tat, now) = (0u64, 1_000_000u64);
+        for _ in 0..3 {
+            match g.check(tat, now) {
+                gcra::Verdict::Allow { tat: t } => tat = t,
+                gcra::Verdict::Deny { .. } => panic!("the burst passes"),
+            }
+        }
+        assert_eq!(g.remaining(tat, now), 0);
+        let wait = next_token(&g, Duration::from_micros(g.reset(tat, now)));
+        assert_eq!(wait, Duration::from_millis(100));
+        let at = now + u64::try_from(wait.as_micros()).unwrap();
+        assert!(matches!(g.check(tat, at - 1), gcra::Verdict::Deny { .. }), "refused just before");
+        assert!(matches!(g.check(tat, at), gcra::Verdict::Allow { .. }), "admitted from then on");
     }
 }

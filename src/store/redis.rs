@@ -99,7 +99,7 @@ impl RedisStore {
             timeout,
             gcra: Script::new(include_str!("gcra.lua")),
             peek: Script::new(PEEK),
-            refusals: Refusals::new(max_refusals),
+            refusals: Refusals::new(max_refusals, timeout),
             failed_tag: std::sync::Mutex::new(None),
         });
         metrics::gauge!(m::STORE_UP).set(0.0);

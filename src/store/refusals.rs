@@ -13,6 +13,19 @@
 //! The deadline is counted from the request's arrival, taken before the
 //! round trip to Redis, so the node never refuses longer than Redis would.
 //!
+//! Two more rules keep a hot client's cost at about one script per token
+//! even with many of its requests in flight at once:
+//! - **The last token.** A request Redis admits with the tightest limit's
+//!   last token is remembered as a refusal until that limit's next token
+//!   (GCRA: `reset + T − b·T` after the decision), exactly as Redis would
+//!   refuse until then.
+//! - **One request asks.** When a remembered refusal runs out, the first
+//!   request of that client on this node asks Redis; the node's other
+//!   requests of that client are refused meanwhile (for at most the probe
+//!   window, `store.timeout` capped at 100 ms), where Redis would have let at
+//!   most the tokens freed during that round trip through. A refusal that ran
+//!   out long ago (more than the window) is simply gone: every request asks.
+//!
 //! Bounded like all per-client state: a [`ClockMap`] whose cap is the
 //! refusal memory's share of `store.max_clients` ([`super::Store::plan_budget`]),
 //! evicting the least recently seen (a hot refused client is seen constantly
@@ -38,7 +51,13 @@ struct Refusal {
     limits: u32,
     /// The limit whose policy the headers describe.
     tightest: u32,
+    /// A request of this client is asking Redis until then (0: none).
+    probe_until: u64,
 }
+
+/// The longest a node waits on one request's answer from Redis before another
+/// request of the same client asks again.
+pub const MAX_PROBE: Duration = Duration::from_millis(100);
 
 /// What a remembered refusal answers now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,14 +71,18 @@ pub struct Refusals {
     map: ClockMap<Refusal>,
     epoch: Instant,
     seed: foldhash::fast::RandomState,
+    /// How long one request's question to Redis holds the others back.
+    probe_ns: u64,
 }
 
 impl Refusals {
-    pub fn new(max_entries: usize) -> Self {
+    /// `probe`: the store's timeout (capped at [`MAX_PROBE`]).
+    pub fn new(max_entries: usize, probe: Duration) -> Self {
         Refusals {
             map: ClockMap::new(max_entries),
             epoch: Instant::now(),
             seed: foldhash::fast::RandomState::default(),
+            probe_ns: u64::try_from(probe.min(MAX_PROBE).as_nanos()).unwrap_or(0),
         }
     }
 
@@ -77,19 +100,46 @@ impl Refusals {
 
     /// The refusal remembered for `client` on `route` with these `limits`
     /// (a fingerprint of their identities), if it still holds at `now`.
+    /// `None` means: ask Redis (and, when the refusal just ran out, this
+    /// request is the one that asks for the node; see the module's doc).
     pub fn get(&self, route: &str, client: &str, limits: u32, now: Instant) -> Option<Remembered> {
-        let r = self.map.peek(self.key(route, client))?;
+        let key = self.key(route, client);
+        let r = self.map.peek(key)?;
         let now = self.ticks(now);
-        if r.until <= now || r.limits != limits {
+        if r.limits != limits {
             return None;
         }
-        // Seen: a hot refused client stays remembered ahead of one-off ones.
-        self.map.with(self.key(route, client), |_| ());
-        Some(Remembered {
-            retry_after: Duration::from_nanos(r.until - now),
+        let answer = |until: u64, r: &Refusal| Remembered {
+            retry_after: Duration::from_nanos(until.saturating_sub(now)),
             reset: Duration::from_nanos(r.full_at.saturating_sub(now)),
             tightest: r.tightest as usize,
+        };
+        if r.until > now {
+            // Seen: a hot refused client stays remembered ahead of one-off ones.
+            self.map.with(key, |_| ());
+            return Some(answer(r.until, &r));
+        }
+        if now.saturating_sub(r.until) > self.probe_ns {
+            return None;
+        }
+        // Ran out just now: one request asks Redis, under the shard's lock.
+        self.map.with(key, |r| {
+            if r.probe_until > now {
+                Some(answer(r.probe_until, r))
+            } else {
+                r.probe_until = now.saturating_add(self.probe_ns);
+                None
+            }
         })
+    }
+
+    /// Redis admitted a request of `client` with tokens to spare: whatever
+    /// is remembered (a finished probe) no longer holds anyone back.
+    pub fn admitted(&self, route: &str, client: &str) {
+        let key = self.key(route, client);
+        if self.map.peek(key).is_some() {
+            self.map.remove(key);
+        }
     }
 
     /// Remembers Redis's refusal of a request that arrived at `now`.
@@ -104,6 +154,7 @@ impl Refusals {
             full_at: now.saturating_add(nanos(refused.reset)),
             limits,
             tightest: u32::try_from(refused.tightest).unwrap_or(0),
+            probe_until: 0,
         };
         self.map.with(self.key(route, client), |v| *v = r);
     }
@@ -122,7 +173,7 @@ impl Refusals {
     /// Drops the refusals whose retry time has passed.
     pub fn sweep(&self, now: Instant) -> usize {
         let now = self.ticks(now);
-        self.map.retain(|r| r.until > now)
+        self.map.retain(|r| r.until.max(r.probe_until).saturating_add(self.probe_ns) > now)
     }
 
     pub fn set_capacity(&self, max_entries: usize) {
@@ -161,7 +212,7 @@ mod tests {
 
     #[test]
     fn a_refusal_holds_until_its_retry_time_and_counts_down() {
-        let r = Refusals::new(100);
+        let r = Refusals::new(100, Duration::from_millis(50));
         let t0 = Instant::now();
         r.remember("api", "dev", 7, t0, refused(1000));
         let got = r.get("api", "dev", 7, t0 + Duration::from_millis(400)).unwrap();
@@ -172,13 +223,37 @@ mod tests {
         assert_eq!(r.get("api", "other", 7, t0), None);
         assert_eq!(r.get("web", "dev", 7, t0), None);
         assert_eq!(r.get("api", "dev", 8, t0), None, "changed limits: ask Redis");
-        assert_eq!(r.sweep(t0 + Duration::from_millis(1001)), 1);
+        // Kept through the probe's window (the request that asked at 1000 ms
+        // holds the others until 1050 ms), then swept.
+        assert_eq!(r.sweep(t0 + Duration::from_millis(1099)), 0);
+        assert_eq!(r.sweep(t0 + Duration::from_millis(1101)), 1);
         assert!(r.is_empty());
     }
 
     #[test]
+    fn when_a_refusal_runs_out_one_request_asks_and_the_others_wait_on_it() {
+        let r = Refusals::new(100, Duration::from_millis(50));
+        let t0 = Instant::now();
+        r.remember("api", "dev", 7, t0, refused(1000));
+        let due = t0 + Duration::from_millis(1000);
+        assert_eq!(r.get("api", "dev", 7, due), None, "the first request asks Redis");
+        let waiting = r.get("api", "dev", 7, due + Duration::from_millis(10)).expect("the others wait");
+        assert_eq!(waiting.retry_after, Duration::from_millis(40), "until the probe's window ends");
+        assert_eq!(r.get("api", "dev", 7, due + Duration::from_millis(50)), None, "no answer: ask again");
+        // Redis admitted it with tokens to spare: nobody is held back any more.
+        r.admitted("api", "dev");
+        assert_eq!(r.get("api", "dev", 7, due + Duration::from_millis(51)), None);
+        assert!(r.is_empty());
+        // A refusal that ran out long ago holds nobody: every request asks.
+        r.remember("api", "old", 7, t0, refused(10));
+        let later = t0 + Duration::from_secs(5);
+        assert_eq!(r.get("api", "old", 7, later), None);
+        assert_eq!(r.get("api", "old", 7, later), None);
+    }
+
+    #[test]
     fn forget_and_clear() {
-        let r = Refusals::new(100);
+        let r = Refusals::new(100, Duration::from_millis(50));
         let t0 = Instant::now();
         r.remember("api", "a", 1, t0, refused(1000));
         r.remember("api", "b", 1, t0, refused(1000));
@@ -192,7 +267,7 @@ mod tests {
 
     #[test]
     fn bounded_by_its_share_and_a_hot_client_stays() {
-        let r = Refusals::new(1000);
+        let r = Refusals::new(1000, Duration::from_millis(50));
         let t0 = Instant::now();
         r.remember("api", "hot", 1, t0, refused(60_000));
         for i in 0..20_000 {
