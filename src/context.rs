@@ -2,10 +2,12 @@
 //! creates a [`RequestContext`] and puts it in the request's extensions; stages
 //! read it and add what they learn (the client key) as extensions of their own.
 
+use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use http::HeaderMap;
+use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
 use http::header::HeaderName;
@@ -16,6 +18,54 @@ use crate::config::TrustedProxies;
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Longer keys are hashed: state and logs stay small whatever the client sends.
+pub const MAX_KEY_BYTES: usize = 128;
+
+/// A client's identity on a route, as extracted; what the admin API shows.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientKey(Arc<str>);
+
+impl ClientKey {
+    /// A key from raw bytes: kept as is when short printable ASCII, else hashed.
+    pub fn from_bytes(raw: &[u8]) -> Self {
+        let printable = raw.iter().all(|b| (0x21..0x7f).contains(b));
+        if printable && raw.len() <= MAX_KEY_BYTES {
+            // Printable ASCII is valid UTF-8.
+            ClientKey(Arc::from(std::str::from_utf8(raw).unwrap_or_default()))
+        } else {
+            ClientKey::hashed("h", raw)
+        }
+    }
+
+    /// `prefix:` and the first 128 bits of the SHA-256 of `raw`, in hex.
+    pub(crate) fn hashed(prefix: &str, raw: &[u8]) -> Self {
+        let digest = Sha256::digest(raw);
+        let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+        ClientKey(Arc::from(format!("{prefix}:{hex}")))
+    }
+
+    /// A client address as a key.
+    pub(crate) fn from_ip(ip: IpAddr) -> Self {
+        ClientKey(Arc::from(ip.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ClientKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for ClientKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ClientKey({})", self.0)
+    }
+}
 
 /// The scheme the client spoke to levee with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -13,7 +13,7 @@ use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use http::{Response, StatusCode};
 
 use crate::body::{self, Body};
-use crate::stack::client_id::ClientKey;
+use crate::context::ClientKey;
 
 pub const X_LEVEE_REASON: HeaderName = HeaderName::from_static("x-levee-reason");
 

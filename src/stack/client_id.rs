@@ -6,59 +6,17 @@
 //! a bearer token is always hashed, so the token never lives in levee's memory,
 //! logs, admin API or Redis.
 
-use std::fmt;
 use std::net::IpAddr;
-use std::sync::Arc;
 
 use http::Request;
-use sha2::{Digest, Sha256};
 
 use crate::body::Body;
 use crate::config::units::KeySource;
 use crate::config::{KeyFallback, Priority, RouteConfig};
 use crate::respond::{Reason, Shed};
 
-/// Longer keys are hashed: state and logs stay small whatever the client sends.
-pub const MAX_KEY_BYTES: usize = 128;
-
-/// A client's identity on a route, as extracted; what the admin API shows.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ClientKey(Arc<str>);
-
-impl ClientKey {
-    /// A key from raw bytes: kept as is when short printable ASCII, else hashed.
-    pub fn from_bytes(raw: &[u8]) -> Self {
-        let printable = raw.iter().all(|b| (0x21..0x7f).contains(b));
-        if printable && raw.len() <= MAX_KEY_BYTES {
-            // Printable ASCII is valid UTF-8.
-            ClientKey(Arc::from(std::str::from_utf8(raw).unwrap_or_default()))
-        } else {
-            ClientKey::hashed("h", raw)
-        }
-    }
-
-    fn hashed(prefix: &str, raw: &[u8]) -> Self {
-        let digest = Sha256::digest(raw);
-        let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-        ClientKey(Arc::from(format!("{prefix}:{hex}")))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for ClientKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl fmt::Debug for ClientKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ClientKey({})", self.0)
-    }
-}
+// The key type lives in `context.rs`, below both this stage and `respond.rs`.
+pub use crate::context::{ClientKey, MAX_KEY_BYTES};
 
 /// What stage 3a learned; later stages read it from the request's extensions.
 #[derive(Debug, Clone)]
@@ -128,7 +86,7 @@ fn describe(source: &KeySource) -> String {
 }
 
 fn ip_key(ip: IpAddr) -> ClientKey {
-    ClientKey(Arc::from(ip.to_string()))
+    ClientKey::from_ip(ip)
 }
 
 /// The key from `source`, or `None` when the request does not carry it (or it is empty).

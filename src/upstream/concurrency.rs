@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::config::Priority;
-use crate::stack::client_id::ClientKey;
+use crate::context::ClientKey;
 
 /// Tenants tracked at most per upstream.
 pub const MAX_TENANTS: usize = 10_000;
