@@ -55,6 +55,7 @@ pub fn bench(c: &mut Criterion) {
         body_fault: Default::default(),
         body_buffered: true,
         upgrade: false,
+        grpc: false,
     };
 
     let mut g = c.benchmark_group("stack");

@@ -123,28 +123,9 @@ fn check_chain(tls: &Tls, r: &mut CheckReport) -> bool {
             tls.cert_path.display()
         );
     }
+    let of = format!(" of {}", tls.cert_path.display());
     for c in &report {
-        if c.expired(now) {
-            ok = false;
-            let _ = writeln!(
-                r.err,
-                "error: server.tls.cert: certificate {} ({}) of {} expired on {}",
-                c.position,
-                c.subject,
-                tls.cert_path.display(),
-                c.not_after_rfc3339()
-            );
-        } else if c.expiring(now) {
-            let _ = writeln!(
-                r.err,
-                "warning: server.tls.cert: certificate {} ({}) of {} expires on {}, in {} days",
-                c.position,
-                c.subject,
-                tls.cert_path.display(),
-                c.not_after_rfc3339(),
-                c.days_left(now)
-            );
-        }
+        ok &= report_expiry("server.tls.cert", &of, c, now, r);
     }
     match certs::verify_chain(&tls.chain, &certs::system_roots()) {
         Ok(root) => {
@@ -160,35 +141,36 @@ fn check_chain(tls: &Tls, r: &mut CheckReport) -> bool {
 /// The client certificates levee presents to `https://` upstreams: fails when
 /// one has expired, warns within 14 days, like the served chain.
 fn check_client_certificates(config: &Config, r: &mut CheckReport) -> bool {
-    use std::fmt::Write;
     let now = certs::unix_now();
     let mut ok = true;
     for u in &config.upstreams {
         let Some(tls) = &u.tls else { continue };
+        let key = format!("upstreams.{}.tls.cert", u.name);
         for c in certs::report(&tls.client_chain) {
-            let key = format!("upstreams.{}.tls.cert", u.name);
-            if c.expired(now) {
-                ok = false;
-                let _ = writeln!(
-                    r.err,
-                    "error: {key}: certificate {} ({}) expired on {}",
-                    c.position,
-                    c.subject,
-                    c.not_after_rfc3339()
-                );
-            } else if c.expiring(now) {
-                let _ = writeln!(
-                    r.err,
-                    "warning: {key}: certificate {} ({}) expires on {}, in {} days",
-                    c.position,
-                    c.subject,
-                    c.not_after_rfc3339(),
-                    c.days_left(now)
-                );
-            }
+            ok &= report_expiry(&key, "", &c, now, r);
         }
     }
     ok
+}
+
+/// An error for a certificate of `key` that has expired (false), a warning
+/// for one that expires within 14 days; `of` names its file, if worth saying.
+fn report_expiry(key: &str, of: &str, c: &certs::CertInfo, now: i64, r: &mut CheckReport) -> bool {
+    use std::fmt::Write;
+    let what = format!("{key}: certificate {} ({}){of}", c.position, c.subject);
+    if c.expired(now) {
+        let _ = writeln!(r.err, "error: {what} expired on {}", c.not_after_rfc3339());
+        return false;
+    }
+    if c.expiring(now) {
+        let _ = writeln!(
+            r.err,
+            "warning: {what} expires on {}, in {} days",
+            c.not_after_rfc3339(),
+            c.days_left(now)
+        );
+    }
+    true
 }
 
 /// The human summary `levee check` prints.

@@ -107,6 +107,9 @@ pub struct RequestContext {
     pub body_buffered: bool,
     /// A WebSocket upgrade levee relays: forwarding keeps its `Upgrade`.
     pub upgrade: bool,
+    /// A gRPC call (`respond::is_grpc`): refused in gRPC's terms, forwarded
+    /// over HTTP/2. Read once, when the request arrives.
+    pub grpc: bool,
 }
 
 /// A new request id: 128 random bits in hex.

@@ -69,7 +69,7 @@ impl Proxy {
             .unwrap_or_else(new_request_id);
 
         let grpc = crate::respond::is_grpc(req.headers());
-        let mut rsp = match self.dispatch(&rt, req, conn, request_id.clone(), started).await {
+        let mut rsp = match self.dispatch(&rt, req, conn, request_id.clone(), started, grpc).await {
             Ok((route, rsp)) => {
                 route.count(rsp.status().as_u16(), Label::Forwarded);
                 route.stats.forwarded(rsp.status().as_u16());
@@ -114,6 +114,7 @@ impl Proxy {
         conn: ConnInfo,
         request_id: HeaderValue,
         started: Instant,
+        grpc: bool,
     ) -> Result<(&'r Route, Response<Body>), (Option<&'r Route>, Shed)> {
         let server = &rt.config.server;
         if header_bytes(&req) > server.max_header_bytes {
@@ -208,6 +209,7 @@ impl Proxy {
             body_fault: fault.clone(),
             body_buffered: buffered,
             upgrade: upgrade.is_some(),
+            grpc,
         });
         let req = Request::from_parts(parts, body);
 

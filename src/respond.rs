@@ -212,51 +212,27 @@ impl Shed {
 
 /// The JSON body of an answer, written directly (a refusal is the hot path of
 /// a client being shed; a `serde_json::Value` would build a map per answer).
+/// serde_json writes the values, so strings are escaped as everywhere else.
 fn answer_json(
     reason: Reason,
     route: Option<&str>,
     retry_after_s: Option<u64>,
     detail: Option<&str>,
-) -> String {
-    use std::fmt::Write;
-    let mut out = String::with_capacity(80 + route.map_or(0, str::len) + detail.map_or(0, str::len));
-    out.push_str("{\"error\":\"");
-    out.push_str(reason.as_str());
-    out.push_str("\",\"route\":");
-    match route {
-        Some(r) => json_string(&mut out, r),
-        None => out.push_str("null"),
-    }
-    out.push_str(",\"retry_after_s\":");
-    match retry_after_s {
-        Some(secs) => {
-            let _ = write!(out, "{secs}");
-        }
-        None => out.push_str("null"),
-    }
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(80 + route.map_or(0, str::len) + detail.map_or(0, str::len));
+    // Writing into a Vec cannot fail.
+    out.extend_from_slice(b"{\"error\":\"");
+    out.extend_from_slice(reason.as_str().as_bytes());
+    out.extend_from_slice(b"\",\"route\":");
+    let _ = serde_json::to_writer(&mut out, &route);
+    out.extend_from_slice(b",\"retry_after_s\":");
+    let _ = serde_json::to_writer(&mut out, &retry_after_s);
     if let Some(detail) = detail {
-        out.push_str(",\"detail\":");
-        json_string(&mut out, detail);
+        out.extend_from_slice(b",\"detail\":");
+        let _ = serde_json::to_writer(&mut out, detail);
     }
-    out.push('}');
+    out.push(b'}');
     out
-}
-
-/// `s` as a JSON string literal (RFC 8259 §7).
-fn json_string(out: &mut String, s: &str) {
-    use std::fmt::Write;
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if u32::from(c) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", u32::from(c));
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
 }
 
 // === gRPC callers ===
@@ -325,7 +301,8 @@ mod tests {
         let odd = ["api", "", "quo\"te", "back\\slash", "tab\tnew\nline\u{1}", "ünï €", "</script>"];
         for route in odd {
             for detail in [None, Some("x"), Some("say \"no\"\r\n\\")] {
-                let text = answer_json(Reason::RateLimited, Some(route), Some(3), detail);
+                let text = String::from_utf8(answer_json(Reason::RateLimited, Some(route), Some(3), detail))
+                    .unwrap();
                 let v: serde_json::Value =
                     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
                 assert_eq!(v["error"], "rate_limited");
@@ -335,7 +312,7 @@ mod tests {
             }
         }
         let v: serde_json::Value =
-            serde_json::from_str(&answer_json(Reason::NoRoute, None, None, None)).unwrap();
+            serde_json::from_slice(&answer_json(Reason::NoRoute, None, None, None)).unwrap();
         assert!(v["route"].is_null() && v["retry_after_s"].is_null());
     }
 

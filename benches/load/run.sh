@@ -150,6 +150,8 @@ if [ "$NPROC" -lt 2 ]; then
 fi
 CPU_MODEL=$(awk -F': ' '/^model name/{print $2; exit}' /proc/cpuinfo)
 CLK_TCK=$(getconf CLK_TCK)
+pct_cpu() { awk -v d="$1" -v hz="$CLK_TCK" -v s="$2" 'BEGIN{printf "%.0f", 100 * d / hz / s}'; }  # TICKS SECONDS: % of one core
+pct_busy() { awk -v b="$1" -v t="$2" 'BEGIN{ if (t > 0) printf "%.0f", 100 * b / t; else print "?" }'; }  # BUSY TOTAL: %
 
 # ---------------------------------------------------------------------------- processes
 TMP=$(mktemp -d /tmp/levee-load.XXXXXX)
@@ -541,12 +543,12 @@ measure() { # LABEL PORT PROXY_PID SCRIPT|""
   R_SOCKERR=$(awk -F'Socket errors: ' '/Socket errors/{print $2}' "$out")
   R_STATUS=$(awk '/^STATUS /{print $2, $3, $4}' "$out")
   [ -n "$R_RPS" ] || { cat "$out" >&2; die "cannot read wrk's output for $label"; }
-  R_CPU=$(awk -v d="$((ub - ua + sb - sa))" -v hz="$CLK_TCK" -v s="$wall" 'BEGIN{printf "%.0f", 100 * d / hz / s}')
-  R_USR=$(awk -v d="$((ub - ua))" -v hz="$CLK_TCK" -v s="$wall" 'BEGIN{printf "%.0f", 100 * d / hz / s}')
-  R_SYS=$(awk -v d="$((sb - sa))" -v hz="$CLK_TCK" -v s="$wall" 'BEGIN{printf "%.0f", 100 * d / hz / s}')
+  R_CPU=$(pct_cpu "$((ub - ua + sb - sa))" "$wall")
+  R_USR=$(pct_cpu "$((ub - ua))" "$wall")
+  R_SYS=$(pct_cpu "$((sb - sa))" "$wall")
   R_EFF=$(awk -v r="$R_RPS" -v c="$R_CPU" 'BEGIN{ if (c > 0) printf "%.0f", r / (c / 100); else print "?" }')
-  R_CORE0=$(awk -v b="$((c0b - c0a))" -v t="$((t0b - t0))" 'BEGIN{ if (t > 0) printf "%.0f", 100 * b / t; else print "?" }')
-  R_CORE1=$(awk -v b="$((c1b - c1a))" -v t="$((t1b - t1))" 'BEGIN{ if (t > 0) printf "%.0f", 100 * b / t; else print "?" }')
+  R_CORE0=$(pct_busy "$((c0b - c0a))" "$((t0b - t0))")
+  R_CORE1=$(pct_busy "$((c1b - c1a))" "$((t1b - t1))")
   R_REDIS_PER_REQ=$(awk -v d="$((r1 - r0))" -v n="${R_TOTAL:-0}" 'BEGIN{ if (n > 0) printf "%.2f", d / n; else print "0" }')
   R_SCRIPTS_PER_REQ=$(awk -v d="$((s1 - s0))" -v n="${R_TOTAL:-0}" 'BEGIN{ if (n > 0) printf "%.2f", d / n; else print "0" }')
   if [ "$R_CORE1" != "?" ] && [ $(( R_CORE1 - R_CPU )) -gt 10 ]; then
@@ -571,7 +573,7 @@ storm_measure() { # LABEL PORT PROXY_PID storm
   w1=$EPOCHREALTIME
   read -r ub sb < <(tree_ticks "$pid")
   wall=$(awk -v a="$w0" -v b="$w1" 'BEGIN{printf "%.3f", b - a}')
-  R_CPU=$(awk -v d="$((ub - ua + sb - sa))" -v hz="$CLK_TCK" -v s="$wall" 'BEGIN{printf "%.0f", 100 * d / hz / s}')
+  R_CPU=$(pct_cpu "$((ub - ua + sb - sa))" "$wall")
   eval "$(python3 - "$out" <<'PY'
 import json, shlex, sys
 d = json.load(open(sys.argv[1]))
@@ -905,13 +907,13 @@ cluster_measure() { # LABEL SCRIPT
   done
   C_2XX=$a2; C_429=$a4; C_OTHER=$ao
   C_SHARE429=$(awk -v a="$a2" -v b="$a4" -v c="$ao" 'BEGIN{ t = a + b + c; if (t > 0) printf "%.1f%%", 100 * b / t; else print "-" }')
-  C_CPU=$(awk -v d="$((lu2 - lu + ls2 - ls))" -v hz="$CLK_TCK" -v s="$wall" 'BEGIN{printf "%.0f", 100 * d / hz / s}')
-  C_USR=$(awk -v d="$((lu2 - lu))" -v hz="$CLK_TCK" -v s="$wall" 'BEGIN{printf "%.0f", 100 * d / hz / s}')
-  C_SYS=$(awk -v d="$((ls2 - ls))" -v hz="$CLK_TCK" -v s="$wall" 'BEGIN{printf "%.0f", 100 * d / hz / s}')
-  C_RCPU=$(awk -v d="$((ru2 - ru + rs2 - rs))" -v hz="$CLK_TCK" -v s="$wall" 'BEGIN{printf "%.0f", 100 * d / hz / s}')
+  C_CPU=$(pct_cpu "$((lu2 - lu + ls2 - ls))" "$wall")
+  C_USR=$(pct_cpu "$((lu2 - lu))" "$wall")
+  C_SYS=$(pct_cpu "$((ls2 - ls))" "$wall")
+  C_RCPU=$(pct_cpu "$((ru2 - ru + rs2 - rs))" "$wall")
   C_EFF=$(awk -v r="$C_RPS" -v c="$C_CPU" 'BEGIN{ if (c > 0) printf "%.0f", r / (c / 100); else print "?" }')
-  C_CORE0=$(awk -v b="$((c0b - c0a))" -v t="$((t0b - t0))" 'BEGIN{ if (t > 0) printf "%.0f", 100 * b / t; else print "?" }')
-  C_CORE1=$(awk -v b="$((c1b - c1a))" -v t="$((t1b - t1))" 'BEGIN{ if (t > 0) printf "%.0f", 100 * b / t; else print "?" }')
+  C_CORE0=$(pct_busy "$((c0b - c0a))" "$((t0b - t0))")
+  C_CORE1=$(pct_busy "$((c1b - c1a))" "$((t1b - t1))")
   C_SPS=$(awk -v d="$((s1 - s0))" -v s="$wall" 'BEGIN{printf "%.0f", d / s}')
   C_SPR=$(awk -v d="$((s1 - s0))" -v n="$C_TOTAL" 'BEGIN{ if (n > 0) printf "%.3f", d / n; else print "-" }')
   C_CPR=$(awk -v d="$((r1 - r0))" -v n="$C_TOTAL" 'BEGIN{ if (n > 0) printf "%.3f", d / n; else print "-" }')

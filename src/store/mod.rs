@@ -218,10 +218,7 @@ impl Store {
                     return Ok(d);
                 }
                 let keys = RedisStore::keys(&limits.route, client, &limits.identities);
-                // Boxed: the Redis client's future is large, and inline it would
-                // make every memory-store decision's future (and every stage
-                // future around it) as large, moved at every `.await` above.
-                match Box::pin(redis.check(&keys, &limits.us)).await {
+                match redis.check(&keys, &limits.us).await {
                     Ok(o) => {
                         let d = Decision {
                             allowed: o.allowed,
@@ -343,13 +340,13 @@ fn remembered(redis: &RedisStore, limits: &RouteLimits, client: &str, now: Insta
 /// token (`refusals.rs`).
 fn remember(redis: &RedisStore, limits: &RouteLimits, client: &str, now: Instant, d: &Decision) {
     let Some(tightest) = d.tightest else { return };
-    let retry_after = match (d.allowed, d.remaining) {
-        (false, _) => d.retry_after,
-        (true, 0) => match limits.us.get(tightest) {
-            Some(g) => next_token(g, d.reset),
-            None => return,
-        },
-        (true, _) => return redis.refusals.admitted(&limits.route, client),
+    let retry_after = match (d.allowed, d.remaining, limits.us.get(tightest)) {
+        (false, _, _) => d.retry_after,
+        (true, 0, Some(g)) => next_token(g, d.reset),
+        (true, _, _) => {
+            redis.refusals.admitted(&limits.route, client);
+            return;
+        }
     };
     let refused = refusals::Remembered { retry_after, reset: d.reset, tightest };
     redis.refusals.remember(&limits.route, client, refusals::fingerprint(&limits.ids), now, refused);

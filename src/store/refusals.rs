@@ -136,10 +136,7 @@ impl Refusals {
     /// Redis admitted a request of `client` with tokens to spare: whatever
     /// is remembered (a finished probe) no longer holds anyone back.
     pub fn admitted(&self, route: &str, client: &str) {
-        let key = self.key(route, client);
-        if self.map.peek(key).is_some() {
-            self.map.remove(key);
-        }
+        self.map.remove(self.key(route, client));
     }
 
     /// Remembers Redis's refusal of a request that arrived at `now`.

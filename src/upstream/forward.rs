@@ -164,7 +164,7 @@ pub async fn send(
     ctx: &RequestContext,
     timeout: Duration,
 ) -> Result<Response<Body>, ForwardError> {
-    let grpc = crate::respond::is_grpc(req.headers());
+    let grpc = ctx.grpc;
     let pool = clients.pool(idx).filter(|_| !grpc && !ctx.upgrade);
     let version = if grpc { Version::HTTP_2 } else { Version::HTTP_11 };
     prepare_request(&mut req, endpoint, ctx, version, pool.is_none());

@@ -148,11 +148,6 @@ impl EndpointPool {
         }
     }
 
-    /// How many connections wait idle (tests).
-    pub fn idle(&self) -> usize {
-        self.idle.lock().map_or(0, |idle| idle.len())
-    }
-
     /// A new connection within `connect_timeout`, its task spawned.
     async fn connect(&self) -> Result<http1::SendRequest<Body>, PoolError> {
         let stream = match tokio::time::timeout(self.connect_timeout, self.open()).await {
