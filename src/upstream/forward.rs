@@ -16,7 +16,7 @@ use std::sync::Arc;
 use crate::body::{self, Body, BoxError};
 use crate::config::{EndpointAddr, UpstreamTls};
 use crate::context::RequestContext;
-use crate::upstream::pool::{EndpointPool, PoolError};
+use crate::upstream::pool::{self, EndpointPool, PoolError};
 
 pub use crate::context::{X_FORWARDED_FOR, X_FORWARDED_PROTO, X_REQUEST_ID};
 
@@ -71,7 +71,7 @@ impl Clients {
             .iter()
             .map(|e| (!e.tls).then(|| EndpointPool::new(&e.authority, connect_timeout)))
             .collect();
-        sweep_idle(&pools);
+        pool::sweep_idle(&pools);
         let (http1, h2) = match tls {
             None => (
                 Transport::Plain(client(connector(connect_timeout), false)),
@@ -89,31 +89,6 @@ impl Clients {
     pub fn pool(&self, idx: usize) -> Option<&Arc<EndpointPool>> {
         self.pools.get(idx).and_then(Option::as_ref)
     }
-}
-
-/// Closes idle connections past their timeout every 30 s while the pools
-/// live (a pool that gets no traffic meets none of its connections).
-fn sweep_idle(pools: &[Option<Arc<EndpointPool>>]) {
-    let weak: Vec<std::sync::Weak<EndpointPool>> = pools.iter().flatten().map(Arc::downgrade).collect();
-    let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
-    if weak.is_empty() {
-        return;
-    }
-    rt.spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(30));
-        tick.tick().await;
-        loop {
-            tick.tick().await;
-            let mut alive = false;
-            for pool in weak.iter().filter_map(std::sync::Weak::upgrade) {
-                pool.close_expired();
-                alive = true;
-            }
-            if !alive {
-                return;
-            }
-        }
-    });
 }
 
 fn connector(connect_timeout: Duration) -> HttpConnector {

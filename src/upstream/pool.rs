@@ -192,6 +192,31 @@ impl EndpointPool {
     }
 }
 
+/// Closes idle connections past their timeout every 30 s while the pools
+/// live (a pool that gets no traffic meets none of its connections).
+pub fn sweep_idle(pools: &[Option<Arc<EndpointPool>>]) {
+    let weak: Vec<std::sync::Weak<EndpointPool>> = pools.iter().flatten().map(Arc::downgrade).collect();
+    let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+    if weak.is_empty() {
+        return;
+    }
+    rt.spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(30));
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let mut alive = false;
+            for pool in weak.iter().filter_map(std::sync::Weak::upgrade) {
+                pool.close_expired();
+                alive = true;
+            }
+            if !alive {
+                return;
+            }
+        }
+    });
+}
+
 /// The response body of a pooled connection: hands the connection back when
 /// the body ends.
 struct PooledBody {
