@@ -58,7 +58,7 @@ impl Proxy {
         }
     }
 
-    async fn serve(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
+    async fn serve(self: Arc<Self>, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
         let started = Instant::now();
         let rt = self.runtime.load_full();
         let request_id = req
@@ -346,6 +346,6 @@ impl Handler for Proxy {
     }
 
     fn handle(self: Arc<Self>, req: Request<Incoming>, conn: ConnInfo) -> BoxFuture<Response<Body>> {
-        Box::pin(async move { self.serve(req, conn).await })
+        Box::pin(self.serve(req, conn))
     }
 }

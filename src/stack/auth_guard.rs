@@ -33,6 +33,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use http::{Request, StatusCode};
 use tokio::time::Instant;
 
@@ -184,8 +185,10 @@ impl Stage for Guard {
         next: &'a N,
     ) -> impl Future<Output = Answer> + Send + 'a {
         let client = req.extensions().get::<Identity>().map(|i| i.client.clone());
-        async move {
-            let rsp = next.run(req).await?;
+        // `map`, not an async block: the block would hold the request beside
+        // the next stage's future, which holds it too.
+        next.run(req).map(move |answer| {
+            let rsp = answer?;
             let Some(client) = client else { return Ok(rsp) };
             if self.guard.observe(client.as_str(), rsp.status(), Instant::now()) {
                 let retry = jitter(self.guard.config.window.max(Duration::from_secs(1)), 0.5);
@@ -198,7 +201,7 @@ impl Stage for Guard {
                 self.report.record(&shed, client.as_str(), None);
             }
             Ok(rsp)
-        }
+        })
     }
 }
 

@@ -30,8 +30,10 @@
 //! Shadow limits add no `RateLimit` headers: a client must not change its
 //! behaviour because of a limit that is only being tried.
 
+use std::future::{ready, Future};
 use std::sync::Arc;
 
+use futures_util::future::{Either, FutureExt};
 use http::header::{HeaderName, HeaderValue};
 use http::Request;
 use tokio::time::Instant;
@@ -41,8 +43,9 @@ use super::shadow::Shadow;
 use super::{Answer, Next, Stage};
 use crate::body::Body;
 use crate::config::Mode;
+use crate::context::ClientKey;
 use crate::respond::{retry_after_secs, Reason, Shed};
-use crate::store::{Decision, RouteLimits, Store};
+use crate::store::{Decision, RouteLimits, Store, StoreError};
 
 pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
@@ -76,52 +79,125 @@ impl RateLimit {
     }
 }
 
+/// The enforcing limits' verdict on an admitted request: the limits and
+/// their decision, for the response's headers (`None`: no enforcing limit).
+type Admitted<'a> = Option<(&'a RouteLimits, Decision)>;
+
 impl Stage for RateLimit {
-    async fn call<'a, N: Next>(&'a self, req: Request<Body>, next: &'a N) -> Answer {
-        let (split, store) = (&self.split, &*self.store);
+    /// Decided without an `.await` whenever the store can (the memory store,
+    /// a refusal remembered from Redis): the future is then the next stage's
+    /// plus a decision. A request that must wait on Redis takes the boxed
+    /// [`RateLimit::ask_redis`], so the fast path does not carry its state.
+    fn call<'a, N: Next>(
+        &'a self,
+        req: Request<Body>,
+        next: &'a N,
+    ) -> impl Future<Output = Answer> + Send + 'a {
         let mut req = req;
         let Some(client) = req.extensions().get::<Identity>().map(|i| i.client.clone()) else {
-            return Err(Shed::new(Reason::BadRequest).detail("request without identity"));
+            let shed = Shed::new(Reason::BadRequest).detail("request without identity");
+            return Either::Left(Either::Left(ready(Err(shed))));
         };
-        let mut enforced = None;
-        if let Some(limits) = &split.enforce {
-            let decision = decide(store, limits, client.as_str()).await?;
-            if !decision.allowed {
-                let mut shed =
-                    Shed::new(Reason::RateLimited).retry_after(decision.retry_after).client(client);
-                shed.headers.extend(headers(limits, &decision).into_iter().flatten());
-                return Err(shed);
-            }
-            enforced = Some((limits, decision));
-        }
-        if let Some(limits) = &split.shadow {
-            let would = match decide(store, limits, client.as_str()).await {
-                Ok(d) if !d.allowed => Some(Shed::new(Reason::RateLimited).retry_after(d.retry_after)),
-                Ok(_) => None,
-                Err(shed) => Some(shed),
-            };
-            if let Some(shed) = would {
-                split.report.record(&shed, client.as_str(), Some(&mut req));
+        let now = Instant::now();
+        let admitted = match &self.split.enforce {
+            None => None,
+            Some(limits) => match self.store.check_now(limits, client.as_str(), now) {
+                Some(decided) => match verdict(limits, decided, &client) {
+                    Ok(admitted) => admitted,
+                    Err(shed) => return Either::Left(Either::Left(ready(Err(shed)))),
+                },
+                None => return Either::Right(Box::pin(self.ask_redis(req, client, None, next))),
+            },
+        };
+        if let Some(limits) = &self.split.shadow {
+            match self.store.check_now(limits, client.as_str(), now) {
+                Some(decided) => self.report(decided, &client, &mut req),
+                None => return Either::Right(Box::pin(self.ask_redis(req, client, Some(admitted), next))),
             }
         }
-        let mut rsp = next.run(req).await?;
-        if let Some((limits, decision)) = enforced {
-            for (name, value) in headers(limits, &decision).into_iter().flatten() {
-                rsp.headers_mut().insert(name, value);
-            }
-        }
-        Ok(rsp)
+        Either::Left(Either::Right(next.run(req).map(move |answer| with_headers(answer, admitted))))
     }
 }
 
-/// One decision of `limits` together; `Err` is the 503 of an unreachable
-/// store under `on_failure = "deny"`.
-async fn decide(store: &Store, limits: &RouteLimits, client: &str) -> Result<Decision, Shed> {
-    store.check(limits, client, Instant::now()).await.map_err(|_| {
-        Shed::new(Reason::StoreUnavailable)
-            .retry_after(std::time::Duration::from_secs(1))
-            .detail("the rate-limit store is unreachable")
-    })
+impl RateLimit {
+    /// The decisions that wait on Redis, then the next stage. `admitted` is
+    /// the enforcing limits' verdict when it was made already, and then the
+    /// shadow limits are the ones [`Store::check_now`] handed to Redis;
+    /// otherwise the enforcing ones were. A limit set `check_now` handed on
+    /// goes straight to Redis: asking `check_now` again would find the
+    /// remembered refusal it just let one request past (`refusals.rs`).
+    async fn ask_redis<'a, N: Next>(
+        &'a self,
+        mut req: Request<Body>,
+        client: ClientKey,
+        admitted: Option<Admitted<'a>>,
+        next: &'a N,
+    ) -> Answer {
+        let (admitted, shadow_handed_on) = match (admitted, &self.split.enforce) {
+            (Some(admitted), _) => (admitted, true),
+            (None, None) => (None, false),
+            (None, Some(limits)) => {
+                let decided = self.store.check_redis(limits, client.as_str(), Instant::now()).await;
+                (verdict(limits, decided, &client)?, false)
+            }
+        };
+        if let Some(limits) = &self.split.shadow {
+            let now = Instant::now();
+            let decided = match shadow_handed_on {
+                true => self.store.check_redis(limits, client.as_str(), now).await,
+                false => self.store.check(limits, client.as_str(), now).await,
+            };
+            self.report(decided, &client, &mut req);
+        }
+        with_headers(next.run(req).await, admitted)
+    }
+
+    /// Records what the shadow limits would have done.
+    fn report(&self, decided: Result<Decision, StoreError>, client: &ClientKey, req: &mut Request<Body>) {
+        let would = match decided {
+            Ok(d) if !d.allowed => Some(Shed::new(Reason::RateLimited).retry_after(d.retry_after)),
+            Ok(_) => None,
+            Err(_) => Some(unreachable()),
+        };
+        if let Some(shed) = would {
+            self.split.report.record(&shed, client.as_str(), Some(req));
+        }
+    }
+}
+
+/// The enforcing limits' decision as the request's fate: a 429 with the
+/// tightest limit's headers, a 503 when the store is unreachable under
+/// `on_failure = "deny"`, or admitted.
+fn verdict<'a>(
+    limits: &'a RouteLimits,
+    decided: Result<Decision, StoreError>,
+    client: &ClientKey,
+) -> Result<Admitted<'a>, Shed> {
+    let decision = decided.map_err(|_| unreachable())?;
+    if decision.allowed {
+        return Ok(Some((limits, decision)));
+    }
+    let mut shed = Shed::new(Reason::RateLimited).retry_after(decision.retry_after).client(client.clone());
+    shed.headers.extend(headers(limits, &decision).into_iter().flatten());
+    Err(shed)
+}
+
+/// The 503 of an unreachable store under `on_failure = "deny"`.
+fn unreachable() -> Shed {
+    Shed::new(Reason::StoreUnavailable)
+        .retry_after(std::time::Duration::from_secs(1))
+        .detail("the rate-limit store is unreachable")
+}
+
+/// An admitted request's response carries its enforcing limits' headers.
+fn with_headers(answer: Answer, admitted: Admitted<'_>) -> Answer {
+    let mut rsp = answer?;
+    if let Some((limits, decision)) = admitted {
+        for (name, value) in headers(limits, &decision).into_iter().flatten() {
+            rsp.headers_mut().insert(name, value);
+        }
+    }
+    Ok(rsp)
 }
 
 /// `RateLimit-Policy` and `RateLimit` for the decision's tightest limit.

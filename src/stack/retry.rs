@@ -20,11 +20,14 @@
 //! become 503 `retry_budget` with `Retry-After`: levee had a retry to offer and
 //! withheld it to protect the upstream, and 503 says "come back later".
 
+use std::future::{ready, Future};
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::future::{Either, FutureExt};
 use http::{Method, Request, Response};
 use http_body::Body as _;
 use http_body_util::BodyExt;
@@ -99,41 +102,69 @@ impl Retry {
 }
 
 impl Stage for Retry {
-    async fn call<'a, N: Next>(&'a self, req: Request<Body>, next: &'a N) -> Answer {
+    /// The first try is the next stage's future plus a copy of the request's
+    /// head; only a request that is retried (or has a body to keep) boxes
+    /// the retry loop, so a request that succeeds carries none of its state.
+    fn call<'a, N: Next>(
+        &'a self,
+        req: Request<Body>,
+        next: &'a N,
+    ) -> impl Future<Output = Answer> + Send + 'a {
         // The request deposits at its arrival, a clock read the listener made already.
-        let ctx = super::context(&req)?;
+        let ctx = match super::context(&req) {
+            Ok(ctx) => ctx,
+            Err(shed) => return Either::Left(Either::Left(ready(Err(shed)))),
+        };
         self.upstream.budget.deposit(ctx.started);
-        if ctx.body_buffered && idempotent(req.method()) {
-            self.tries(req, next).await
-        } else {
-            next.run(req).await
+        if !(ctx.body_buffered && idempotent(req.method())) {
+            return Either::Left(Either::Right(next.run(req)));
         }
+        if !req.body().is_end_stream() {
+            return Either::Right(Either::Right(Box::pin(self.with_body(req, next)) as Retried<'a>));
+        }
+        let (mut parts, _) = req.into_parts();
+        let hint = EndpointHint::default();
+        parts.extensions.insert(hint.clone());
+        let first = next.run(Request::from_parts(parts.clone(), body::full(Bytes::new())));
+        Either::Right(Either::Left(first.then(move |result| {
+            if self.upstream.config.retry.attempts <= 1 || !retryable(&self.upstream.config.retry, &result) {
+                return Either::Left(ready(result));
+            }
+            Either::Right(Box::pin(self.again(parts, Bytes::new(), hint, result, next)) as Retried<'a>)
+        })))
     }
 }
 
+/// The boxed retry loop.
+type Retried<'a> = Pin<Box<dyn Future<Output = Answer> + Send + 'a>>;
+
 impl Retry {
-    /// One request's tries.
-    async fn tries<N: Next>(&self, req: Request<Body>, next: &N) -> Answer {
-        let policy = &self.upstream.config.retry;
+    /// Reads the body (in memory already) so every try can send it, then tries.
+    async fn with_body<N: Next>(&self, req: Request<Body>, next: &N) -> Answer {
         let (mut parts, body) = req.into_parts();
-        let bytes = if body.is_end_stream() {
-            Bytes::new()
-        } else {
-            match body.collect().await {
-                Ok(collected) => collected.to_bytes(),
-                Err(_) => {
-                    return Err(Shed::new(Reason::BadRequest).detail("the request body could not be read"));
-                }
-            }
+        let bytes = match body.collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(_) => return Err(Shed::new(Reason::BadRequest).detail("the request body could not be read")),
         };
-        let mut hint = EndpointHint::default();
+        let hint = EndpointHint::default();
+        parts.extensions.insert(hint.clone());
+        let first = next.run(Request::from_parts(parts.clone(), body::full(bytes.clone()))).await;
+        self.again(parts, bytes, hint, first, next).await
+    }
+
+    /// The tries after the first, while its outcome is retryable and the
+    /// budget allows.
+    async fn again<N: Next>(
+        &self,
+        mut parts: http::request::Parts,
+        bytes: Bytes,
+        mut hint: EndpointHint,
+        mut result: Answer,
+        next: &N,
+    ) -> Answer {
+        let policy = &self.upstream.config.retry;
         let mut tries = 1;
-        loop {
-            parts.extensions.insert(hint.clone());
-            let result = next.run(Request::from_parts(parts.clone(), body::full(bytes.clone()))).await;
-            if tries >= policy.attempts || !retryable(policy, &result) {
-                return result;
-            }
+        while tries < policy.attempts && retryable(policy, &result) {
             if !self.upstream.budget.withdraw(Instant::now()) {
                 self.exhausted.increment(1);
                 return refused(result);
@@ -144,7 +175,10 @@ impl Retry {
             hint.avoid = Some(hint.picked.load(Ordering::Relaxed));
             tokio::time::sleep(backoff(policy.backoff, tries, fastrand::f64())).await;
             tries += 1;
+            parts.extensions.insert(hint.clone());
+            result = next.run(Request::from_parts(parts.clone(), body::full(bytes.clone()))).await;
         }
+        result
     }
 }
 

@@ -212,42 +212,72 @@ impl Store {
         client: &str,
         now: Instant,
     ) -> Result<Decision, StoreError> {
-        if let Some(redis) = &self.redis {
-            if redis.is_up() {
-                if let Some(d) = remembered(redis, limits, client, now) {
-                    return Ok(d);
-                }
-                let keys = RedisStore::keys(&limits.route, client, &limits.identities);
-                match redis.check(&keys, &limits.us).await {
-                    Ok(o) => {
-                        let d = Decision {
-                            allowed: o.allowed,
-                            retry_after: Duration::from_micros(o.wait_us),
-                            tightest: Some(o.tightest.min(limits.us.len().saturating_sub(1))),
-                            remaining: o.remaining,
-                            reset: Duration::from_micros(o.reset_us),
-                        };
-                        remember(redis, limits, client, now, &d);
-                        return Ok(d);
-                    }
-                    Err(e) => tracing::debug!(error = %e, "Redis decision failed; on_failure applies"),
-                }
+        match self.check_now(limits, client, now) {
+            Some(decided) => decided,
+            None => self.check_redis(limits, client, now).await,
+        }
+    }
+
+    /// The decision when it needs no round trip (the memory store, a refusal
+    /// remembered from Redis, Redis down), or `None`: ask Redis
+    /// ([`Store::check_redis`]), and nothing else: a `None` may be the one
+    /// request let past a remembered refusal that just expired, which asking
+    /// again would refuse. The request path decides most requests here
+    /// without an `.await`, so its future holds no Redis call.
+    pub fn check_now(
+        &self,
+        limits: &RouteLimits,
+        client: &str,
+        now: Instant,
+    ) -> Option<Result<Decision, StoreError>> {
+        match &self.redis {
+            None => Some(Ok(self.check_local(limits, client, now))),
+            Some(redis) if redis.is_up() => remembered(redis, limits, client, now).map(Ok),
+            Some(_) => Some(self.on_failure(limits, client, now)),
+        }
+    }
+
+    /// The Redis decision [`Store::check_now`] could not make.
+    pub async fn check_redis(
+        &self,
+        limits: &RouteLimits,
+        client: &str,
+        now: Instant,
+    ) -> Result<Decision, StoreError> {
+        let Some(redis) = &self.redis else { return Ok(self.check_local(limits, client, now)) };
+        let keys = RedisStore::keys(&limits.route, client, &limits.identities);
+        match redis.check(&keys, &limits.us).await {
+            Ok(o) => {
+                let d = Decision {
+                    allowed: o.allowed,
+                    retry_after: Duration::from_micros(o.wait_us),
+                    tightest: Some(o.tightest.min(limits.us.len().saturating_sub(1))),
+                    remaining: o.remaining,
+                    reset: Duration::from_micros(o.reset_us),
+                };
+                remember(redis, limits, client, now, &d);
+                Ok(d)
             }
-            match self.config.on_failure {
-                OnFailure::Local => {}
-                OnFailure::Allow => {
-                    return Ok(Decision {
-                        allowed: true,
-                        retry_after: Duration::ZERO,
-                        tightest: None,
-                        remaining: 0,
-                        reset: Duration::ZERO,
-                    })
-                }
-                OnFailure::Deny => return Err(StoreError::Down),
+            Err(e) => {
+                tracing::debug!(error = %e, "Redis decision failed; on_failure applies");
+                self.on_failure(limits, client, now)
             }
         }
-        Ok(self.check_local(limits, client, now))
+    }
+
+    /// `store.on_failure` for a decision Redis could not make.
+    fn on_failure(&self, limits: &RouteLimits, client: &str, now: Instant) -> Result<Decision, StoreError> {
+        match self.config.on_failure {
+            OnFailure::Local => Ok(self.check_local(limits, client, now)),
+            OnFailure::Allow => Ok(Decision {
+                allowed: true,
+                retry_after: Duration::ZERO,
+                tightest: None,
+                remaining: 0,
+                reset: Duration::ZERO,
+            }),
+            OnFailure::Deny => Err(StoreError::Down),
+        }
     }
 
     fn check_local(&self, limits: &RouteLimits, client: &str, now: Instant) -> Decision {

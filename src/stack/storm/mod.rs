@@ -21,12 +21,15 @@
 pub mod duplicates;
 pub mod growth;
 
+use std::future::{ready, Future};
 use std::hash::{BuildHasher, Hasher};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::future::{Either, FutureExt};
 use http::Request;
 use http_body_util::BodyExt;
 use tokio::time::Instant;
@@ -37,6 +40,7 @@ use super::{Answer, Next, Stage};
 use crate::body::{self, Body};
 use crate::classify::Outcome;
 use crate::config::{Mode, StormConfig};
+use crate::context::ClientKey;
 use crate::metrics as m;
 use crate::respond::{Reason, Shed};
 use crate::store::budget::Tracked;
@@ -289,48 +293,76 @@ impl Drop for InFlight<'_> {
 }
 
 impl Stage for Detect {
-    async fn call<'a, N: Next>(&'a self, req: Request<Body>, next: &'a N) -> Answer {
+    /// A request without a body to hash is observed without an `.await`, so
+    /// its future is the next stage's and a guard; one whose body must be
+    /// read first takes a boxed path.
+    fn call<'a, N: Next>(
+        &'a self,
+        req: Request<Body>,
+        next: &'a N,
+    ) -> impl Future<Output = Answer> + Send + 'a {
         let Some(client) = req.extensions().get::<Identity>().map(|i| i.client.clone()) else {
-            return Err(Shed::new(Reason::BadRequest).detail("request without identity"));
+            let shed = Shed::new(Reason::BadRequest).detail("request without identity");
+            return Either::Left(Either::Left(ready(Err(shed))));
         };
-        let (mut req, body) = small_body(req).await?;
-        let fingerprint = self.storm.fingerprint(client.as_str(), req.method(), req.uri(), body.as_deref());
-        if let Err(shed) = self.storm.observe(client.as_str(), fingerprint, Instant::now()) {
-            if self.mode == Mode::Enforce {
-                return Err(shed.client(client));
-            }
-            // Shadow: the detector counted a shed; forward without telling it more.
-            self.report.record(&shed, client.as_str(), Some(&mut req));
-            return next.run(req).await;
+        if !hashes_body(&req) {
+            return Either::Left(Either::Right(self.pass(req, client, None, next)));
         }
-        let mut guard = InFlight { storm: &self.storm, fingerprint, failed: true };
-        let result = next.run(req).await;
-        guard.failed = Outcome::of(&result).is_failure_for_client();
-        drop(guard);
-        result
+        Either::Right(Box::pin(async move {
+            let (req, body) = small_body(req).await?;
+            self.pass(req, client, Some(&body), next).await
+        }) as Pin<Box<dyn Future<Output = Answer> + Send + 'a>>)
     }
 }
 
-/// Takes a small body that `proxy.rs` already read whole, so it can be part of
-/// the fingerprint, and puts it back; anything else passes through untouched.
-/// A streamed body is never waited for here: this stage runs inside an
-/// admission slot, and a client that stalls its body must not hold one.
-async fn small_body(req: Request<Body>) -> Result<(Request<Body>, Option<Bytes>), Shed> {
+impl Detect {
+    /// Observes the request: refused (enforce), or on to the next stage,
+    /// marked in flight until its answer says whether it failed.
+    fn pass<'a, N: Next>(
+        &'a self,
+        mut req: Request<Body>,
+        client: ClientKey,
+        body: Option<&[u8]>,
+        next: &'a N,
+    ) -> impl Future<Output = Answer> + Send + 'a {
+        let fingerprint = self.storm.fingerprint(client.as_str(), req.method(), req.uri(), body);
+        let in_flight = match self.storm.observe(client.as_str(), fingerprint, Instant::now()) {
+            Ok(_) => Some(InFlight { storm: &self.storm, fingerprint, failed: true }),
+            Err(shed) if self.mode == Mode::Enforce => return Either::Left(ready(Err(shed.client(client)))),
+            Err(shed) => {
+                // Shadow: recorded, and the request goes on as if unseen.
+                self.report.record(&shed, client.as_str(), Some(&mut req));
+                None
+            }
+        };
+        Either::Right(next.run(req).map(move |result| {
+            if let Some(mut in_flight) = in_flight {
+                in_flight.failed = Outcome::of(&result).is_failure_for_client();
+            }
+            result
+        }))
+    }
+}
+
+/// Whether the request has a small buffered body that its fingerprint
+/// includes ([`small_body`] reads it).
+fn hashes_body(req: &Request<Body>) -> bool {
     let buffered = req.extensions().get::<crate::context::RequestContext>().is_some_and(|c| c.body_buffered);
     let len = http_body::Body::size_hint(req.body()).exact();
-    match len {
-        Some(n) if buffered && n > 0 && n <= MAX_HASHED_BODY => {
-            let (parts, b) = req.into_parts();
-            // In memory already: this completes at once.
-            let read = b.collect().await;
-            match read {
-                Ok(collected) => {
-                    let bytes = collected.to_bytes();
-                    Ok((Request::from_parts(parts, body::full(bytes.clone())), Some(bytes)))
-                }
-                _ => Err(Shed::new(Reason::BadRequest).detail("the request body could not be read")),
-            }
+    buffered && len.is_some_and(|n| n > 0 && n <= MAX_HASHED_BODY)
+}
+
+/// Takes the small body that `proxy.rs` already read whole ([`hashes_body`]),
+/// so it can be part of the fingerprint, and puts it back. A streamed body is never waited for here: this stage runs inside an
+/// admission slot, and a client that stalls its body must not hold one.
+async fn small_body(req: Request<Body>) -> Result<(Request<Body>, Bytes), Shed> {
+    let (parts, b) = req.into_parts();
+    // In memory already: this completes at once.
+    match b.collect().await {
+        Ok(collected) => {
+            let bytes = collected.to_bytes();
+            Ok((Request::from_parts(parts, body::full(bytes.clone())), bytes))
         }
-        _ => Ok((req, None)),
+        Err(_) => Err(Shed::new(Reason::BadRequest).detail("the request body could not be read")),
     }
 }
