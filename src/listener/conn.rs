@@ -233,13 +233,16 @@ where
     let service = {
         let activity = activity.clone();
         hyper::service::service_fn(move |req| {
-            let handler = handler.clone();
+            // Made here, not in the block below: the block would hold the
+            // request beside the future that holds it, and hyper moves the
+            // block into a box of its own.
+            let answer = handler.clone().handle(req, conn);
             let in_flight = activity.begin();
             let answering = Answering { activity: activity.clone(), done: false };
             async move {
                 // Moved whole (not just its field) so that it drops with the future.
                 let mut answering = answering;
-                let rsp = handler.handle(req, conn).await;
+                let rsp = answer.await;
                 answering.done = true;
                 let (parts, body) = rsp.into_parts();
                 Ok::<_, std::convert::Infallible>(http::Response::from_parts(
