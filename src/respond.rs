@@ -194,6 +194,8 @@ impl Shed {
         let mut rsp = Response::new(body::full(json));
         *rsp.status_mut() = self.reason.status();
         let h = rsp.headers_mut();
+        // Room for all of them at once (and the request id), not grown twice.
+        h.reserve(6 + self.headers.len());
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         h.insert(X_LEVEE_REASON, HeaderValue::from_static(self.reason.as_str()));
         if let Some(secs) = retry_after_s {
@@ -295,6 +297,14 @@ pub fn jitter(d: Duration, max_share: f64) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_reason_has_its_own_slot_below_the_count_of_reasons() {
+        // `Route::count_shed` keeps one counter per reason at `reason as usize`.
+        let mut slots: Vec<usize> = Reason::ALL.into_iter().map(|r| r as usize).collect();
+        slots.sort_unstable();
+        assert_eq!(slots, (0..Reason::ALL.len()).collect::<Vec<_>>());
+    }
 
     #[test]
     fn the_answer_body_is_json_whatever_the_route_name_and_detail_hold() {

@@ -65,6 +65,8 @@ impl<T> Router<T> {
 
     /// The route for `host` (with or without port) and `path`.
     pub fn find(&self, host: Option<&str>, path: &str) -> Option<&T> {
+        // Most configs route on paths alone: no host to parse then.
+        let host = host.filter(|_| !self.by_host.is_empty());
         let exact = host.map(strip_port).and_then(|h| {
             if h.bytes().any(|b| b.is_ascii_uppercase()) {
                 self.by_host.get(&h.to_ascii_lowercase())

@@ -4,7 +4,7 @@
 //! read the current one through the shared `ArcSwap`, without knowing the
 //! gateway.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use dashmap::DashMap;
 use metrics::{Counter, Histogram, SharedString};
@@ -78,8 +78,10 @@ pub struct Route {
     /// `levee_requests_total` handles by (status, outcome): registered once per
     /// combination seen, so the hot path does one map lookup, not a label hash.
     requests: DashMap<(u16, Label), Counter>,
-    /// `levee_shed_total` handles by reason.
-    shed: DashMap<Reason, Counter>,
+    /// `levee_shed_total` handles by reason (`Reason as usize`), registered
+    /// at the first refusal of each: a refusal is the hot path of a client
+    /// being shed, and takes no lock here.
+    shed: [OnceLock<Counter>; Reason::ALL.len()],
     /// Live counters for the admin API (they outlive this config version).
     pub(crate) stats: Arc<RouteStats>,
     /// Who a WebSocket upgrade is from (the stack's own rule), for the cap.
@@ -117,7 +119,7 @@ impl Route {
             name,
             service,
             requests: DashMap::new(),
-            shed: DashMap::new(),
+            shed: Default::default(),
             stats,
             client_id: ClientId::new(&config),
             upgraded: Upgraded::new(&config.name, config.max_upgraded_per_client),
@@ -126,12 +128,12 @@ impl Route {
     }
 
     pub(crate) fn count_shed(&self, reason: Reason) {
-        self.shed
-            .entry(reason)
-            .or_insert_with(|| {
+        if let Some(slot) = self.shed.get(reason as usize) {
+            slot.get_or_init(|| {
                 metrics::counter!(m::SHED_TOTAL, "route" => SharedString::from(self.name.clone()), "reason" => reason.as_str())
             })
             .increment(1);
+        }
     }
 
     pub(crate) fn count(&self, status: u16, outcome: Label) {
