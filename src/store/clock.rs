@@ -158,7 +158,8 @@ impl<V: Copy + Default> Shard<V> {
             self.evict();
         }
         if self.slots.len() > 16 && self.len * 4 < self.slots.len() {
-            self.retain(&|_| true);
+            let all = self.slots.iter().filter(|s| s.key != EMPTY).copied().collect();
+            self.rebuild(all);
         }
     }
 
@@ -166,14 +167,23 @@ impl<V: Copy + Default> Shard<V> {
         let before = self.len;
         let kept: Vec<Slot<V>> =
             self.slots.iter().filter(|s| s.key != EMPTY && keep(&s.value)).copied().collect();
+        if kept.len() == before {
+            // Nothing went: the table stands as it is (a rebuild re-probes every entry).
+            return 0;
+        }
+        self.rebuild(kept);
+        before - self.len
+    }
+
+    /// A fresh table for the cap, holding `entries`.
+    fn rebuild(&mut self, entries: Vec<Slot<V>>) {
         *self = Shard::new(self.cap);
-        for slot in kept {
+        for slot in entries {
             self.reserve_one();
             let (i, _) = self.probe(slot.key);
             self.slots[i] = slot;
             self.len += 1;
         }
-        before - self.len
     }
 }
 
@@ -257,7 +267,25 @@ impl<V: Copy + Default> ClockMap<V> {
 
     /// Keeps only the entries for which `keep` is true; returns how many went.
     pub fn retain(&self, keep: impl Fn(&V) -> bool) -> usize {
-        self.shards.iter().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).retain(&keep)).sum()
+        (0..self.shards.len()).map(|shard| self.retain_shard(shard, &keep)).sum()
+    }
+
+    /// [`ClockMap::retain`] a shard at a time, yielding to the runtime after
+    /// each: a background sweep of a full table (a million entries) must not
+    /// hold up the requests of the worker it runs on, which on a one-worker
+    /// runtime are all of them. The longest stall is one shard's pass, at
+    /// most a 64th of the table.
+    pub async fn retain_yielding(&self, keep: impl Fn(&V) -> bool) -> usize {
+        let mut gone = 0;
+        for shard in 0..self.shards.len() {
+            gone += self.retain_shard(shard, &keep);
+            tokio::task::yield_now().await;
+        }
+        gone
+    }
+
+    fn retain_shard(&self, shard: usize, keep: &impl Fn(&V) -> bool) -> usize {
+        self.shards.get(shard).map_or(0, |s| s.lock().unwrap_or_else(|p| p.into_inner()).retain(keep))
     }
 
     pub fn len(&self) -> usize {
@@ -285,6 +313,32 @@ impl<V: Copy + Default> ClockMap<V> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_yielding_sweep_lets_the_worker_serve_between_shards() {
+        let m: ClockMap<u64> = ClockMap::new(64 * 1024);
+        assert_eq!(m.shards.len(), 64);
+        for k in 0..10_000u64 {
+            m.with(k.wrapping_mul(0x9E37_79B9_7F4A_7C15), |v| *v = k);
+        }
+        // Another task on the same one-thread runtime, counting its turns.
+        let turns = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = turns.clone();
+        let other = tokio::spawn(async move {
+            loop {
+                counter.fetch_add(1, Ordering::Relaxed);
+                tokio::task::yield_now().await;
+            }
+        });
+        tokio::task::yield_now().await;
+        let before = turns.load(Ordering::Relaxed);
+        let gone = m.retain_yielding(|v| v % 2 == 0).await;
+        let during = turns.load(Ordering::Relaxed) - before;
+        other.abort();
+        assert_eq!(gone, 5_000);
+        assert_eq!(m.len(), 5_000);
+        assert!(during >= 63, "the other task ran {during} times during a 64-shard sweep");
+    }
 
     #[test]
     fn the_cap_holds_and_recently_seen_entries_survive() {

@@ -132,8 +132,9 @@ impl MemoryStore {
     }
 
     /// Drops every client whose buckets are full again; returns how many.
-    pub fn sweep(&self, now: u64) -> usize {
-        self.map.retain(|tats| tats.live(now))
+    /// A shard at a time, letting requests run between shards.
+    pub async fn sweep(&self, now: u64) -> usize {
+        self.map.retain_yielding(|tats| tats.live(now)).await
     }
 
     /// Bytes the table holds (slots used or not).
@@ -206,14 +207,14 @@ mod tests {
         assert!(s.peek(s.key("r", "0")).is_none(), "the first one-off client was evicted");
     }
 
-    #[test]
-    fn full_buckets_are_swept() {
+    #[tokio::test]
+    async fn full_buckets_are_swept() {
         let s = MemoryStore::new(100);
         let l = [limit(10, 10)]; // 100ms interval
         let k = s.key("r", "c");
         s.check(k, &l, &ID, 1_000);
-        assert_eq!(s.sweep(1_000), 0, "not full yet");
-        assert_eq!(s.sweep(1_000 + 100_000_000), 1);
+        assert_eq!(s.sweep(1_000).await, 0, "not full yet");
+        assert_eq!(s.sweep(1_000 + 100_000_000).await, 1);
         assert!(s.is_empty());
     }
 

@@ -399,7 +399,7 @@ async fn sweep(memory: Weak<MemoryStore>, budget: Weak<ClientBudget>, redis: Opt
         tick.tick().await;
         let (Some(memory), Some(budget)) = (memory.upgrade(), budget.upgrade()) else { return };
         if n % 5 == 0 {
-            memory.sweep(memory.ticks(Instant::now()));
+            memory.sweep(memory.ticks(Instant::now())).await;
         }
         n += 1;
         let refusals = redis.as_ref().and_then(Weak::upgrade).map_or(0, |r| r.refusals.len());

@@ -355,7 +355,7 @@ async fn probe(store: Weak<RedisStore>) {
     for n in 0u64.. {
         let Some(s) = store.upgrade() else { return };
         if n % 20 == 0 {
-            s.refusals.sweep(tokio::time::Instant::now());
+            s.refusals.sweep(tokio::time::Instant::now()).await;
         }
         if s.conn.load().is_none() {
             match tokio::time::timeout(Duration::from_secs(2), s.connect()).await {

@@ -167,10 +167,10 @@ impl Refusals {
         self.map.retain(|_| false);
     }
 
-    /// Drops the refusals whose retry time has passed.
-    pub fn sweep(&self, now: Instant) -> usize {
+    /// Drops the refusals whose retry time has passed, a shard at a time.
+    pub async fn sweep(&self, now: Instant) -> usize {
         let now = self.ticks(now);
-        self.map.retain(|r| r.until.max(r.probe_until).saturating_add(self.probe_ns) > now)
+        self.map.retain_yielding(|r| r.until.max(r.probe_until).saturating_add(self.probe_ns) > now).await
     }
 
     pub fn set_capacity(&self, max_entries: usize) {
@@ -207,8 +207,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_refusal_holds_until_its_retry_time_and_counts_down() {
+    #[tokio::test]
+    async fn a_refusal_holds_until_its_retry_time_and_counts_down() {
         let r = Refusals::new(100, Duration::from_millis(50));
         let t0 = Instant::now();
         r.remember("api", "dev", 7, t0, refused(1000));
@@ -222,8 +222,8 @@ mod tests {
         assert_eq!(r.get("api", "dev", 8, t0), None, "changed limits: ask Redis");
         // Kept through the probe's window (the request that asked at 1000 ms
         // holds the others until 1050 ms), then swept.
-        assert_eq!(r.sweep(t0 + Duration::from_millis(1099)), 0);
-        assert_eq!(r.sweep(t0 + Duration::from_millis(1101)), 1);
+        assert_eq!(r.sweep(t0 + Duration::from_millis(1099)).await, 0);
+        assert_eq!(r.sweep(t0 + Duration::from_millis(1101)).await, 1);
         assert!(r.is_empty());
     }
 

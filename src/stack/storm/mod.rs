@@ -239,19 +239,25 @@ async fn sweep(storm: Weak<Storm>) {
         let now_ms = s.ms(Instant::now());
         let (interval, window) = (s.growth.interval_ms, s.dups.window_ms);
         let bombs = AtomicUsize::new(0);
-        s.clients.retain(|g| {
-            let quarantined = g.quarantined_until > now_ms;
-            bombs.fetch_add(usize::from(quarantined), Ordering::Relaxed);
-            // Keep what can still matter: a quarantine (and its relapse window), or recent counts.
-            let recent = u64::from(g.interval).saturating_add(2).saturating_mul(interval) >= now_ms;
-            quarantined || recent || g.quarantined_until.saturating_add(s.growth.relapse_window_ms()) > now_ms
-        });
+        s.clients
+            .retain_yielding(|g| {
+                let quarantined = g.quarantined_until > now_ms;
+                bombs.fetch_add(usize::from(quarantined), Ordering::Relaxed);
+                // Keep what can still matter: a quarantine (and its relapse window), or recent counts.
+                let recent = u64::from(g.interval).saturating_add(2).saturating_mul(interval) >= now_ms;
+                quarantined
+                    || recent
+                    || g.quarantined_until.saturating_add(s.growth.relapse_window_ms()) > now_ms
+            })
+            .await;
         let storms = AtomicUsize::new(0);
-        s.requests.retain(|d| {
-            let active = now_ms.saturating_sub(d.last_seen) <= window;
-            storms.fetch_add(usize::from(active && d.retries > s.dups.max_duplicates), Ordering::Relaxed);
-            active || d.in_flight > 0
-        });
+        s.requests
+            .retain_yielding(|d| {
+                let active = now_ms.saturating_sub(d.last_seen) <= window;
+                storms.fetch_add(usize::from(active && d.retries > s.dups.max_duplicates), Ordering::Relaxed);
+                active || d.in_flight > 0
+            })
+            .await;
         let (bombs, storms) = (bombs.into_inner(), storms.into_inner());
         s.bombs.store(bombs, Ordering::Relaxed);
         s.storms.store(storms, Ordering::Relaxed);
