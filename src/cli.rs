@@ -279,6 +279,11 @@ fn run(path: &Path) -> ExitCode {
         }
     };
     let result = runtime.block_on(async move {
+        // Every handler is installed first, before levee says it serves: a
+        // signal that arrived before a spawned task got round to installing
+        // its handler would have killed levee (the default action).
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+        let shutdown = shutdown_signal();
         let listeners = Listeners::bind(&config).await?;
         eprintln!(
             "levee {} serving http on {}, admin on {}",
@@ -288,16 +293,15 @@ fn run(path: &Path) -> ExitCode {
         );
         let gateway = Gateway::new(config, Some(path.to_path_buf()))?;
         let reload = gateway.reload_handle();
-        tokio::spawn(async move {
-            let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
-                return;
-            };
-            while hup.recv().await.is_some() {
-                tracing::info!("SIGHUP: reloading the config");
-                let _ = reload.reload().await;
-            }
-        });
-        gateway.run(listeners, shutdown_signal()).await
+        if let Ok(mut hup) = hup {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    tracing::info!("SIGHUP: reloading the config");
+                    let _ = reload.reload().await;
+                }
+            });
+        }
+        gateway.run(listeners, shutdown).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -308,16 +312,19 @@ fn run(path: &Path) -> ExitCode {
     }
 }
 
-/// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Completes on SIGTERM or SIGINT. The handlers are installed when this is
+/// called, not when the future is first polled.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+    let signals = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
+    async move {
+        let (Ok(mut term), Ok(mut int)) = signals else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
     }
 }
 

@@ -114,6 +114,27 @@ async fn sighup_rejects_a_broken_config_then_applies_the_fixed_one() {
     assert!(metrics.contains("levee_config_reloads_total{result=\"applied\"} 1"));
 }
 
+/// levee says it serves only once its signal handlers are in place: a SIGHUP
+/// sent the moment the line appears is a reload, never the default action,
+/// which kills the process. (The handler used to be installed by a spawned
+/// task, which a busy machine could run after the line.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sighup_sent_the_moment_levee_says_it_serves_reloads_it_and_does_not_kill_it() {
+    let backend = Backend::start().await;
+    let good = base_config() + &upstream_and_route("bin-early-up", &[backend.addr], "bin-early-api", "/");
+    let path = temp_dir("early-hup").join("levee.toml");
+    std::fs::write(&path, &good).unwrap();
+    let p = Process::start(&path);
+    p.signal("HUP");
+    let c = Client::new();
+    poll_until(Duration::from_secs(20), "levee reports the SIGHUP reload", async || {
+        let config = c.get(p.admin, "/api/v1/config").await.json();
+        (config["last_reload"]["result"] == "applied").then_some(())
+    })
+    .await;
+    assert_eq!(c.get(p.http, "/").await.status, 200, "levee is alive and serving");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_the_request_in_flight_finish_and_exits_zero() {
     sigterm_drains("term", &[]).await;
