@@ -94,6 +94,17 @@ pub fn bench(c: &mut Criterion) {
         })
     });
 
+    // The attacker's path: a client never seen before on every decision, the
+    // table at its cap, so each one evicts (CLOCK) to make room.
+    let mut fresh = 0u64;
+    g.bench_function(BenchmarkId::new("decision", "new_client_each_at_the_1M_cap"), |b| {
+        b.iter(|| {
+            fresh += 1;
+            now += 1_000;
+            black_box(store.check(fresh.wrapping_mul(0x9E37_79B9_7F4A_7C15), &limits, &IDS, now))
+        })
+    });
+
     g.bench_function("key_hash", |b| {
         b.iter(|| black_box(store.key(black_box("device-api"), black_box("device-123456"))))
     });

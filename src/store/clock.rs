@@ -4,7 +4,8 @@
 //! - **Keys** are 64-bit hashes (see `MemoryStore::key`), so an entry costs its
 //!   value plus 8 bytes whatever the client sent.
 //! - **Cap and eviction:** 2^k shards, each an open-addressing table at most
-//!   3/4 full. Past the cap, CLOCK (second chance) picks the victim: a hand
+//!   3/4 full while it grows, and sized to hold its cap at 5/8 (a table need
+//!   not be a power of two: see `Shard::home`). Past the cap, CLOCK (second chance) picks the victim: a hand
 //!   sweeps the slots, sparing once each slot touched since its last pass. This
 //!   is the classic approximation of "least recently seen goes first" (operating
 //!   systems' page replacement): a client seen since the hand last passed
@@ -19,13 +20,35 @@ use std::sync::{Mutex, MutexGuard};
 
 /// Keys are never 0: 0 marks an empty slot.
 const EMPTY: u64 = 0;
+/// The top bit of a slot's tag: touched since the hand last passed. Kept in
+/// the key's word (keys are hashes cut to 63 bits) so that a slot is its key
+/// and its value, with no padded flag word beside them.
+const REFERENCED: u64 = 1 << 63;
+
+/// A key as the map stores it: 63 bits, never 0.
+fn norm(key: u64) -> u64 {
+    (key & !REFERENCED).max(1)
+}
 
 #[derive(Debug, Clone, Copy)]
 struct Slot<V> {
-    key: u64,
+    /// The key, and [`REFERENCED`]; [`EMPTY`] for a free slot.
+    tag: u64,
     value: V,
-    /// Touched since the hand last passed.
-    referenced: bool,
+}
+
+impl<V> Slot<V> {
+    fn key(&self) -> u64 {
+        self.tag & !REFERENCED
+    }
+
+    fn referenced(&self) -> bool {
+        self.tag & REFERENCED != 0
+    }
+
+    fn set_referenced(&mut self, on: bool) {
+        self.tag = if on { self.tag | REFERENCED } else { self.key() };
+    }
 }
 
 /// One shard: an open-addressing table (linear probing, backward-shift
@@ -44,19 +67,33 @@ impl<V: Copy + Default> Shard<V> {
         Shard { slots: Vec::new(), len: 0, hand: 0, cap }
     }
 
-    fn mask(&self) -> usize {
-        self.slots.len() - 1
+    /// The home slot of `key`: its high bits scaled to the table's size
+    /// (Lemire's multiply-shift), so the table need not be a power of two: a
+    /// full shard sits at 5/8 load, where power-of-two sizes left a million
+    /// clients in tables 48% full (135 → 90 bytes per limiter client).
+    fn home(&self, key: u64) -> usize {
+        // Mixed first (keys are hashes, but a test's or a caller's need not
+        // be), then scaled by 2^64.
+        let mixed = key.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        ((u128::from(mixed) * self.slots.len() as u128) >> 64) as usize
+    }
+
+    fn next(&self, i: usize) -> usize {
+        if i + 1 == self.slots.len() {
+            0
+        } else {
+            i + 1
+        }
     }
 
     /// The position of `key`, or of the empty slot where it would go.
     fn probe(&self, key: u64) -> (usize, bool) {
-        let mask = self.mask();
-        let mut i = (key as usize) & mask;
+        let mut i = self.home(key);
         loop {
-            match self.slots[i].key {
-                k if k == key => return (i, true),
+            match self.slots[i].tag {
                 EMPTY => return (i, false),
-                _ => i = (i + 1) & mask,
+                tag if tag & !REFERENCED == key => return (i, true),
+                _ => i = self.next(i),
             }
         }
     }
@@ -71,19 +108,20 @@ impl<V: Copy + Default> Shard<V> {
         }
     }
 
-    /// Grows the table so that it stays at most 3/4 full (up to the cap).
+    /// Grows the table so that it stays at most 3/4 full: doubling, up to
+    /// the size that holds the cap at 5/8. (At 2/3, a new client at the cap,
+    /// the attacker's path, cost twice as much: linear probing's clusters
+    /// grow fast past that.)
     fn reserve_one(&mut self) {
         if (self.len + 1) * 4 <= self.slots.len() * 3 {
             return;
         }
-        let size = (self.slots.len() * 2).max(16);
-        let old = std::mem::replace(
-            &mut self.slots,
-            vec![Slot { key: EMPTY, value: V::default(), referenced: false }; size],
-        );
+        let full = (self.cap * 8).div_ceil(5).max(16);
+        let size = (self.slots.len() * 2).clamp(16, full.max(self.slots.len() + 1));
+        let old = std::mem::replace(&mut self.slots, vec![Slot { tag: EMPTY, value: V::default() }; size]);
         self.hand = 0;
-        for slot in old.into_iter().filter(|s| s.key != EMPTY) {
-            let (i, _) = self.probe(slot.key);
+        for slot in old.into_iter().filter(|s| s.tag != EMPTY) {
+            let (i, _) = self.probe(slot.key());
             self.slots[i] = slot;
         }
     }
@@ -94,7 +132,7 @@ impl<V: Copy + Default> Shard<V> {
     /// of one-off clients costs O(1) per eviction instead of a lap of the ring.
     fn touch(&mut self, key: u64) -> &mut Slot<V> {
         if let Some(i) = self.find(key) {
-            self.slots[i].referenced = true;
+            self.slots[i].set_referenced(true);
             return &mut self.slots[i];
         }
         while self.len >= self.cap && self.len > 0 {
@@ -102,7 +140,7 @@ impl<V: Copy + Default> Shard<V> {
         }
         self.reserve_one();
         let (i, _) = self.probe(key);
-        self.slots[i] = Slot { key, value: V::default(), referenced: false };
+        self.slots[i] = Slot { tag: key, value: V::default() };
         self.len += 1;
         &mut self.slots[i]
     }
@@ -114,11 +152,11 @@ impl<V: Copy + Default> Shard<V> {
         for _ in 0..2 * n + 1 {
             self.hand = if self.hand + 1 >= n { 0 } else { self.hand + 1 };
             let slot = &mut self.slots[self.hand];
-            if slot.key == EMPTY {
+            if slot.tag == EMPTY {
                 continue;
             }
-            if slot.referenced {
-                slot.referenced = false;
+            if slot.referenced() {
+                slot.set_referenced(false);
             } else {
                 self.remove_at(self.hand);
                 return;
@@ -129,15 +167,14 @@ impl<V: Copy + Default> Shard<V> {
     /// Backward-shift deletion: later entries of the probe run move up so that
     /// lookups never need tombstones.
     fn remove_at(&mut self, mut hole: usize) {
-        let mask = self.mask();
         let mut j = hole;
         loop {
-            j = (j + 1) & mask;
-            let key = self.slots[j].key;
-            if key == EMPTY {
+            j = self.next(j);
+            let key = self.slots[j].key();
+            if self.slots[j].tag == EMPTY {
                 break;
             }
-            let home = (key as usize) & mask;
+            let home = self.home(key);
             // Move j into the hole unless its home lies cyclically in (hole, j].
             let stays = if hole <= j { hole < home && home <= j } else { hole < home || home <= j };
             if !stays {
@@ -145,7 +182,7 @@ impl<V: Copy + Default> Shard<V> {
                 hole = j;
             }
         }
-        self.slots[hole].key = EMPTY;
+        self.slots[hole].tag = EMPTY;
         self.len -= 1;
     }
 
@@ -158,7 +195,7 @@ impl<V: Copy + Default> Shard<V> {
             self.evict();
         }
         if self.slots.len() > 16 && self.len * 4 < self.slots.len() {
-            let all = self.slots.iter().filter(|s| s.key != EMPTY).copied().collect();
+            let all = self.slots.iter().filter(|s| s.tag != EMPTY).copied().collect();
             self.rebuild(all);
         }
     }
@@ -166,7 +203,7 @@ impl<V: Copy + Default> Shard<V> {
     fn retain(&mut self, keep: &impl Fn(&V) -> bool) -> usize {
         let before = self.len;
         let kept: Vec<Slot<V>> =
-            self.slots.iter().filter(|s| s.key != EMPTY && keep(&s.value)).copied().collect();
+            self.slots.iter().filter(|s| s.tag != EMPTY && keep(&s.value)).copied().collect();
         if kept.len() == before {
             // Nothing went: the table stands as it is (a rebuild re-probes every entry).
             return 0;
@@ -180,7 +217,7 @@ impl<V: Copy + Default> Shard<V> {
         *self = Shard::new(self.cap);
         for slot in entries {
             self.reserve_one();
-            let (i, _) = self.probe(slot.key);
+            let (i, _) = self.probe(slot.key());
             self.slots[i] = slot;
             self.len += 1;
         }
@@ -227,7 +264,7 @@ impl<V: Copy + Default> ClockMap<V> {
     /// Runs `f` on the value of `key` (created as `V::default()` when absent)
     /// under the shard's lock, marking it recently seen.
     pub fn with<R>(&self, key: u64, f: impl FnOnce(&mut V) -> R) -> R {
-        let key = key.max(1);
+        let key = norm(key);
         let mut shard = self.shard(key);
         f(&mut shard.touch(key).value)
     }
@@ -236,7 +273,7 @@ impl<V: Copy + Default> ClockMap<V> {
     /// absent), under the shard's lock; removes the entry when `f` returns
     /// false (it holds nothing worth a slot any more).
     pub fn update_or_remove(&self, key: u64, f: impl FnOnce(&mut V) -> bool) {
-        let key = key.max(1);
+        let key = norm(key);
         let mut shard = self.shard(key);
         if let Some(i) = shard.find(key) {
             if !f(&mut shard.slots[i].value) {
@@ -247,14 +284,14 @@ impl<V: Copy + Default> ClockMap<V> {
 
     /// The value of `key`, if present; does not count as seeing it.
     pub fn peek(&self, key: u64) -> Option<V> {
-        let key = key.max(1);
+        let key = norm(key);
         let shard = self.shard(key);
         shard.find(key).map(|i| shard.slots[i].value)
     }
 
     /// Removes `key`; true when it was present.
     pub fn remove(&self, key: u64) -> bool {
-        let key = key.max(1);
+        let key = norm(key);
         let mut shard = self.shard(key);
         match shard.find(key) {
             Some(i) => {
