@@ -56,6 +56,11 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 /// What the stack answers: the upstream's response, or levee's own refusal.
 pub type Answer = Result<Response<Body>, Shed>;
 
+/// A stage's boxed future: the whole stack's, once per request, and a
+/// stage's slow path (a Redis round trip, a body to read, a retry loop),
+/// boxed so that the fast path does not carry its state.
+pub type StageFuture<'a> = Pin<Box<dyn Future<Output = Answer> + Send + 'a>>;
+
 /// The rest of the stack, as a stage sees it.
 pub trait Next: Send + Sync {
     fn run(&self, req: Request<Body>) -> impl Future<Output = Answer> + Send + '_;
@@ -115,11 +120,11 @@ where
 /// A composed stack behind one pointer: the request's future is boxed here,
 /// once, whatever the number of stages.
 pub trait RouteStack: Send + Sync {
-    fn call(&self, req: Request<Body>) -> Pin<Box<dyn Future<Output = Answer> + Send + '_>>;
+    fn call(&self, req: Request<Body>) -> StageFuture<'_>;
 }
 
 impl<N: Next> RouteStack for N {
-    fn call(&self, req: Request<Body>) -> Pin<Box<dyn Future<Output = Answer> + Send + '_>> {
+    fn call(&self, req: Request<Body>) -> StageFuture<'_> {
         Box::pin(self.run(req))
     }
 }

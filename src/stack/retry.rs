@@ -21,7 +21,6 @@
 //! withheld it to protect the upstream, and 503 says "come back later".
 
 use std::future::{ready, Future};
-use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,7 +33,7 @@ use http_body_util::BodyExt;
 use metrics::Counter;
 use tokio::time::Instant;
 
-use super::{Answer, Next, Stage};
+use super::{Answer, Next, Stage, StageFuture};
 use crate::body::{self, Body};
 use crate::classify::Outcome;
 use crate::config::RetryConfig;
@@ -120,25 +119,29 @@ impl Stage for Retry {
             return Either::Left(Either::Right(next.run(req)));
         }
         if !req.body().is_end_stream() {
-            return Either::Right(Either::Right(Box::pin(self.with_body(req, next)) as Retried<'a>));
+            return Either::Right(Either::Right(Box::pin(self.with_body(req, next)) as StageFuture<'a>));
         }
         let (mut parts, _) = req.into_parts();
         let hint = EndpointHint::default();
         parts.extensions.insert(hint.clone());
         let first = next.run(Request::from_parts(parts.clone(), body::full(Bytes::new())));
         Either::Right(Either::Left(first.then(move |result| {
-            if self.upstream.config.retry.attempts <= 1 || !retryable(&self.upstream.config.retry, &result) {
+            if !self.retries_after(1, &result) {
                 return Either::Left(ready(result));
             }
-            Either::Right(Box::pin(self.again(parts, Bytes::new(), hint, result, next)) as Retried<'a>)
+            Either::Right(Box::pin(self.again(parts, Bytes::new(), hint, result, next)) as StageFuture<'a>)
         })))
     }
 }
 
-/// The boxed retry loop.
-type Retried<'a> = Pin<Box<dyn Future<Output = Answer> + Send + 'a>>;
-
 impl Retry {
+    /// Whether the outcome of try number `tries` calls for another (the
+    /// budget aside).
+    fn retries_after(&self, tries: u32, result: &Answer) -> bool {
+        let policy = &self.upstream.config.retry;
+        tries < policy.attempts && retryable(policy, result)
+    }
+
     /// Reads the body (in memory already) so every try can send it, then tries.
     async fn with_body<N: Next>(&self, req: Request<Body>, next: &N) -> Answer {
         let (mut parts, body) = req.into_parts();
@@ -164,7 +167,7 @@ impl Retry {
     ) -> Answer {
         let policy = &self.upstream.config.retry;
         let mut tries = 1;
-        while tries < policy.attempts && retryable(policy, &result) {
+        while self.retries_after(tries, &result) {
             if !self.upstream.budget.withdraw(Instant::now()) {
                 self.exhausted.increment(1);
                 return refused(result);

@@ -23,7 +23,6 @@ pub mod growth;
 
 use std::future::{ready, Future};
 use std::hash::{BuildHasher, Hasher};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -36,7 +35,7 @@ use tokio::time::Instant;
 
 use super::client_id::Identity;
 use super::shadow::Shadow;
-use super::{Answer, Next, Stage};
+use super::{Answer, Next, Stage, StageFuture};
 use crate::body::{self, Body};
 use crate::classify::Outcome;
 use crate::config::{Mode, StormConfig};
@@ -317,7 +316,7 @@ impl Stage for Detect {
         Either::Right(Box::pin(async move {
             let (req, body) = small_body(req).await?;
             self.pass(req, client, Some(&body), next).await
-        }) as Pin<Box<dyn Future<Output = Answer> + Send + 'a>>)
+        }) as StageFuture<'a>)
     }
 }
 
@@ -359,8 +358,9 @@ fn hashes_body(req: &Request<Body>) -> bool {
 }
 
 /// Takes the small body that `proxy.rs` already read whole ([`hashes_body`]),
-/// so it can be part of the fingerprint, and puts it back. A streamed body is never waited for here: this stage runs inside an
-/// admission slot, and a client that stalls its body must not hold one.
+/// so it can be part of the fingerprint, and puts it back. A streamed body is
+/// never waited for here: this stage runs inside an admission slot, and a
+/// client that stalls its body must not hold one.
 async fn small_body(req: Request<Body>) -> Result<(Request<Body>, Bytes), Shed> {
     let (parts, b) = req.into_parts();
     // In memory already: this completes at once.
