@@ -17,9 +17,9 @@ use std::hint::black_box;
 
 const CLIENTS: usize = 1_000_000;
 /// The memory store's ids of the two limits (their identities, see `limits`).
-const IDS: [u32; 2] = [0x1001, 0x1002];
+pub const IDS: [u32; 2] = [0x1001, 0x1002];
 
-fn limits() -> [Gcra; 2] {
+pub fn limits() -> [Gcra; 2] {
     let l = |count, per_s, burst| Limit {
         rate: Rate { count: NonZeroU32::new(count).unwrap(), per: Duration::from_secs(per_s) },
         burst: NonZeroU32::new(burst).unwrap(),

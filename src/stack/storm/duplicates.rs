@@ -9,7 +9,7 @@
 //! doubles with every further retry (from `duplicate_window`, at most
 //! `quarantine`). Repeating a request that succeeded is polling, never a retry.
 
-/// Per (client, fingerprint) state: 32 bytes.
+/// Per (client, fingerprint) state: 24 bytes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Dup {
     /// Start of the current retry window, ms (0: never seen).
@@ -20,6 +20,8 @@ pub struct Dup {
     pub in_flight: u16,
     pub failed: bool,
 }
+
+const _: () = assert!(std::mem::size_of::<Dup>() == 24);
 
 #[derive(Debug, Clone, Copy)]
 pub struct DupRules {

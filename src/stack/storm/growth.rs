@@ -23,7 +23,7 @@
 //! quarantine are still counted, so a client still multiplying when released
 //! is caught again at once.
 
-/// Per-client growth and quarantine state: 32 bytes.
+/// Per-client growth and quarantine state: 24 bytes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Growth {
     /// Index of the interval `cur` counts.
@@ -33,11 +33,13 @@ pub struct Growth {
     pub streak: u8,
     /// Relapses so far: the quarantine doubles with each.
     pub strikes: u8,
-    /// Milliseconds on the detector's clock; 0: never quarantined.
+    /// Milliseconds on the detector's clock; 0: never quarantined. Relapses
+    /// are told from it: a new quarantine soon after it ended is one.
     pub quarantined_until: u64,
-    /// When the last quarantine started (relapse detection).
-    pub quarantined_at: u64,
 }
+
+// The size the module docs and the README state (a table slot adds the 8-byte key).
+const _: () = assert!(std::mem::size_of::<Growth>() == 24);
 
 /// The rules of one route, in the detector's units.
 #[derive(Debug, Clone, Copy)]
@@ -99,7 +101,6 @@ impl GrowthRules {
             let relapse = s.quarantined_until > 0 && now_ms < s.quarantined_until + soon;
             s.strikes = if relapse { s.strikes.saturating_add(1).min(6) } else { 0 };
             let length = self.quarantine_ms << s.strikes;
-            s.quarantined_at = now_ms;
             s.quarantined_until = now_ms + length;
             return Verdict::Quarantined { left_ms: length, new: true };
         }
