@@ -309,6 +309,12 @@ where
     // Set once a graceful close began: why, and when to give up on the peer.
     let mut closing: Option<(CloseReason, Option<Instant>)> = None;
     let mut first_seen = false;
+    // The header deadline bounds the client, not levee: a head already in the
+    // socket's buffer when levee first gets to the connection (a busy worker,
+    // a starved machine) is read before the deadline is enforced. Closing
+    // without reading would also make the kernel reset the connection under
+    // the unread request.
+    let mut read_once = false;
     loop {
         let now = Instant::now();
         let wake = match closing {
@@ -316,7 +322,8 @@ where
             Some((_, None)) => now + limits.idle_timeout,
             None => match activity.check(now, limits) {
                 Ok(at) => at,
-                Err(CloseReason::HeaderTimeout) => return CloseReason::HeaderTimeout,
+                Err(CloseReason::HeaderTimeout) if read_once => return CloseReason::HeaderTimeout,
+                Err(CloseReason::HeaderTimeout) => now,
                 Err(reason) => {
                     close(conn.as_mut());
                     closing = Some((reason, Some(now + CLOSE_GRACE)));
@@ -325,6 +332,9 @@ where
             },
         };
         tokio::select! {
+            // The connection first: it reads what the peer sent before a
+            // deadline that passed meanwhile is looked at.
+            biased;
             ended = conn.as_mut() => {
                 return match (closing, ended) {
                     (Some((reason, _)), _) => reason,
@@ -352,6 +362,7 @@ where
                 closing = Some((CloseReason::Shutdown, None));
             }
         }
+        read_once = true;
     }
 }
 
@@ -433,5 +444,76 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, SocketAddr};
+
+    use http::{Request, Response};
+    use hyper::body::Incoming;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::body::Body;
+    use crate::context::Scheme;
+    use crate::stack::BoxFuture;
+
+    struct Ok200;
+
+    impl Handler for Ok200 {
+        fn limits(&self) -> ConnLimits {
+            limits()
+        }
+        fn handle(self: Arc<Self>, _req: Request<Incoming>, _conn: ConnInfo) -> BoxFuture<Response<Body>> {
+            Box::pin(async { Response::new(crate::body::full(Bytes::from_static(b"ok"))) })
+        }
+    }
+
+    fn limits() -> ConnLimits {
+        ConnLimits {
+            header_read_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(60),
+            max_header_bytes: 16 * 1024,
+            h2_max_concurrent_streams: 100,
+            proxy_protocol: false,
+        }
+    }
+
+    /// The header deadline bounds the client, not levee: a head that was in
+    /// levee's socket buffer before the deadline is answered even when levee
+    /// (a busy worker, a starved machine) first looks at the connection after
+    /// it. Before, the watchdog gave up without reading, and the kernel reset
+    /// the connection under the unread request: a flake of the full suite on
+    /// a loaded machine.
+    #[tokio::test]
+    async fn a_head_that_arrived_in_time_is_answered_however_late_levee_looks() {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        client.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        // Accepted 3 s ago, with the head waiting since then.
+        let accepted = Instant::now() - Duration::from_secs(3);
+        let conn = ConnInfo { peer: SocketAddr::from((Ipv4Addr::LOCALHOST, 1)), scheme: Scheme::Http };
+        let (_tx, shutdown) = watch::channel(false);
+        let served = tokio::spawn(serve(server, conn, limits(), Arc::new(Ok200), shutdown, accepted));
+        let mut answer = vec![0u8; 1024];
+        let n =
+            tokio::time::timeout(Duration::from_secs(5), client.read(&mut answer)).await.unwrap().unwrap();
+        let head = String::from_utf8_lossy(&answer[..n]);
+        assert!(head.starts_with("HTTP/1.1 200"), "answered {head:?}");
+        drop(client);
+        assert_eq!(served.await.unwrap(), CloseReason::ClientClosed);
+    }
+
+    /// And a client that sent nothing is still closed at the deadline.
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_client_is_still_closed_at_the_header_deadline() {
+        let (_client, server) = tokio::io::duplex(1024);
+        let conn = ConnInfo { peer: SocketAddr::from((Ipv4Addr::LOCALHOST, 1)), scheme: Scheme::Http };
+        let (_tx, shutdown) = watch::channel(false);
+        let started = Instant::now();
+        let reason = serve(server, conn, limits(), Arc::new(Ok200), shutdown, started).await;
+        assert_eq!(reason, CloseReason::HeaderTimeout);
+        assert_eq!(Instant::now() - started, Duration::from_secs(1));
     }
 }
