@@ -3,8 +3,9 @@
 //! read it and add what they learn (the client key) as extensions of their own.
 
 use std::fmt;
+use std::hash::BuildHasher;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use http::HeaderMap;
 use sha2::{Digest, Sha256};
@@ -22,48 +23,76 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Longer keys are hashed: state and logs stay small whatever the client sends.
 pub const MAX_KEY_BYTES: usize = 128;
 
+/// The seed of every [`ClientKey::hash64`]: random per process, so a client
+/// cannot choose keys that meet in one slot of a per-client table.
+static KEY_SEED: LazyLock<foldhash::fast::RandomState> = LazyLock::new(Default::default);
+
 /// A client's identity on a route, as extracted; what the admin API shows.
+///
+/// It carries its 64-bit hash, computed once when the key is made: the
+/// per-client tables (the limiter's, the storm detector's, the auth guard's)
+/// each derive their own key from it with one multiply, where each used to
+/// hash the text again.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ClientKey(Arc<str>);
+pub struct ClientKey {
+    text: Arc<str>,
+    hash: u64,
+}
 
 impl ClientKey {
+    fn new(text: Arc<str>) -> Self {
+        let hash = KEY_SEED.hash_one(text.as_bytes());
+        ClientKey { text, hash }
+    }
+
     /// A key from raw bytes: kept as is when short printable ASCII, else hashed.
     pub fn from_bytes(raw: &[u8]) -> Self {
         let printable = raw.iter().all(|b| (0x21..0x7f).contains(b));
         if printable && raw.len() <= MAX_KEY_BYTES {
             // Printable ASCII is valid UTF-8.
-            ClientKey(Arc::from(std::str::from_utf8(raw).unwrap_or_default()))
+            ClientKey::new(Arc::from(std::str::from_utf8(raw).unwrap_or_default()))
         } else {
             ClientKey::hashed("h", raw)
         }
+    }
+
+    /// A key as levee shows it (the admin API's, a reset announced by
+    /// another replica): the same key, and hash, as the request path made.
+    pub fn from_text(text: &str) -> Self {
+        ClientKey::new(Arc::from(text))
     }
 
     /// `prefix:` and the first 128 bits of the SHA-256 of `raw`, in hex.
     pub(crate) fn hashed(prefix: &str, raw: &[u8]) -> Self {
         let digest = Sha256::digest(raw);
         let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-        ClientKey(Arc::from(format!("{prefix}:{hex}")))
+        ClientKey::new(Arc::from(format!("{prefix}:{hex}")))
     }
 
     /// A client address as a key.
     pub(crate) fn from_ip(ip: IpAddr) -> Self {
-        ClientKey(Arc::from(ip.to_string()))
+        ClientKey::new(Arc::from(ip.to_string()))
     }
 
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.text
+    }
+
+    /// The key's 64-bit hash under the process's random seed.
+    pub fn hash64(&self) -> u64 {
+        self.hash
     }
 }
 
 impl fmt::Display for ClientKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.text)
     }
 }
 
 impl fmt::Debug for ClientKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ClientKey({})", self.0)
+        write!(f, "ClientKey({})", self.text)
     }
 }
 

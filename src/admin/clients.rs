@@ -11,6 +11,7 @@ use tokio::time::Instant;
 
 use super::json_response;
 use crate::body::Body;
+use crate::context::ClientKey;
 use crate::stack::client_id::query_param;
 use crate::stack::Registry;
 
@@ -37,12 +38,13 @@ pub async fn get(registry: &Arc<ArcSwap<Registry>>, key: &str, route: Option<&st
     }
     let mut routes = Vec::new();
     let now = Instant::now();
+    let client = ClientKey::from_text(key);
     for state in registry.routes.iter().filter(|s| route.is_none_or(|r| &*s.name == r)) {
         let limits = match state.limits.is_empty() {
             true => None,
-            false => registry.store.peek(&state.limits, key, now).await,
+            false => registry.store.peek(&state.limits, &client, now).await,
         };
-        let storm = state.storm.as_ref().and_then(|s| s.client_state(key, now));
+        let storm = state.storm.as_ref().and_then(|s| s.client_state(&client, now));
         if limits.is_some() || storm.is_some() {
             routes.push(json!({"route": &*state.name, "limits": limits.unwrap_or_default(), "storm": storm}));
         }
@@ -63,9 +65,10 @@ pub async fn delete(
 ) -> http::Response<Body> {
     let registry = registry.load_full();
     let mut reset = Vec::new();
+    let client = ClientKey::from_text(key);
     for state in registry.routes.iter().filter(|s| route.is_none_or(|r| &*s.name == r)) {
-        let limits = !state.limits.is_empty() && registry.store.reset(&state.limits, key).await;
-        let storm = state.storm.as_ref().is_some_and(|s| s.reset(key));
+        let limits = !state.limits.is_empty() && registry.store.reset(&state.limits, &client).await;
+        let storm = state.storm.as_ref().is_some_and(|s| s.reset(&client));
         if limits || storm {
             reset.push(state.name.to_string());
         }

@@ -28,7 +28,7 @@
 //! config's: a reload that only switches it keeps the guard's window.
 
 use std::future::Future;
-use std::hash::{BuildHasher, Hasher};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -42,6 +42,7 @@ use super::shadow::Shadow;
 use super::{Answer, Next, Stage};
 use crate::body::Body;
 use crate::config::{AuthGuardConfig, Mode};
+use crate::context::ClientKey;
 use crate::metrics as m;
 use crate::respond::{jitter, Reason, Shed};
 use crate::store::budget::Tracked;
@@ -115,11 +116,9 @@ impl AuthGuard {
 
     /// Looks at one relayed response status for `client`; `true` when this
     /// 401 must become 503 `upstream_auth_anomaly`.
-    pub fn observe(&self, client: &str, status: StatusCode, now: Instant) -> bool {
+    pub fn observe(&self, client: &ClientKey, status: StatusCode, now: Instant) -> bool {
         let now_ms = self.ms(now);
-        let mut h = self.seed.build_hasher();
-        h.write(client.as_bytes());
-        let key = h.finish();
+        let key = self.seed.hash_one(client.hash64());
         let recent_ms = u64::try_from(self.config.recently_authorized.as_millis()).unwrap_or(u64::MAX);
         // One map operation: read the last 2xx and record this one (0: never).
         let success = status.is_success();
@@ -190,7 +189,7 @@ impl Stage for Guard {
         next.run(req).map(move |answer| {
             let rsp = answer?;
             let Some(client) = client else { return Ok(rsp) };
-            if self.guard.observe(client.as_str(), rsp.status(), Instant::now()) {
+            if self.guard.observe(&client, rsp.status(), Instant::now()) {
                 let retry = jitter(self.guard.config.window.max(Duration::from_secs(1)), 0.5);
                 let shed = Shed::new(Reason::UpstreamAuthAnomaly)
                     .retry_after(retry)
@@ -226,21 +225,22 @@ mod tests {
         let g = guard();
         let now = Instant::now();
         for c in 0..60 {
-            assert!(!g.observe(&format!("c{c}"), StatusCode::OK, now));
+            assert!(!g.observe(&ClientKey::from_text(&format!("c{c}")), StatusCode::OK, now));
         }
-        let rewritten =
-            (0..60).filter(|c| g.observe(&format!("c{c}"), StatusCode::UNAUTHORIZED, now)).count();
+        let rewritten = (0..60)
+            .filter(|c| g.observe(&ClientKey::from_text(&format!("c{c}")), StatusCode::UNAUTHORIZED, now))
+            .count();
         assert!(g.tripped());
         assert!(rewritten > 30, "{rewritten}");
         // A client that never succeeded gets its 401 unchanged.
-        assert!(!g.observe("stranger", StatusCode::UNAUTHORIZED, now));
+        assert!(!g.observe(&ClientKey::from_text("stranger"), StatusCode::UNAUTHORIZED, now));
         // The upstream heals: successes push the share down, the guard resets.
         let later = now + Duration::from_secs(11);
         for c in 0..60 {
-            g.observe(&format!("c{c}"), StatusCode::OK, later);
+            g.observe(&ClientKey::from_text(&format!("c{c}")), StatusCode::OK, later);
         }
         assert!(!g.tripped());
-        assert!(!g.observe("c1", StatusCode::UNAUTHORIZED, later));
+        assert!(!g.observe(&ClientKey::from_text("c1"), StatusCode::UNAUTHORIZED, later));
     }
 
     #[tokio::test(start_paused = true)]
@@ -248,9 +248,9 @@ mod tests {
         let g = guard();
         let now = Instant::now();
         for c in 0..100 {
-            g.observe(&format!("c{c}"), StatusCode::OK, now);
+            g.observe(&ClientKey::from_text(&format!("c{c}")), StatusCode::OK, now);
         }
-        assert!(!g.observe("c3", StatusCode::UNAUTHORIZED, now));
+        assert!(!g.observe(&ClientKey::from_text("c3"), StatusCode::UNAUTHORIZED, now));
         assert!(!g.tripped());
     }
 }

@@ -101,7 +101,7 @@ impl Stage for RateLimit {
         let now = Instant::now();
         let admitted = match &self.split.enforce {
             None => None,
-            Some(limits) => match self.store.check_now(limits, client.as_str(), now) {
+            Some(limits) => match self.store.check_now(limits, &client, now) {
                 Some(decided) => match verdict(limits, decided, &client) {
                     Ok(admitted) => admitted,
                     Err(shed) => return Either::Left(Either::Left(ready(Err(shed)))),
@@ -110,7 +110,7 @@ impl Stage for RateLimit {
             },
         };
         if let Some(limits) = &self.split.shadow {
-            match self.store.check_now(limits, client.as_str(), now) {
+            match self.store.check_now(limits, &client, now) {
                 Some(decided) => self.report(decided, &client, &mut req),
                 None => return Either::Right(Box::pin(self.ask_redis(req, client, Some(admitted), next))),
             }
@@ -137,15 +137,15 @@ impl RateLimit {
             (Some(admitted), _) => (admitted, true),
             (None, None) => (None, false),
             (None, Some(limits)) => {
-                let decided = self.store.check_redis(limits, client.as_str(), Instant::now()).await;
+                let decided = self.store.check_redis(limits, &client, Instant::now()).await;
                 (verdict(limits, decided, &client)?, false)
             }
         };
         if let Some(limits) = &self.split.shadow {
             let now = Instant::now();
             let decided = match shadow_handed_on {
-                true => self.store.check_redis(limits, client.as_str(), now).await,
-                false => self.store.check(limits, client.as_str(), now).await,
+                true => self.store.check_redis(limits, &client, now).await,
+                false => self.store.check(limits, &client, now).await,
             };
             self.report(decided, &client, &mut req);
         }

@@ -119,6 +119,7 @@ mod tests {
     use tokio::time::Instant;
 
     use super::*;
+    use crate::context::ClientKey;
     use crate::stack::auth_guard::AuthGuard;
     use crate::stack::storm::Storm;
     use crate::store::{RouteLimits, Store};
@@ -158,7 +159,7 @@ mod tests {
             routes.push((RouteLimits::new(&r.name, &r.limits), storm, guard));
         }
         for i in 0..3 * max_clients {
-            let client = format!("client-{i}");
+            let client = ClientKey::from_text(&format!("client-{i}"));
             for (limits, storm, guard) in &routes {
                 store.check(limits, &client, now).await.unwrap();
                 let fp = storm.fingerprint(&client, &Method::GET, &uri, None);

@@ -28,6 +28,7 @@ use tokio::time::Instant;
 
 use super::clock::ClockMap;
 use super::gcra::{self, Gcra, Outcome};
+use crate::context::ClientKey;
 
 pub use crate::config::MAX_LIMITS;
 
@@ -76,11 +77,11 @@ impl MemoryStore {
     }
 
     /// The store's key for a client on a route.
-    pub fn key(&self, route: &str, client: &str) -> u64 {
+    pub fn key(&self, route: &str, client: &ClientKey) -> u64 {
         let mut h = self.seed.build_hasher();
         h.write(route.as_bytes());
         h.write_u8(0xff);
-        h.write(client.as_bytes());
+        h.write_u64(client.hash64());
         h.finish()
     }
 
@@ -182,21 +183,25 @@ mod tests {
     fn clients_have_their_own_buckets() {
         let s = MemoryStore::new(100);
         let l = [limit(1, 2)];
-        let (a, b) = (s.key("r", "a"), s.key("r", "b"));
+        let (a, b) = (s.key("r", &ClientKey::from_text("a")), s.key("r", &ClientKey::from_text("b")));
         assert!(s.check(a, &l, &ID, 1).allowed);
         assert!(s.check(a, &l, &ID, 1).allowed);
         assert!(!s.check(a, &l, &ID, 1).allowed);
         assert!(s.check(b, &l, &ID, 1).allowed, "b is not limited by a");
-        assert_ne!(s.key("r1", "a"), s.key("r2", "a"), "routes keep separate state");
+        assert_ne!(
+            s.key("r1", &ClientKey::from_text("a")),
+            s.key("r2", &ClientKey::from_text("a")),
+            "routes keep separate state"
+        );
     }
 
     #[test]
     fn the_cap_holds_and_the_least_recently_seen_go_first() {
         let s = MemoryStore::new(1000);
         let l = [limit(1, 1)];
-        let keep = s.key("r", "regular");
+        let keep = s.key("r", &ClientKey::from_text("regular"));
         for i in 0..100_000u64 {
-            s.check(s.key("r", &i.to_string()), &l, &ID, 1);
+            s.check(s.key("r", &ClientKey::from_text(&i.to_string())), &l, &ID, 1);
             if i % 100 == 0 {
                 s.check(keep, &l, &ID, 1);
             }
@@ -204,14 +209,17 @@ mod tests {
         assert!(s.len() <= s.capacity(), "{} > {}", s.len(), s.capacity());
         assert!(s.len() >= s.capacity() * 9 / 10, "tracked {} of {}", s.len(), s.capacity());
         assert!(s.peek(keep).is_some(), "a client seen often survives");
-        assert!(s.peek(s.key("r", "0")).is_none(), "the first one-off client was evicted");
+        assert!(
+            s.peek(s.key("r", &ClientKey::from_text("0"))).is_none(),
+            "the first one-off client was evicted"
+        );
     }
 
     #[tokio::test]
     async fn full_buckets_are_swept() {
         let s = MemoryStore::new(100);
         let l = [limit(10, 10)]; // 100ms interval
-        let k = s.key("r", "c");
+        let k = s.key("r", &ClientKey::from_text("c"));
         s.check(k, &l, &ID, 1_000);
         assert_eq!(s.sweep(1_000).await, 0, "not full yet");
         assert_eq!(s.sweep(1_000 + 100_000_000).await, 1);
@@ -222,7 +230,7 @@ mod tests {
     fn remove_resets_a_client() {
         let s = MemoryStore::new(10);
         let l = [limit(1, 1)];
-        let k = s.key("r", "c");
+        let k = s.key("r", &ClientKey::from_text("c"));
         assert!(s.check(k, &l, &ID, 5).allowed);
         assert!(!s.check(k, &l, &ID, 5).allowed);
         assert!(s.remove(k));
@@ -255,7 +263,7 @@ mod identity_tests {
     #[test]
     fn a_reorder_keeps_each_limits_state_and_a_changed_limit_starts_afresh() {
         let s = MemoryStore::new(100);
-        let k = s.key("r", "c");
+        let k = s.key("r", &ClientKey::from_text("c"));
         let (second, hour) = (g(2, 1, 2), g(100, 3600, 100));
         let (sid, hid) = (limit_id("2/s:b2"), limit_id("100/h:b100"));
         let t0 = 1_000_000_000;

@@ -22,6 +22,7 @@ use http::HeaderValue;
 use tokio::time::Instant;
 
 use crate::config::{Limit, Mode, OnFailure, StoreConfig, StoreKind};
+use crate::context::ClientKey;
 use crate::metrics as m;
 use budget::{ClientBudget, Shares};
 use gcra::Gcra;
@@ -209,7 +210,7 @@ impl Store {
     pub async fn check(
         &self,
         limits: &RouteLimits,
-        client: &str,
+        client: &ClientKey,
         now: Instant,
     ) -> Result<Decision, StoreError> {
         match self.check_now(limits, client, now) {
@@ -227,7 +228,7 @@ impl Store {
     pub fn check_now(
         &self,
         limits: &RouteLimits,
-        client: &str,
+        client: &ClientKey,
         now: Instant,
     ) -> Option<Result<Decision, StoreError>> {
         match &self.redis {
@@ -241,11 +242,11 @@ impl Store {
     pub async fn check_redis(
         &self,
         limits: &RouteLimits,
-        client: &str,
+        client: &ClientKey,
         now: Instant,
     ) -> Result<Decision, StoreError> {
         let Some(redis) = &self.redis else { return Ok(self.check_local(limits, client, now)) };
-        let keys = RedisStore::keys(&limits.route, client, &limits.identities);
+        let keys = RedisStore::keys(&limits.route, client.as_str(), &limits.identities);
         match redis.check(&keys, &limits.us).await {
             Ok(o) => {
                 let d = Decision {
@@ -266,7 +267,12 @@ impl Store {
     }
 
     /// `store.on_failure` for a decision Redis could not make.
-    fn on_failure(&self, limits: &RouteLimits, client: &str, now: Instant) -> Result<Decision, StoreError> {
+    fn on_failure(
+        &self,
+        limits: &RouteLimits,
+        client: &ClientKey,
+        now: Instant,
+    ) -> Result<Decision, StoreError> {
         match self.config.on_failure {
             OnFailure::Local => Ok(self.check_local(limits, client, now)),
             OnFailure::Allow => Ok(Decision {
@@ -280,7 +286,7 @@ impl Store {
         }
     }
 
-    fn check_local(&self, limits: &RouteLimits, client: &str, now: Instant) -> Decision {
+    fn check_local(&self, limits: &RouteLimits, client: &ClientKey, now: Instant) -> Decision {
         let key = self.memory.key(&limits.route, client);
         let o = self.memory.check(key, &limits.ns, &limits.ids, self.memory.ticks(now));
         Decision {
@@ -293,10 +299,15 @@ impl Store {
     }
 
     /// The client's state on each limit, or `None` when nothing is tracked.
-    pub async fn peek(&self, limits: &RouteLimits, client: &str, now: Instant) -> Option<Vec<LimitState>> {
+    pub async fn peek(
+        &self,
+        limits: &RouteLimits,
+        client: &ClientKey,
+        now: Instant,
+    ) -> Option<Vec<LimitState>> {
         let (tats, now_ticks, gcras) = match &self.redis {
             Some(redis) if redis.is_up() => {
-                let keys = RedisStore::keys(&limits.route, client, &limits.identities);
+                let keys = RedisStore::keys(&limits.route, client.as_str(), &limits.identities);
                 let (now, tats) = redis.peek(&keys).await.ok()?;
                 (tats, now, &limits.us)
             }
@@ -329,13 +340,13 @@ impl Store {
     /// Resets the client on the route (in Redis, in this node's memory and
     /// refusal memory, and in every other replica's refusal memory through
     /// pub/sub). Returns whether anything was tracked.
-    pub async fn reset(&self, limits: &RouteLimits, client: &str) -> bool {
+    pub async fn reset(&self, limits: &RouteLimits, client: &ClientKey) -> bool {
         let mut found = self.memory.remove(self.memory.key(&limits.route, client));
         if let Some(redis) = &self.redis {
             found |= redis.refusals.forget(&limits.route, client);
-            let keys = RedisStore::keys(&limits.route, client, &limits.identities);
+            let keys = RedisStore::keys(&limits.route, client.as_str(), &limits.identities);
             found |= redis.delete(&keys).await.is_ok_and(|n| n > 0);
-            redis.announce_reset(&limits.route, client).await;
+            redis.announce_reset(&limits.route, client.as_str()).await;
         }
         found
     }
@@ -354,7 +365,12 @@ impl Store {
 
 /// A refusal Redis decided for this client and these limits that still holds:
 /// answered here, at no cost to Redis (see [`refusals`]).
-fn remembered(redis: &RedisStore, limits: &RouteLimits, client: &str, now: Instant) -> Option<Decision> {
+fn remembered(
+    redis: &RedisStore,
+    limits: &RouteLimits,
+    client: &ClientKey,
+    now: Instant,
+) -> Option<Decision> {
     let r = redis.refusals.get(&limits.route, client, refusals::fingerprint(&limits.ids), now)?;
     Some(Decision {
         allowed: false,
@@ -368,7 +384,7 @@ fn remembered(redis: &RedisStore, limits: &RouteLimits, client: &str, now: Insta
 /// Remembers a refusal Redis decided, until its retry time; and an admission
 /// that took the tightest limit's last token, as a refusal until its next
 /// token (`refusals.rs`).
-fn remember(redis: &RedisStore, limits: &RouteLimits, client: &str, now: Instant, d: &Decision) {
+fn remember(redis: &RedisStore, limits: &RouteLimits, client: &ClientKey, now: Instant, d: &Decision) {
     let Some(tightest) = d.tightest else { return };
     let retry_after = match (d.allowed, d.remaining, limits.us.get(tightest)) {
         (false, _, _) => d.retry_after,

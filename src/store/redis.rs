@@ -41,6 +41,7 @@ use redis::Script;
 use super::gcra::Gcra;
 use super::refusals::Refusals;
 use super::StoreError;
+use crate::context::ClientKey;
 use crate::metrics as m;
 
 const PROBE_EVERY: Duration = Duration::from_millis(250);
@@ -333,7 +334,7 @@ async fn follow(store: &Weak<RedisStore>, pubsub: redis::aio::PubSub) {
                     continue;
                 };
                 if let (Some(route), Some(client)) = (v["route"].as_str(), v["client"].as_str()) {
-                    s.refusals.forget(route, client);
+                    s.refusals.forget(route, &ClientKey::from_text(client));
                 }
             }
             _ = tick.tick() => {

@@ -38,6 +38,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::clock::ClockMap;
+use crate::context::ClientKey;
 
 /// One remembered refusal; instants in nanoseconds since the memory's epoch.
 #[derive(Debug, Clone, Copy, Default)]
@@ -86,11 +87,11 @@ impl Refusals {
         }
     }
 
-    fn key(&self, route: &str, client: &str) -> u64 {
+    fn key(&self, route: &str, client: &ClientKey) -> u64 {
         let mut h = self.seed.build_hasher();
         h.write(route.as_bytes());
         h.write_u8(0xff);
-        h.write(client.as_bytes());
+        h.write_u64(client.hash64());
         h.finish()
     }
 
@@ -102,7 +103,7 @@ impl Refusals {
     /// (a fingerprint of their identities), if it still holds at `now`.
     /// `None` means: ask Redis (and, when the refusal just ran out, this
     /// request is the one that asks for the node; see the module's doc).
-    pub fn get(&self, route: &str, client: &str, limits: u32, now: Instant) -> Option<Remembered> {
+    pub fn get(&self, route: &str, client: &ClientKey, limits: u32, now: Instant) -> Option<Remembered> {
         let key = self.key(route, client);
         let r = self.map.peek(key)?;
         let now = self.ticks(now);
@@ -135,12 +136,12 @@ impl Refusals {
 
     /// Redis admitted a request of `client` with tokens to spare: whatever
     /// is remembered (a finished probe) no longer holds anyone back.
-    pub fn admitted(&self, route: &str, client: &str) {
+    pub fn admitted(&self, route: &str, client: &ClientKey) {
         self.map.remove(self.key(route, client));
     }
 
     /// Remembers Redis's refusal of a request that arrived at `now`.
-    pub fn remember(&self, route: &str, client: &str, limits: u32, now: Instant, refused: Remembered) {
+    pub fn remember(&self, route: &str, client: &ClientKey, limits: u32, now: Instant, refused: Remembered) {
         if refused.retry_after.is_zero() {
             return;
         }
@@ -157,7 +158,7 @@ impl Refusals {
     }
 
     /// Forgets `client` on `route` (an operator's reset); true when remembered.
-    pub fn forget(&self, route: &str, client: &str) -> bool {
+    pub fn forget(&self, route: &str, client: &ClientKey) -> bool {
         self.map.remove(self.key(route, client))
     }
 
@@ -211,15 +212,19 @@ mod tests {
     async fn a_refusal_holds_until_its_retry_time_and_counts_down() {
         let r = Refusals::new(100, Duration::from_millis(50));
         let t0 = Instant::now();
-        r.remember("api", "dev", 7, t0, refused(1000));
-        let got = r.get("api", "dev", 7, t0 + Duration::from_millis(400)).unwrap();
+        r.remember("api", &ClientKey::from_text("dev"), 7, t0, refused(1000));
+        let got = r.get("api", &ClientKey::from_text("dev"), 7, t0 + Duration::from_millis(400)).unwrap();
         assert_eq!(got.retry_after, Duration::from_millis(600));
         assert_eq!(got.reset, Duration::from_millis(1600));
         assert_eq!(got.tightest, 1);
-        assert_eq!(r.get("api", "dev", 7, t0 + Duration::from_millis(1000)), None, "due: ask Redis");
-        assert_eq!(r.get("api", "other", 7, t0), None);
-        assert_eq!(r.get("web", "dev", 7, t0), None);
-        assert_eq!(r.get("api", "dev", 8, t0), None, "changed limits: ask Redis");
+        assert_eq!(
+            r.get("api", &ClientKey::from_text("dev"), 7, t0 + Duration::from_millis(1000)),
+            None,
+            "due: ask Redis"
+        );
+        assert_eq!(r.get("api", &ClientKey::from_text("other"), 7, t0), None);
+        assert_eq!(r.get("web", &ClientKey::from_text("dev"), 7, t0), None);
+        assert_eq!(r.get("api", &ClientKey::from_text("dev"), 8, t0), None, "changed limits: ask Redis");
         // Kept through the probe's window (the request that asked at 1000 ms
         // holds the others until 1050 ms), then swept.
         assert_eq!(r.sweep(t0 + Duration::from_millis(1099)).await, 0);
@@ -231,33 +236,39 @@ mod tests {
     fn when_a_refusal_runs_out_one_request_asks_and_the_others_wait_on_it() {
         let r = Refusals::new(100, Duration::from_millis(50));
         let t0 = Instant::now();
-        r.remember("api", "dev", 7, t0, refused(1000));
+        r.remember("api", &ClientKey::from_text("dev"), 7, t0, refused(1000));
         let due = t0 + Duration::from_millis(1000);
-        assert_eq!(r.get("api", "dev", 7, due), None, "the first request asks Redis");
-        let waiting = r.get("api", "dev", 7, due + Duration::from_millis(10)).expect("the others wait");
+        assert_eq!(r.get("api", &ClientKey::from_text("dev"), 7, due), None, "the first request asks Redis");
+        let waiting = r
+            .get("api", &ClientKey::from_text("dev"), 7, due + Duration::from_millis(10))
+            .expect("the others wait");
         assert_eq!(waiting.retry_after, Duration::from_millis(40), "until the probe's window ends");
-        assert_eq!(r.get("api", "dev", 7, due + Duration::from_millis(50)), None, "no answer: ask again");
+        assert_eq!(
+            r.get("api", &ClientKey::from_text("dev"), 7, due + Duration::from_millis(50)),
+            None,
+            "no answer: ask again"
+        );
         // Redis admitted it with tokens to spare: nobody is held back any more.
-        r.admitted("api", "dev");
-        assert_eq!(r.get("api", "dev", 7, due + Duration::from_millis(51)), None);
+        r.admitted("api", &ClientKey::from_text("dev"));
+        assert_eq!(r.get("api", &ClientKey::from_text("dev"), 7, due + Duration::from_millis(51)), None);
         assert!(r.is_empty());
         // A refusal that ran out long ago holds nobody: every request asks.
-        r.remember("api", "old", 7, t0, refused(10));
+        r.remember("api", &ClientKey::from_text("old"), 7, t0, refused(10));
         let later = t0 + Duration::from_secs(5);
-        assert_eq!(r.get("api", "old", 7, later), None);
-        assert_eq!(r.get("api", "old", 7, later), None);
+        assert_eq!(r.get("api", &ClientKey::from_text("old"), 7, later), None);
+        assert_eq!(r.get("api", &ClientKey::from_text("old"), 7, later), None);
     }
 
     #[test]
     fn forget_and_clear() {
         let r = Refusals::new(100, Duration::from_millis(50));
         let t0 = Instant::now();
-        r.remember("api", "a", 1, t0, refused(1000));
-        r.remember("api", "b", 1, t0, refused(1000));
-        assert!(r.forget("api", "a"));
-        assert!(!r.forget("api", "a"));
-        assert_eq!(r.get("api", "a", 1, t0), None);
-        assert!(r.get("api", "b", 1, t0).is_some());
+        r.remember("api", &ClientKey::from_text("a"), 1, t0, refused(1000));
+        r.remember("api", &ClientKey::from_text("b"), 1, t0, refused(1000));
+        assert!(r.forget("api", &ClientKey::from_text("a")));
+        assert!(!r.forget("api", &ClientKey::from_text("a")));
+        assert_eq!(r.get("api", &ClientKey::from_text("a"), 1, t0), None);
+        assert!(r.get("api", &ClientKey::from_text("b"), 1, t0).is_some());
         r.clear();
         assert!(r.is_empty());
     }
@@ -266,11 +277,14 @@ mod tests {
     fn bounded_by_its_share_and_a_hot_client_stays() {
         let r = Refusals::new(1000, Duration::from_millis(50));
         let t0 = Instant::now();
-        r.remember("api", "hot", 1, t0, refused(60_000));
+        r.remember("api", &ClientKey::from_text("hot"), 1, t0, refused(60_000));
         for i in 0..20_000 {
-            r.remember("api", &format!("c{i}"), 1, t0, refused(60_000));
+            r.remember("api", &ClientKey::from_text(&format!("c{i}")), 1, t0, refused(60_000));
             if i % 100 == 0 {
-                assert!(r.get("api", "hot", 1, t0).is_some(), "the hot client was evicted at {i}");
+                assert!(
+                    r.get("api", &ClientKey::from_text("hot"), 1, t0).is_some(),
+                    "the hot client was evicted at {i}"
+                );
             }
         }
         assert!(r.len() <= r.capacity() && r.capacity() <= 1000, "{} of {}", r.len(), r.capacity());

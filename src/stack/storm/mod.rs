@@ -108,23 +108,20 @@ impl Storm {
         super::millis_since(self.epoch, now)
     }
 
-    fn client_key(&self, client: &str) -> u64 {
-        let mut h = self.seed.build_hasher();
-        h.write(client.as_bytes());
-        h.finish()
+    fn client_key(&self, client: &ClientKey) -> u64 {
+        self.seed.hash_one(client.hash64())
     }
 
     /// A request's fingerprint: method, path, query and (small) body.
     pub fn fingerprint(
         &self,
-        client: &str,
+        client: &ClientKey,
         method: &http::Method,
         uri: &http::Uri,
         body: Option<&[u8]>,
     ) -> u64 {
         let mut h = self.seed.build_hasher();
-        h.write(client.as_bytes());
-        h.write_u8(0);
+        h.write_u64(client.hash64());
         h.write(method.as_str().as_bytes());
         h.write(uri.path().as_bytes());
         h.write_u8(b'?');
@@ -137,7 +134,7 @@ impl Storm {
     }
 
     /// Decides one request: `Err` sheds it, `Ok` admits it (then call [`Storm::finish`]).
-    pub fn observe(&self, client: &str, fingerprint: u64, now: Instant) -> Result<(), Shed> {
+    pub fn observe(&self, client: &ClientKey, fingerprint: u64, now: Instant) -> Result<(), Shed> {
         let now_ms = self.ms(now);
         let streak = self.route_growth.observe(&self.growth, now_ms);
         let alarm = streak >= u32::from(self.growth.intervals);
@@ -161,7 +158,7 @@ impl Storm {
                 if new {
                     // No client key at info/warn (SPEC, admin rules): the key is in the admin API's top offenders.
                     tracing::warn!(route = %self.route, quarantine_ms = left_ms, "callback bomb: a client quarantined");
-                    tracing::debug!(route = %self.route, client, quarantine_ms = left_ms, "callback bomb: client quarantined");
+                    tracing::debug!(route = %self.route, client = client.as_str(), quarantine_ms = left_ms, "callback bomb: client quarantined");
                 }
                 return Err(Shed::new(Reason::CallbackBomb)
                     .retry_after(Duration::from_millis(left_ms))
@@ -210,7 +207,7 @@ impl Storm {
     }
 
     /// The client's storm state, for the admin API; `None` when not tracked.
-    pub fn client_state(&self, client: &str, now: Instant) -> Option<serde_json::Value> {
+    pub fn client_state(&self, client: &ClientKey, now: Instant) -> Option<serde_json::Value> {
         let g = self.clients.peek(self.client_key(client))?;
         let now_ms = self.ms(now);
         let left = g.quarantined_until.saturating_sub(now_ms);
@@ -224,7 +221,7 @@ impl Storm {
     }
 
     /// Lifts the client's quarantine; true when it was tracked.
-    pub fn reset(&self, client: &str) -> bool {
+    pub fn reset(&self, client: &ClientKey) -> bool {
         self.clients.remove(self.client_key(client))
     }
 }
@@ -330,8 +327,8 @@ impl Detect {
         body: Option<&[u8]>,
         next: &'a N,
     ) -> impl Future<Output = Answer> + Send + 'a {
-        let fingerprint = self.storm.fingerprint(client.as_str(), req.method(), req.uri(), body);
-        let in_flight = match self.storm.observe(client.as_str(), fingerprint, Instant::now()) {
+        let fingerprint = self.storm.fingerprint(&client, req.method(), req.uri(), body);
+        let in_flight = match self.storm.observe(&client, fingerprint, Instant::now()) {
             Ok(_) => Some(InFlight { storm: &self.storm, fingerprint, failed: true }),
             Err(shed) if self.mode == Mode::Enforce => return Either::Left(ready(Err(shed.client(client)))),
             Err(shed) => {
