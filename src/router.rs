@@ -10,14 +10,19 @@
 //!
 //! Cost: one hash lookup per distinct prefix length in the group (usually a
 //! handful), independent of the number of routes; see `benches/router.rs`.
+//! The tables hash with foldhash (seeded per process), not SipHash: their keys
+//! come from the config, so a client's path can lengthen no probe, and SipHash
+//! cost a routed request about 150 instructions.
 
 use std::collections::HashMap;
+
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Routes of one host group, indexed by prefix length, longest first.
 #[derive(Debug, Default)]
 struct Group {
     /// (prefix length, prefix → route index), sorted by length descending.
-    by_len: Vec<(usize, HashMap<Box<str>, usize>)>,
+    by_len: Vec<(usize, Map<Box<str>, usize>)>,
 }
 
 impl Group {
@@ -26,7 +31,7 @@ impl Group {
         let pos = match self.by_len.binary_search_by(|(l, _)| len.cmp(l)) {
             Ok(p) => p,
             Err(p) => {
-                self.by_len.insert(p, (len, HashMap::new()));
+                self.by_len.insert(p, (len, Map::default()));
                 p
             }
         };
@@ -42,7 +47,7 @@ impl Group {
 /// A compiled routing table over values of type `T`.
 #[derive(Debug)]
 pub struct Router<T> {
-    by_host: HashMap<String, Group>,
+    by_host: Map<String, Group>,
     any_host: Group,
     routes: Vec<T>,
 }
@@ -51,7 +56,7 @@ impl<T> Router<T> {
     /// Builds the table from `(host, path_prefix, value)` in declaration order;
     /// a `None` host matches any host.
     pub fn new(entries: impl IntoIterator<Item = (Option<String>, String, T)>) -> Self {
-        let mut router = Router { by_host: HashMap::new(), any_host: Group::default(), routes: Vec::new() };
+        let mut router = Router { by_host: Map::default(), any_host: Group::default(), routes: Vec::new() };
         for (host, prefix, value) in entries {
             let idx = router.routes.len();
             router.routes.push(value);
