@@ -5,7 +5,11 @@
 //! scraper cannot slow traffic. Labels are routes, upstreams, endpoints, reasons
 //! and status codes, all bounded by the config: never a client key.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
+
+use dashmap::DashMap;
+use metrics::Counter;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
@@ -135,7 +139,83 @@ fn describe() {
     );
 }
 
+/// Counter handles by a small key (a status and an outcome; an endpoint and a
+/// status), so that counting a request looks up no labels. The first
+/// [`CounterCache::HOT`] keys seen take a fixed slot each, found by comparing
+/// a word per slot with no lock and no hash (a route sees a handful of
+/// statuses); any further key goes to a map. Registering a handle (the label
+/// hash and the registry's search) happens once per key.
+#[derive(Default)]
+pub struct CounterCache {
+    hot: [HotSlot; CounterCache::HOT],
+    rest: DashMap<u64, Counter, foldhash::fast::RandomState>,
+}
+
+#[derive(Default)]
+struct HotSlot {
+    /// The key plus one; 0: free.
+    tag: AtomicU64,
+    counter: OnceLock<Counter>,
+}
+
+impl CounterCache {
+    pub const HOT: usize = 8;
+
+    /// Adds one to the counter of `key`, registering it with `register` the
+    /// first time the key is seen.
+    pub fn increment(&self, key: u64, register: impl FnOnce() -> Counter) {
+        let tag = key.saturating_add(1);
+        for slot in &self.hot {
+            let seen = match slot.tag.load(Ordering::Acquire) {
+                0 => match slot.tag.compare_exchange(0, tag, Ordering::AcqRel, Ordering::Acquire) {
+                    Ok(_) => tag,
+                    Err(other) => other,
+                },
+                seen => seen,
+            };
+            if seen == tag {
+                // A racing first use of the same key waits for one registration.
+                slot.counter.get_or_init(register).increment(1);
+                return;
+            }
+        }
+        self.rest.entry(key).or_insert_with(register).increment(1);
+    }
+}
+
 /// Seconds since the Unix epoch, for timestamp gauges.
 pub fn unix_now() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Arc;
+
+    use super::*;
+
+    /// Every key counts into its own handle, registered once, whether it took
+    /// a hot slot or went to the map.
+    #[test]
+    fn each_key_is_registered_once_and_counted_in_its_own_handle() {
+        const KEYS: u64 = CounterCache::HOT as u64 + 4;
+        let cache = CounterCache::default();
+        let handles: Vec<Arc<AtomicU64>> = (0..KEYS).map(|_| Arc::new(AtomicU64::new(0))).collect();
+        let registered = AtomicUsize::new(0);
+        for round in 1..=3u64 {
+            for key in 0..KEYS {
+                for _ in 0..=key {
+                    cache.increment(key, || {
+                        registered.fetch_add(1, Ordering::Relaxed);
+                        Counter::from_arc(handles[key as usize].clone())
+                    });
+                }
+            }
+            assert_eq!(registered.load(Ordering::Relaxed), KEYS as usize, "round {round}");
+            for key in 0..KEYS {
+                assert_eq!(handles[key as usize].load(Ordering::Relaxed), round * (key + 1), "key {key}");
+            }
+        }
+    }
 }

@@ -5,11 +5,9 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use dashmap::DashMap;
 use http::header::{HeaderValue, CONTENT_LENGTH, HOST};
 use http::{Request, Response};
 use hyper::body::Incoming;
-use metrics::Counter;
 use tokio::time::Instant;
 
 use http_body::Body as _;
@@ -18,6 +16,7 @@ use http_body_util::BodyExt;
 use crate::body::{self, Body, BodyFault, ClientBody, Fault};
 use crate::context::{new_request_id, RequestContext, Scheme};
 use crate::listener::{plain_http, ConnInfo, ConnLimits, Handler};
+use crate::metrics::CounterCache;
 use crate::respond::{Reason, Shed};
 use crate::runtime::{record, Label, Route, Runtime};
 use crate::stack::BoxFuture;
@@ -30,7 +29,7 @@ use tokio::sync::watch;
 pub struct Proxy {
     runtime: Arc<ArcSwap<Runtime>>,
     /// Requests that matched no route, or failed before routing.
-    unrouted: DashMap<(u16, Label), Counter>,
+    unrouted: CounterCache,
     unrouted_name: Arc<str>,
     /// The HTTPS listener's bound port, for redirects and 426 bodies (the
     /// configured port may be 0 in tests).
@@ -50,7 +49,7 @@ impl Proxy {
     ) -> Self {
         Proxy {
             runtime,
-            unrouted: DashMap::new(),
+            unrouted: CounterCache::default(),
             unrouted_name: Arc::from("none"),
             https_port,
             samples,

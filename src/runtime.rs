@@ -6,11 +6,10 @@
 
 use std::sync::{Arc, OnceLock};
 
-use dashmap::DashMap;
 use metrics::{Counter, Histogram, SharedString};
 
 use crate::config::{Config, RouteConfig};
-use crate::metrics as m;
+use crate::metrics::{self as m, CounterCache};
 use crate::respond::Reason;
 use crate::router::Router;
 use crate::stack::client_id::ClientId;
@@ -76,8 +75,8 @@ pub struct Route {
     pub(crate) service: RouteService,
     pub(crate) duration: Histogram,
     /// `levee_requests_total` handles by (status, outcome): registered once per
-    /// combination seen, so the hot path does one map lookup, not a label hash.
-    requests: DashMap<(u16, Label), Counter>,
+    /// combination seen, so the hot path compares a few words, not a label hash.
+    requests: CounterCache,
     /// `levee_shed_total` handles by reason (`Reason as usize`), registered
     /// at the first refusal of each: a refusal is the hot path of a client
     /// being shed, and takes no lock here.
@@ -118,7 +117,7 @@ impl Route {
             duration: metrics::histogram!(m::REQUEST_DURATION, "route" => SharedString::from(name.clone())),
             name,
             service,
-            requests: DashMap::new(),
+            requests: CounterCache::default(),
             shed: Default::default(),
             stats,
             client_id: ClientId::new(&config),
@@ -141,15 +140,12 @@ impl Route {
     }
 }
 
-pub(crate) fn record(cache: &DashMap<(u16, Label), Counter>, route: &Arc<str>, status: u16, outcome: Label) {
-    if let Some(c) = cache.get(&(status, outcome)) {
-        c.increment(1);
-        return;
-    }
-    let c = metrics::counter!(m::REQUESTS_TOTAL,
-        "route" => SharedString::from(route.clone()),
-        "status" => status.to_string(),
-        "outcome" => outcome.as_str());
-    c.increment(1);
-    cache.insert((status, outcome), c);
+/// One request in `levee_requests_total` (`route` is "none" for requests no route took).
+pub(crate) fn record(cache: &CounterCache, route: &Arc<str>, status: u16, outcome: Label) {
+    cache.increment(u64::from(status) << 2 | outcome as u64, || {
+        metrics::counter!(m::REQUESTS_TOTAL,
+            "route" => SharedString::from(route.clone()),
+            "status" => status.to_string(),
+            "outcome" => outcome.as_str())
+    });
 }

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use http::{Request, Response};
-use metrics::{Counter, Histogram, SharedString};
+use metrics::{Histogram, SharedString};
 use tokio::time::Instant;
 
 use crate::body::{Body, Guarded};
@@ -61,7 +61,7 @@ pub struct Upstream {
     /// In-flight requests, by priority and tenant (the `admission` stage).
     pub concurrency: Arc<Concurrency>,
     /// `levee_upstream_requests_total` handles by (endpoint, status).
-    counters: dashmap::DashMap<(usize, u16), Counter>,
+    counters: crate::metrics::CounterCache,
     /// When a connect failure was last logged at warn (ms since `origin`, 0: never).
     last_connect_warning_ms: AtomicU64,
     origin: Instant,
@@ -100,7 +100,7 @@ impl Upstream {
             outlier: Outlier::new(config.outlier.clone(), name.clone(), &labels, origin),
             budget: RetryBudget::new(&config.retry, origin),
             concurrency: Arc::new(Concurrency::new(config.max_concurrency)),
-            counters: dashmap::DashMap::new(),
+            counters: Default::default(),
             clients: Clients::new(config.connect_timeout, config.tls.as_ref(), &config.endpoints),
             duration: metrics::histogram!(m::UPSTREAM_DURATION, "upstream" => name.clone()),
             endpoints,
@@ -208,16 +208,12 @@ impl Upstream {
     /// (endpoint, status) so the hot path does one map lookup, not a label hash
     /// and a registry search. Errors use codes below 100 (see [`error_code`]).
     fn count(&self, idx: usize, code: u16) {
-        if let Some(c) = self.counters.get(&(idx, code)) {
-            c.increment(1);
-            return;
-        }
-        let c = metrics::counter!(m::UPSTREAM_REQUESTS_TOTAL,
-            "upstream" => self.name.clone(),
-            "endpoint" => self.endpoints[idx].label.clone(),
-            "status" => status_label(code));
-        c.increment(1);
-        self.counters.insert((idx, code), c);
+        self.counters.increment((idx as u64) << 16 | u64::from(code), || {
+            metrics::counter!(m::UPSTREAM_REQUESTS_TOTAL,
+                "upstream" => self.name.clone(),
+                "endpoint" => self.endpoints[idx].label.clone(),
+                "status" => status_label(code))
+        });
     }
 }
 
