@@ -5,7 +5,7 @@
 //! the bug) the route alarms, and a client needs a single growth, not a streak,
 //! to be quarantined, so the fastest-growing clients go first.
 //!
-//! Bounds: per-client state lives in two [`ClockMap`]s (32 bytes of state per
+//! Bounds: per-client state lives in two [`ClockMap`]s (24 bytes of state per
 //! entry), each capped at its share of `store.max_clients`, the node's one
 //! budget ([`crate::store::budget`]); a sweeper drops idle entries every
 //! second and publishes the quarantine gauges. Cost on the
