@@ -13,7 +13,6 @@ use futures_util::future::Either;
 use futures_util::FutureExt;
 use http::Request;
 
-use super::client_id::Identity;
 use super::{Answer, Next, Stage};
 use crate::body::{Body, Guarded};
 use crate::config::{Priority, RouteConfig};
@@ -47,7 +46,7 @@ impl Stage for Admission {
         req: Request<Body>,
         next: &'a N,
     ) -> impl Future<Output = Answer> + Send + 'a {
-        let tenant = req.extensions().get::<Identity>().and_then(|i| i.tenant.as_ref());
+        let tenant = super::identity(&req).ok().and_then(|i| i.tenant.as_ref());
         match self.concurrency.acquire(self.priority, tenant) {
             // `map`, not an async block: one level less to move the future below through.
             Ok(permit) => Either::Left(

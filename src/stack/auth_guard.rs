@@ -37,7 +37,6 @@ use futures_util::FutureExt;
 use http::{Request, StatusCode};
 use tokio::time::Instant;
 
-use super::client_id::Identity;
 use super::shadow::Shadow;
 use super::{Answer, Next, Stage};
 use crate::body::Body;
@@ -183,7 +182,7 @@ impl Stage for Guard {
         req: Request<Body>,
         next: &'a N,
     ) -> impl Future<Output = Answer> + Send + 'a {
-        let client = req.extensions().get::<Identity>().map(|i| i.client.clone());
+        let client = super::identity(&req).ok().map(|i| i.client.clone());
         // `map`, not an async block: the block would hold the request beside
         // the next stage's future, which holds it too.
         next.run(req).map(move |answer| {

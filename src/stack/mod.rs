@@ -264,6 +264,13 @@ pub fn context<B>(req: &Request<B>) -> Result<&RequestContext, Shed> {
         .ok_or_else(|| Shed::new(Reason::BadRequest).detail("request without context"))
 }
 
+/// Who is asking, as the client-id stage (in every stack) found.
+pub fn identity<B>(req: &Request<B>) -> Result<&client_id::Identity, Shed> {
+    req.extensions()
+        .get::<client_id::Identity>()
+        .ok_or_else(|| Shed::new(Reason::BadRequest).detail("request without identity"))
+}
+
 // === Check: a stage that only says yes or no ===
 
 /// A synchronous decision taken before the request goes further. It may add

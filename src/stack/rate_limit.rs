@@ -38,7 +38,6 @@ use http::header::{HeaderName, HeaderValue};
 use http::Request;
 use tokio::time::Instant;
 
-use super::client_id::Identity;
 use super::shadow::Shadow;
 use super::{Answer, Next, Stage};
 use crate::body::Body;
@@ -94,9 +93,9 @@ impl Stage for RateLimit {
         next: &'a N,
     ) -> impl Future<Output = Answer> + Send + 'a {
         let mut req = req;
-        let Some(client) = req.extensions().get::<Identity>().map(|i| i.client.clone()) else {
-            let shed = Shed::new(Reason::BadRequest).detail("request without identity");
-            return Either::Left(Either::Left(ready(Err(shed))));
+        let client = match super::identity(&req) {
+            Ok(identity) => identity.client.clone(),
+            Err(shed) => return Either::Left(Either::Left(ready(Err(shed)))),
         };
         let now = Instant::now();
         let admitted = match &self.split.enforce {

@@ -123,8 +123,7 @@ impl Stage for Retry {
         }
         let (mut parts, _) = req.into_parts();
         let hint = EndpointHint::default();
-        parts.extensions.insert(hint.clone());
-        let first = next.run(Request::from_parts(parts.clone(), body::full(Bytes::new())));
+        let first = next.run(attempt(&mut parts, &hint, &Bytes::new()));
         Either::Right(Either::Left(first.then(move |result| {
             if !self.retries_after(1, &result) {
                 return Either::Left(ready(result));
@@ -150,8 +149,7 @@ impl Retry {
             Err(_) => return Err(Shed::new(Reason::BadRequest).detail("the request body could not be read")),
         };
         let hint = EndpointHint::default();
-        parts.extensions.insert(hint.clone());
-        let first = next.run(Request::from_parts(parts.clone(), body::full(bytes.clone()))).await;
+        let first = next.run(attempt(&mut parts, &hint, &bytes)).await;
         self.again(parts, bytes, hint, first, next).await
     }
 
@@ -178,11 +176,17 @@ impl Retry {
             hint.avoid = Some(hint.picked.load(Ordering::Relaxed));
             tokio::time::sleep(backoff(policy.backoff, tries, fastrand::f64())).await;
             tries += 1;
-            parts.extensions.insert(hint.clone());
-            result = next.run(Request::from_parts(parts.clone(), body::full(bytes.clone()))).await;
+            result = next.run(attempt(&mut parts, &hint, &bytes)).await;
         }
         result
     }
+}
+
+/// One try's request: the kept head, with the endpoint hint as it stands,
+/// and the kept body.
+fn attempt(parts: &mut http::request::Parts, hint: &EndpointHint, bytes: &Bytes) -> Request<Body> {
+    parts.extensions.insert(hint.clone());
+    Request::from_parts(parts.clone(), body::full(bytes.clone()))
 }
 
 #[cfg(test)]

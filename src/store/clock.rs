@@ -186,14 +186,19 @@ impl<V: Copy + Default> Shard<V> {
         self.len -= 1;
     }
 
-    /// Sets the cap; past it, entries go (CLOCK order) and a table much larger
-    /// than the new cap needs is rebuilt smaller, so a shrunk share gives its
-    /// memory back.
+    /// Sets the cap; past it, entries go (CLOCK order), and a table much
+    /// larger than what it then holds is rebuilt smaller.
     fn set_cap(&mut self, cap: usize) {
         self.cap = cap.max(1);
         while self.len > self.cap {
             self.evict();
         }
+        self.shrink_if_sparse();
+    }
+
+    /// A table four times larger than what it holds is rebuilt smaller, so
+    /// memory goes back after a burst or a shrunk share.
+    fn shrink_if_sparse(&mut self) {
         if self.slots.len() > 16 && self.len * 4 < self.slots.len() {
             let all = self.slots.iter().filter(|s| s.tag != EMPTY).copied().collect();
             self.rebuild(all);
@@ -222,11 +227,7 @@ impl<V: Copy + Default> Shard<V> {
             i = self.next(i);
             steps += 1;
         }
-        // A table far larger than what it holds gives its memory back.
-        if self.slots.len() > 16 && self.len * 4 < self.slots.len() {
-            let all = self.slots.iter().filter(|s| s.tag != EMPTY).copied().collect();
-            self.rebuild(all);
-        }
+        self.shrink_if_sparse();
         before - self.len
     }
 

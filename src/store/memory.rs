@@ -60,6 +60,16 @@ pub fn limit_id(identity: &str) -> u32 {
     h.max(1)
 }
 
+/// A table's key for `client` on `route`: the route's name and the client's
+/// hash ([`ClientKey::hash64`]) under the table's own seed.
+pub(super) fn route_client_key(seed: &foldhash::fast::RandomState, route: &str, client: &ClientKey) -> u64 {
+    let mut h = seed.build_hasher();
+    h.write(route.as_bytes());
+    h.write_u8(0xff);
+    h.write_u64(client.hash64());
+    h.finish()
+}
+
 /// Per-node GCRA state for every (route, client), capped at its share of `max_clients`.
 pub struct MemoryStore {
     map: Arc<ClockMap<Tats>>,
@@ -78,11 +88,7 @@ impl MemoryStore {
 
     /// The store's key for a client on a route.
     pub fn key(&self, route: &str, client: &ClientKey) -> u64 {
-        let mut h = self.seed.build_hasher();
-        h.write(route.as_bytes());
-        h.write_u8(0xff);
-        h.write_u64(client.hash64());
-        h.finish()
+        route_client_key(&self.seed, route, client)
     }
 
     /// Nanoseconds since the store was created: the store's clock.

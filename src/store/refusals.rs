@@ -32,7 +32,6 @@
 //! and stays; an evicted one only costs Redis one decision again), and swept
 //! once the deadline has passed.
 
-use std::hash::{BuildHasher, Hasher};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -88,11 +87,7 @@ impl Refusals {
     }
 
     fn key(&self, route: &str, client: &ClientKey) -> u64 {
-        let mut h = self.seed.build_hasher();
-        h.write(route.as_bytes());
-        h.write_u8(0xff);
-        h.write_u64(client.hash64());
-        h.finish()
+        super::memory::route_client_key(&self.seed, route, client)
     }
 
     fn ticks(&self, now: Instant) -> u64 {

@@ -27,7 +27,7 @@ use crate::body::{Body, Guarded};
 use crate::classify::Outcome;
 use crate::config::UpstreamConfig;
 use crate::context::RequestContext;
-use crate::metrics as m;
+use crate::metrics::{self as m, CounterCache};
 use crate::respond::{Reason, Shed};
 use circuit_breaker::CircuitBreaker;
 use concurrency::Concurrency;
@@ -61,7 +61,7 @@ pub struct Upstream {
     /// In-flight requests, by priority and tenant (the `admission` stage).
     pub concurrency: Arc<Concurrency>,
     /// `levee_upstream_requests_total` handles by (endpoint, status).
-    counters: crate::metrics::CounterCache,
+    counters: CounterCache,
     /// When a connect failure was last logged at warn (ms since `origin`, 0: never).
     last_connect_warning_ms: AtomicU64,
     origin: Instant,

@@ -33,7 +33,6 @@ use http::Request;
 use http_body_util::BodyExt;
 use tokio::time::Instant;
 
-use super::client_id::Identity;
 use super::shadow::Shadow;
 use super::{Answer, Next, Stage, StageFuture};
 use crate::body::{self, Body};
@@ -303,9 +302,9 @@ impl Stage for Detect {
         req: Request<Body>,
         next: &'a N,
     ) -> impl Future<Output = Answer> + Send + 'a {
-        let Some(client) = req.extensions().get::<Identity>().map(|i| i.client.clone()) else {
-            let shed = Shed::new(Reason::BadRequest).detail("request without identity");
-            return Either::Left(Either::Left(ready(Err(shed))));
+        let client = match super::identity(&req) {
+            Ok(identity) => identity.client.clone(),
+            Err(shed) => return Either::Left(Either::Left(ready(Err(shed)))),
         };
         if !hashes_body(&req) {
             return Either::Left(Either::Right(self.pass(req, client, None, next)));
