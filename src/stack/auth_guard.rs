@@ -104,6 +104,10 @@ impl AuthGuard {
         super::millis_since(self.epoch, now)
     }
 
+    fn client_key(&self, client: &ClientKey) -> u64 {
+        self.seed.hash_one(client.hash64())
+    }
+
     /// The per-client map, for the node's budget to cap and count.
     pub fn budget_map(&self) -> Arc<dyn Tracked> {
         self.authorized.clone()
@@ -113,11 +117,16 @@ impl AuthGuard {
         self.tripped.load(Ordering::Relaxed)
     }
 
+    /// Starts loading the client's slot into the cache (a hint, see `stack::warm`).
+    pub fn prefetch(&self, client: &ClientKey) {
+        self.authorized.prefetch(self.client_key(client));
+    }
+
     /// Looks at one relayed response status for `client`; `true` when this
     /// 401 must become 503 `upstream_auth_anomaly`.
     pub fn observe(&self, client: &ClientKey, status: StatusCode, now: Instant) -> bool {
         let now_ms = self.ms(now);
-        let key = self.seed.hash_one(client.hash64());
+        let key = self.client_key(client);
         let recent_ms = u64::try_from(self.config.recently_authorized.as_millis()).unwrap_or(u64::MAX);
         // One map operation: read the last 2xx and record this one (0: never).
         let success = status.is_success();

@@ -3,6 +3,7 @@
 //!
 //! ```text
 //!   request ─► client_id        who is asking (key, tenant, priority)   ─► 400 bad_request
+//!              warm             prefetch the client's table entries
 //!              admission        upstream concurrency, fair share         ─► 503 overloaded        (issue 4)
 //!              storm            callback bombs, retry storms             ─► 429                   (issue 5)
 //!              rate_limit       every [[routes.limits]] via the store    ─► 429 rate_limited / 503 store_unavailable
@@ -29,6 +30,7 @@ pub mod rate_limit;
 pub mod retry;
 pub mod shadow;
 pub mod storm;
+pub mod warm;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -243,6 +245,7 @@ fn compose<I: Next + 'static>(
     stages!(
         shadow_requests.then_some(Checked(shadow::Strip)),
         Checked(client_id::ClientId::new(route)),
+        warm::Warm::new(&state.limits, store.clone(), state.storm.clone(), state.guard.clone()).map(Checked),
         auth_guard::Guard::new(state.guard.clone(), route.auth_guard.mode, state.shadow.clone()),
         admission::Admission::new(route, &upstream),
         storm::Detect::new(state.storm.clone(), route.storm.mode, state.shadow.clone()),

@@ -14,8 +14,14 @@
 //!   share a slot, so a decision at a million clients costs about one cache miss.
 //! - **Idle expiry:** `retain` drops entries that hold no information any more
 //!   (a full bucket); the gateway runs it every few seconds.
+//! - **Prefetch:** a request looks its client up in three tables (limiter,
+//!   storm detector, auth guard); at a million clients each lookup is a cache
+//!   miss, and each waits for the one before (a shard lock is a full fence).
+//!   [`ClockMap::prefetch`] asks for a key's home slot without the lock, so a
+//!   request can start all three loads when it learns who its client is
+//!   (`stack::warm`) and pay for about one.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 /// Keys are never 0: 0 marks an empty slot.
@@ -51,6 +57,38 @@ impl<V> Slot<V> {
     }
 }
 
+/// The home slot of `key` in a table of `size` slots: its high bits scaled to
+/// the size (Lemire's multiply-shift), so the table need not be a power of
+/// two: a full shard sits at 5/8 load, where power-of-two sizes left a million
+/// clients in tables 48% full (135 → 90 bytes per limiter client).
+fn home(key: u64, size: usize) -> usize {
+    // Mixed first (keys are hashes, but a test's or a caller's need not be),
+    // then scaled by 2^64.
+    let mixed = key.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    ((u128::from(mixed) * size as u128) >> 64) as usize
+}
+
+/// Asks the CPU to start loading the cache lines of `[at, at + len)`.
+#[inline(always)]
+fn prefetch_bytes(at: *const u8, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let last = at.wrapping_add(len.saturating_sub(1));
+        // SAFETY: a prefetch is a hint. It reads nothing the program can
+        // observe and never faults, whatever the address, so a stale or
+        // out-of-bounds one (a table resized meanwhile) is harmless. The
+        // intrinsic is `unsafe` only for its `sse` target feature, which every
+        // x86_64 CPU has.
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T0>(at.cast());
+            _mm_prefetch::<_MM_HINT_T0>(last.cast());
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (at, len);
+}
+
 /// One shard: an open-addressing table (linear probing, backward-shift
 /// deletion) whose slots hold key and value together, so a lookup costs one
 /// cache miss, not two; the CLOCK hand walks the same slots.
@@ -67,15 +105,8 @@ impl<V: Copy + Default> Shard<V> {
         Shard { slots: Vec::new(), len: 0, hand: 0, cap }
     }
 
-    /// The home slot of `key`: its high bits scaled to the table's size
-    /// (Lemire's multiply-shift), so the table need not be a power of two: a
-    /// full shard sits at 5/8 load, where power-of-two sizes left a million
-    /// clients in tables 48% full (135 → 90 bytes per limiter client).
     fn home(&self, key: u64) -> usize {
-        // Mixed first (keys are hashes, but a test's or a caller's need not
-        // be), then scaled by 2^64.
-        let mixed = key.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        ((u128::from(mixed) * self.slots.len() as u128) >> 64) as usize
+        home(key, self.slots.len())
     }
 
     fn next(&self, i: usize) -> usize {
@@ -243,9 +274,33 @@ impl<V: Copy + Default> Shard<V> {
     }
 }
 
+/// A shard, and where its slots are for [`ClockMap::prefetch`] (which reads
+/// them without the lock: a hint may be stale, never unsafe).
+struct Cell<V> {
+    shard: Mutex<Shard<V>>,
+    slots_at: AtomicPtr<Slot<V>>,
+    slots_len: AtomicUsize,
+}
+
+impl<V> Cell<V> {
+    fn lock(&self) -> MutexGuard<'_, Shard<V>> {
+        self.shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Publishes where `shard` (this cell's, locked) keeps its slots, after
+    /// an operation that may have moved them: one compare when they did not.
+    fn publish(&self, shard: &mut Shard<V>) {
+        let (at, len) = (shard.slots.as_mut_ptr(), shard.slots.len());
+        if self.slots_at.load(Ordering::Relaxed) != at || self.slots_len.load(Ordering::Relaxed) != len {
+            self.slots_at.store(at, Ordering::Relaxed);
+            self.slots_len.store(len, Ordering::Relaxed);
+        }
+    }
+}
+
 /// A map from 64-bit keys to `V`, never holding more than `capacity()` entries.
 pub struct ClockMap<V> {
-    shards: Box<[Mutex<Shard<V>>]>,
+    shards: Box<[Cell<V>]>,
     mask: u64,
     cap: AtomicUsize,
 }
@@ -257,7 +312,13 @@ impl<V: Copy + Default> ClockMap<V> {
         let shards = (max_entries / 1024).clamp(1, 64).next_power_of_two().min(64);
         let per_shard = (max_entries / shards).max(1);
         ClockMap {
-            shards: (0..shards).map(|_| Mutex::new(Shard::new(per_shard))).collect(),
+            shards: (0..shards)
+                .map(|_| Cell {
+                    shard: Mutex::new(Shard::new(per_shard)),
+                    slots_at: AtomicPtr::new(std::ptr::null_mut()),
+                    slots_len: AtomicUsize::new(0),
+                })
+                .collect(),
             mask: shards as u64 - 1,
             cap: AtomicUsize::new(per_shard * shards),
         }
@@ -268,24 +329,45 @@ impl<V: Copy + Default> ClockMap<V> {
     pub fn set_capacity(&self, max_entries: usize) {
         let shards = self.shards.len();
         let per_shard = (max_entries / shards).max(1);
-        for s in self.shards.iter() {
-            s.lock().unwrap_or_else(|p| p.into_inner()).set_cap(per_shard);
+        for cell in self.shards.iter() {
+            let mut shard = cell.lock();
+            shard.set_cap(per_shard);
+            cell.publish(&mut shard);
         }
         self.cap.store(per_shard * shards, Ordering::Relaxed);
     }
 
-    fn shard(&self, key: u64) -> MutexGuard<'_, Shard<V>> {
+    fn cell(&self, key: u64) -> &Cell<V> {
         // The high bits pick the shard; the map uses the whole key.
-        let i = ((key >> 40) & self.mask) as usize;
-        self.shards[i].lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        &self.shards[((key >> 40) & self.mask) as usize]
+    }
+
+    fn shard(&self, key: u64) -> MutexGuard<'_, Shard<V>> {
+        self.cell(key).lock()
     }
 
     /// Runs `f` on the value of `key` (created as `V::default()` when absent)
     /// under the shard's lock, marking it recently seen.
     pub fn with<R>(&self, key: u64, f: impl FnOnce(&mut V) -> R) -> R {
         let key = norm(key);
-        let mut shard = self.shard(key);
-        f(&mut shard.touch(key).value)
+        let cell = self.cell(key);
+        let mut shard = cell.lock();
+        let out = f(&mut shard.touch(key).value);
+        cell.publish(&mut shard);
+        out
+    }
+
+    /// Starts loading the home slot of `key` into the cache, without the
+    /// lock, so that a lookup of it soon after finds it there. A hint: the
+    /// slot may have moved since (then the lookup pays its miss as usual).
+    pub fn prefetch(&self, key: u64) {
+        let key = norm(key);
+        let cell = self.cell(key);
+        let len = cell.slots_len.load(Ordering::Relaxed);
+        if len > 0 {
+            let at = cell.slots_at.load(Ordering::Relaxed).wrapping_add(home(key, len));
+            prefetch_bytes(at.cast(), std::mem::size_of::<Slot<V>>());
+        }
     }
 
     /// Runs `f` on the value of `key` if it is present (an absent key stays
@@ -341,11 +423,16 @@ impl<V: Copy + Default> ClockMap<V> {
     }
 
     fn retain_shard(&self, shard: usize, keep: &impl Fn(&V) -> bool) -> usize {
-        self.shards.get(shard).map_or(0, |s| s.lock().unwrap_or_else(|p| p.into_inner()).retain(keep))
+        self.shards.get(shard).map_or(0, |cell| {
+            let mut shard = cell.lock();
+            let gone = shard.retain(keep);
+            cell.publish(&mut shard);
+            gone
+        })
     }
 
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len).sum()
+        self.shards.iter().map(|cell| cell.lock().len).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -355,8 +442,7 @@ impl<V: Copy + Default> ClockMap<V> {
     /// Bytes the tables hold (allocated slots, used or not), for the budget's
     /// measurement: what one tracked entry costs, table slack included.
     pub fn bytes(&self) -> usize {
-        let slots: usize =
-            self.shards.iter().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).slots.len()).sum();
+        let slots: usize = self.shards.iter().map(|cell| cell.lock().slots.len()).sum();
         slots * std::mem::size_of::<Slot<V>>()
     }
 
@@ -535,6 +621,33 @@ impl<V: Copy + Default + Send> super::budget::Tracked for ClockMap<V> {
 mod capacity_tests {
     use super::*;
 
+    /// What `prefetch` reads without the lock is where each shard's slots
+    /// are now, through growth, sweeps and a shrunk cap (a stale view would
+    /// only make the hint useless, but silently).
+    #[test]
+    fn the_prefetch_view_follows_every_table_move() {
+        let m: ClockMap<u64> = ClockMap::new(64 * 1024);
+        let agrees = |m: &ClockMap<u64>| {
+            m.shards.iter().all(|cell| {
+                let mut shard = cell.lock();
+                let (at, len) = (shard.slots.as_mut_ptr(), shard.slots.len());
+                len == 0
+                    || (cell.slots_at.load(Ordering::Relaxed) == at
+                        && cell.slots_len.load(Ordering::Relaxed) == len)
+            })
+        };
+        for i in 1..=50_000u64 {
+            m.with(i.wrapping_mul(0x9E37_79B9_7F4A_7C15), |v| *v = i);
+            m.prefetch(i);
+        }
+        assert!(agrees(&m), "after growth");
+        m.retain(|v| v % 16 == 0);
+        assert!(agrees(&m), "after a sweep that shrank the tables");
+        m.set_capacity(64);
+        assert!(agrees(&m), "after a smaller cap");
+        m.prefetch(12345);
+    }
+
     #[test]
     fn shrinking_the_cap_evicts_at_once_and_gives_the_table_back() {
         let m: ClockMap<u64> = ClockMap::new(10_000);
@@ -544,7 +657,7 @@ mod capacity_tests {
         assert!(m.len() >= m.capacity() * 9 / 10);
         m.set_capacity(100);
         assert!(m.len() <= 100, "{}", m.len());
-        let slots: usize = m.shards.iter().map(|s| s.lock().unwrap().slots.len()).sum();
+        let slots: usize = m.shards.iter().map(|cell| cell.lock().slots.len()).sum();
         assert!(slots <= 100 * 4, "the table shrank with the cap: {slots} slots");
         for i in 1..=1000u64 {
             m.with(i, |v| *v = i);

@@ -123,6 +123,11 @@ impl MemoryStore {
         })
     }
 
+    /// Starts loading `key`'s slot into the cache ([`ClockMap::prefetch`]).
+    pub fn prefetch(&self, key: u64) {
+        self.map.prefetch(key);
+    }
+
     /// Sets the cap (the limiter's share of the node's budget).
     pub fn set_capacity(&self, max_clients: usize) {
         self.map.set_capacity(max_clients);

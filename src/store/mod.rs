@@ -238,6 +238,16 @@ impl Store {
         }
     }
 
+    /// Starts loading the slot [`Store::check_now`] will read for `client` on
+    /// `route` into the cache: a hint, sent as soon as the client is known
+    /// (`stack::warm`), so this lookup's cache miss overlaps the others'.
+    pub fn prefetch(&self, route: &str, client: &ClientKey) {
+        match &self.redis {
+            Some(redis) if redis.is_up() => redis.refusals.prefetch(route, client),
+            _ => self.memory.prefetch(self.memory.key(route, client)),
+        }
+    }
+
     /// The Redis decision [`Store::check_now`] could not make.
     pub async fn check_redis(
         &self,

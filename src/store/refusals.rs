@@ -131,6 +131,11 @@ impl Refusals {
 
     /// Redis admitted a request of `client` with tokens to spare: whatever
     /// is remembered (a finished probe) no longer holds anyone back.
+    /// Starts loading the client's slot into the cache ([`ClockMap::prefetch`]).
+    pub fn prefetch(&self, route: &str, client: &ClientKey) {
+        self.map.prefetch(self.key(route, client));
+    }
+
     pub fn admitted(&self, route: &str, client: &ClientKey) {
         self.map.remove(self.key(route, client));
     }

@@ -132,6 +132,11 @@ impl Storm {
         h.finish()
     }
 
+    /// Starts loading the client's slot into the cache (a hint, see `stack::warm`).
+    pub fn prefetch(&self, client: &ClientKey) {
+        self.clients.prefetch(self.client_key(client));
+    }
+
     /// Decides one request: `Err` sheds it, `Ok` admits it (then call [`Storm::finish`]).
     pub fn observe(&self, client: &ClientKey, fingerprint: u64, now: Instant) -> Result<(), Shed> {
         let now_ms = self.ms(now);
