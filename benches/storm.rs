@@ -18,6 +18,7 @@ use levee::config::units::Rate;
 use levee::config::{AuthGuardConfig, Mode, StormConfig};
 use levee::context::ClientKey;
 use levee::stack::auth_guard::AuthGuard;
+use levee::stack::clients::RouteClients;
 use levee::stack::storm::Storm;
 use levee::store::memory::MemoryStore;
 use tokio::time::Instant;
@@ -57,8 +58,10 @@ pub fn bench(c: &mut Criterion) {
     let uri: Uri = "/v1/device/status?x=1".parse().unwrap();
 
     let before = crate::alloc::live_bytes();
-    let storm = Storm::start("bench", &storm_config(), CLIENTS);
-    let guard = AuthGuard::new("bench", &guard_config(), CLIENTS);
+    // One table for both, as a route has (`stack/clients.rs`).
+    let table = RouteClients::new(CLIENTS);
+    let storm = Storm::start("bench", &storm_config(), table.clone(), CLIENTS);
+    let guard = AuthGuard::new("bench", &guard_config(), table.clone());
     let now = Instant::now();
     for client in &clients {
         let fp = storm.fingerprint(client, &Method::GET, &uri, None);
@@ -99,8 +102,7 @@ pub fn bench(c: &mut Criterion) {
             let client = &order[i];
             // As the request path does (`stack::warm`): every table's slot
             // is asked for as soon as the client is known.
-            storm.prefetch(client);
-            guard.prefetch(client);
+            table.prefetch(client);
             let at = Instant::now();
             let fp = storm.fingerprint(client, &Method::GET, &uri, None);
             let verdict = storm.observe(client, fp, at).is_ok();
@@ -114,8 +116,7 @@ pub fn bench(c: &mut Criterion) {
             let client = &order[i];
             let key = store.key("bench", client);
             store.prefetch(key);
-            storm.prefetch(client);
-            guard.prefetch(client);
+            table.prefetch(client);
             let at = Instant::now();
             let limited = store.check(key, &limits, &crate::store::IDS, store.ticks(at));
             let fp = storm.fingerprint(client, &Method::GET, &uri, None);

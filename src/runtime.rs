@@ -56,8 +56,8 @@ impl Runtime {
             let before = previous.and_then(|p| p.routes.iter().find(|s| *s.name == *r.name));
             let state =
                 Arc::new(RouteState::build(r, shares.per_map, before.map(|s| &**s), &registry.samples));
-            let storm = state.storm.iter().flat_map(|s| s.budget_maps());
-            for map in storm.chain(state.guard.iter().map(|g| g.budget_map())) {
+            let storm = state.storm.iter().map(|s| s.budget_map());
+            for map in storm.chain(state.clients.iter().map(|c| c.budget_map())) {
                 store.budget().adopt(&map);
             }
             registry.routes.push(state.clone());

@@ -4,8 +4,9 @@
 //! In the outage behind it, a starved gateway answered 401, paired devices took
 //! that for "credentials revoked", re-paired, and tripled the traffic. So:
 //! levee remembers which clients got a 2xx within `recently_authorized`
-//! (bounded: a [`ClockMap`] capped at its share of `store.max_clients`, the
-//! node's one budget). Over a sliding
+//! (bounded: in the route's client table, [`RouteClients`], beside the storm
+//! detector's record of the same client, capped at its share of
+//! `store.max_clients`, the node's one budget). Over a sliding
 //! `window` (ten buckets), it counts the responses to those clients (every 2xx
 //! counts, since it makes its client recently authorized) and the 401s among
 //! them.
@@ -28,7 +29,6 @@
 //! config's: a reload that only switches it keeps the guard's window.
 
 use std::future::Future;
-use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -37,6 +37,7 @@ use futures_util::FutureExt;
 use http::{Request, StatusCode};
 use tokio::time::Instant;
 
+use super::clients::RouteClients;
 use super::shadow::Shadow;
 use super::{Answer, Next, Stage};
 use crate::body::Body;
@@ -44,8 +45,6 @@ use crate::config::{AuthGuardConfig, Mode};
 use crate::context::ClientKey;
 use crate::metrics as m;
 use crate::respond::{jitter, Reason, Shed};
-use crate::store::budget::Tracked;
-use crate::store::clock::ClockMap;
 
 const BUCKETS: usize = 10;
 
@@ -78,62 +77,41 @@ impl Window {
 pub struct AuthGuard {
     route: Arc<str>,
     pub config: AuthGuardConfig,
-    /// Client hash → millisecond of its last 2xx.
-    authorized: Arc<ClockMap<u64>>,
+    /// Each client's last 2xx (`RouteClient::authorized_ms`).
+    clients: Arc<RouteClients>,
     window: Mutex<Window>,
     tripped: AtomicBool,
-    epoch: Instant,
-    seed: foldhash::fast::RandomState,
 }
 
 impl AuthGuard {
-    pub fn new(route: &str, config: &AuthGuardConfig, max_clients: usize) -> Arc<Self> {
+    /// A guard for `route`, keeping its clients' last 2xx in the route's `clients` table.
+    pub fn new(route: &str, config: &AuthGuardConfig, clients: Arc<RouteClients>) -> Arc<Self> {
         metrics::gauge!(m::AUTH_GUARD_TRIPPED, "route" => route.to_string()).set(0.0);
+        clients.guard_keeps_for(u64::try_from(config.recently_authorized.as_millis()).unwrap_or(u64::MAX));
         Arc::new(AuthGuard {
             route: Arc::from(route),
             config: config.clone(),
-            authorized: Arc::new(ClockMap::new(max_clients)),
+            clients,
             window: Mutex::new(Window::default()),
             tripped: AtomicBool::new(false),
-            epoch: Instant::now(),
-            seed: foldhash::fast::RandomState::default(),
         })
-    }
-
-    fn ms(&self, now: Instant) -> u64 {
-        super::millis_since(self.epoch, now)
-    }
-
-    fn client_key(&self, client: &ClientKey) -> u64 {
-        self.seed.hash_one(client.hash64())
-    }
-
-    /// The per-client map, for the node's budget to cap and count.
-    pub fn budget_map(&self) -> Arc<dyn Tracked> {
-        self.authorized.clone()
     }
 
     pub fn tripped(&self) -> bool {
         self.tripped.load(Ordering::Relaxed)
     }
 
-    /// Starts loading the client's slot into the cache (a hint, see `stack::warm`).
-    pub fn prefetch(&self, client: &ClientKey) {
-        self.authorized.prefetch(self.client_key(client));
-    }
-
     /// Looks at one relayed response status for `client`; `true` when this
     /// 401 must become 503 `upstream_auth_anomaly`.
     pub fn observe(&self, client: &ClientKey, status: StatusCode, now: Instant) -> bool {
-        let now_ms = self.ms(now);
-        let key = self.client_key(client);
+        let now_ms = self.clients.ms(now);
         let recent_ms = u64::try_from(self.config.recently_authorized.as_millis()).unwrap_or(u64::MAX);
         // One map operation: read the last 2xx and record this one (0: never).
         let success = status.is_success();
-        let last = self.authorized.with(key, |at| {
-            let last = *at;
+        let last = self.clients.with(client, |c| {
+            let last = c.authorized_ms;
             if success {
-                *at = now_ms;
+                c.authorized_ms = now_ms;
             }
             last
         });
@@ -225,7 +203,7 @@ mod tests {
             max_401_ratio: 0.3,
             recently_authorized: Duration::from_secs(600),
         };
-        AuthGuard::new("t", &config, 1000)
+        AuthGuard::new("t", &config, RouteClients::new(1000))
     }
 
     #[tokio::test(start_paused = true)]

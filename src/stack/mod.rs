@@ -26,6 +26,7 @@ pub mod admission;
 pub mod auth_guard;
 pub mod circuit_breaker;
 pub mod client_id;
+pub mod clients;
 pub mod rate_limit;
 pub mod retry;
 pub mod shadow;
@@ -47,6 +48,7 @@ use crate::stats::{RouteStats, ShedSamples};
 use crate::store::{RouteLimits, Store};
 use crate::upstream::Upstream;
 use auth_guard::AuthGuard;
+use clients::RouteClients;
 use shadow::Shadow;
 use storm::Storm;
 
@@ -145,6 +147,9 @@ pub struct RouteState {
     /// Counters, last success and offenders, for the admin API and dashboard.
     pub stats: Arc<RouteStats>,
     pub limits: Arc<RouteLimits>,
+    /// What the storm detector and the auth guard remember per client (one
+    /// entry for both); present when either is enabled.
+    pub clients: Option<Arc<RouteClients>>,
     pub storm: Option<Arc<Storm>>,
     pub guard: Option<Arc<AuthGuard>>,
     /// What the route's defences in shadow mode would have shed.
@@ -163,9 +168,20 @@ impl RouteState {
         previous: Option<&RouteState>,
         samples: &Arc<ShedSamples>,
     ) -> RouteState {
+        // The route's client table outlives a rebuilt detector or guard (a
+        // detector's records name it, so a new one starts afresh).
+        let clients = (route.storm.enabled || route.auth_guard.enabled).then(|| {
+            let clients =
+                previous.and_then(|p| p.clients.clone()).unwrap_or_else(|| RouteClients::new(max_clients));
+            if !route.auth_guard.enabled {
+                clients.guard_keeps_for(0);
+            }
+            clients
+        });
+        let table = || clients.clone().unwrap_or_else(|| RouteClients::new(max_clients));
         let storm = route.storm.enabled.then(|| match previous.and_then(|p| p.storm.as_ref()) {
             Some(s) if StormConfig { mode: route.storm.mode, ..s.config.clone() } == route.storm => s.clone(),
-            _ => Storm::start(&route.name, &route.storm, max_clients),
+            _ => Storm::start(&route.name, &route.storm, table(), max_clients),
         });
         let guard = route.auth_guard.enabled.then(|| match previous.and_then(|p| p.guard.as_ref()) {
             Some(g)
@@ -174,7 +190,7 @@ impl RouteState {
             {
                 g.clone()
             }
-            _ => AuthGuard::new(&route.name, &route.auth_guard, max_clients),
+            _ => AuthGuard::new(&route.name, &route.auth_guard, table()),
         });
         let stats: Arc<RouteStats> = previous.map(|p| p.stats.clone()).unwrap_or_default();
         RouteState {
@@ -185,6 +201,7 @@ impl RouteState {
             },
             stats,
             limits: Arc::new(RouteLimits::with_modes(&route.name, &route.limits, &route.limit_modes)),
+            clients,
             storm,
             guard,
         }
@@ -245,7 +262,7 @@ fn compose<I: Next + 'static>(
     stages!(
         shadow_requests.then_some(Checked(shadow::Strip)),
         Checked(client_id::ClientId::new(route)),
-        warm::Warm::new(&state.limits, store.clone(), state.storm.clone(), state.guard.clone()).map(Checked),
+        warm::Warm::new(&state.limits, store.clone(), state.clients.clone()).map(Checked),
         auth_guard::Guard::new(state.guard.clone(), route.auth_guard.mode, state.shadow.clone()),
         admission::Admission::new(route, &upstream),
         storm::Detect::new(state.storm.clone(), route.storm.mode, state.shadow.clone()),

@@ -1,44 +1,34 @@
 //! Stage 3a's companion: as soon as a request's client is known, start
 //! loading the client's entries in every per-client table the route will
-//! read (the limiter's, the storm detector's, the auth guard's).
+//! read (the limiter's, and the route's table of the storm detector and the
+//! auth guard).
 //!
 //! Why: at a million tracked clients each of those lookups is a cache miss,
 //! and they come one after the other, each behind a shard lock (a full
-//! fence), so a request paid three misses in a row. Prefetched together, the
-//! loads overlap and the request pays for about one (`benches/storm.rs`,
+//! fence), so a request paid a miss per table in a row. Prefetched together,
+//! the loads overlap and the request pays for about one (`benches/storm.rs`,
 //! "all per-client stages"). A prefetch is only a hint: it changes no state
 //! and no decision, and a slot that moved meanwhile is simply missed as before.
 
 use std::sync::Arc;
 
-use super::auth_guard::AuthGuard;
-use super::storm::Storm;
+use super::clients::RouteClients;
 use crate::context::ClientKey;
 use crate::store::{RouteLimits, Store};
 
 /// The per-client tables of one route.
 pub struct Warm {
     limiter: Option<(Arc<Store>, Arc<str>)>,
-    storm: Option<Arc<Storm>>,
-    guard: Option<Arc<AuthGuard>>,
+    clients: Option<Arc<RouteClients>>,
 }
 
 impl Warm {
     /// The tables the route's stages read: the store's (when the route has
-    /// limits), the storm detector's and the auth guard's (when enabled).
-    /// `None` when the route reads none: the stage is then absent.
-    pub fn new(
-        limits: &RouteLimits,
-        store: Arc<Store>,
-        storm: Option<Arc<Storm>>,
-        guard: Option<Arc<AuthGuard>>,
-    ) -> Option<Self> {
-        let warm = Warm {
-            limiter: (!limits.is_empty()).then(|| (store, limits.route.clone())),
-            storm: storm.filter(|s| s.config.enabled),
-            guard: guard.filter(|g| g.config.enabled),
-        };
-        (warm.limiter.is_some() || warm.storm.is_some() || warm.guard.is_some()).then_some(warm)
+    /// limits) and the route's client table (when it has a storm detector or
+    /// an auth guard). `None` when the route reads none: the stage is then absent.
+    pub fn new(limits: &RouteLimits, store: Arc<Store>, clients: Option<Arc<RouteClients>>) -> Option<Self> {
+        let warm = Warm { limiter: (!limits.is_empty()).then(|| (store, limits.route.clone())), clients };
+        (warm.limiter.is_some() || warm.clients.is_some()).then_some(warm)
     }
 
     /// Starts loading `client`'s entries.
@@ -46,11 +36,8 @@ impl Warm {
         if let Some((store, route)) = &self.limiter {
             store.prefetch(route, client);
         }
-        if let Some(storm) = &self.storm {
-            storm.prefetch(client);
-        }
-        if let Some(guard) = &self.guard {
-            guard.prefetch(client);
+        if let Some(clients) = &self.clients {
+            clients.prefetch(client);
         }
     }
 }
@@ -80,10 +67,9 @@ mod tests {
         .unwrap();
         let store = Store::start(config.store.clone());
         let route = &config.routes[0];
-        assert!(Warm::new(&RouteLimits::new(&route.name, &[]), store.clone(), None, None).is_none());
+        assert!(Warm::new(&RouteLimits::new(&route.name, &[]), store.clone(), None).is_none());
         let limits = RouteLimits::new(&route.name, &route.limits);
-        let warm =
-            Warm::new(&limits, store.clone(), None, None).expect("a route with limits warms the limiter");
+        let warm = Warm::new(&limits, store.clone(), None).expect("a route with limits warms the limiter");
         // A hint changes no state: the client is still untracked.
         warm.client(&ClientKey::from_text("warm-client"));
         assert_eq!(store.tracked_limiter(), 0);

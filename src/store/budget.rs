@@ -3,9 +3,9 @@
 //! the number of routes.
 //!
 //! Per-client state lives in [`ClockMap`](super::clock::ClockMap)s: the
-//! limiter's one map (every route's buckets), and per route the storm
-//! detector's two (client growth, request fingerprints) and the auth guard's
-//! one (recently authorized). Before, each of those was capped at
+//! limiter's one map (every route's buckets), and per route the client table
+//! (the storm detector's growth and the auth guard's last 2xx, one entry per
+//! client) and the storm detector's request fingerprints. Before, each of those was capped at
 //! `max_clients` on its own, so six routes with storm and guard could hold
 //! nineteen times the budget.
 //!
@@ -51,8 +51,10 @@ impl Shares {
     /// The split of `max_clients` over the per-client maps `routes` need.
     pub fn of(max_clients: usize, routes: &[RouteConfig]) -> Shares {
         let limited = routes.iter().filter(|r| !r.limits.is_empty()).count();
-        let per_route: usize =
-            routes.iter().map(|r| 2 * usize::from(r.storm.enabled) + usize::from(r.auth_guard.enabled)).sum();
+        let per_route: usize = routes
+            .iter()
+            .map(|r| usize::from(r.storm.enabled) + usize::from(r.storm.enabled || r.auth_guard.enabled))
+            .sum();
         let shares = (limited + per_route).max(1);
         let per_map = (max_clients / shares).max(1);
         Shares { per_map, limiter: per_map * limited }
@@ -121,6 +123,7 @@ mod tests {
     use super::*;
     use crate::context::ClientKey;
     use crate::stack::auth_guard::AuthGuard;
+    use crate::stack::clients::RouteClients;
     use crate::stack::storm::Storm;
     use crate::store::{RouteLimits, Store};
 
@@ -146,14 +149,17 @@ mod tests {
         let config = crate::config::parse(&toml, Path::new("."), &|_| None).unwrap();
         let store = Store::start(config.store.clone());
         let shares = store.plan_budget(&config.routes);
-        assert_eq!(shares, Shares { per_map: max_clients / 24, limiter: max_clients / 24 * 6 });
+        // Six routes, each with its limits, its client table and its storm
+        // detector's requests: 18 shares.
+        assert_eq!(shares, Shares { per_map: max_clients / 18, limiter: max_clients / 18 * 6 });
         let uri: Uri = "/x".parse().unwrap();
         let now = Instant::now();
         let mut routes = Vec::new();
         for r in &config.routes {
-            let storm = Storm::start(&r.name, &r.storm, shares.per_map);
-            let guard = AuthGuard::new(&r.name, &r.auth_guard, shares.per_map);
-            for m in storm.budget_maps().into_iter().chain([guard.budget_map()]) {
+            let clients = RouteClients::new(shares.per_map);
+            let storm = Storm::start(&r.name, &r.storm, clients.clone(), shares.per_map);
+            let guard = AuthGuard::new(&r.name, &r.auth_guard, clients.clone());
+            for m in [storm.budget_map(), clients.budget_map()] {
                 store.budget().adopt(&m);
             }
             routes.push((RouteLimits::new(&r.name, &r.limits), storm, guard));
@@ -171,12 +177,12 @@ mod tests {
         let tracked = store.tracked();
         assert!(tracked <= max_clients, "{tracked} entries > max_clients {max_clients}");
         // A finished request that did not fail leaves no entry in the storm
-        // detector's request table (`Storm::finish`): those 6 of the 24 shares
+        // detector's request table (`Storm::finish`): those 6 of the 18 shares
         // stay empty, and every other map fills its share.
         for (_, storm, _) in &routes {
-            assert_eq!(storm.budget_maps()[1].tracked(), 0, "finished requests hold no entry");
+            assert_eq!(storm.budget_map().tracked(), 0, "finished requests hold no entry");
         }
-        assert!(tracked >= max_clients * 18 / 24 * 9 / 10, "{tracked}: the shares are used");
+        assert!(tracked >= max_clients * 12 / 18 * 9 / 10, "{tracked}: the shares are used");
         let bytes = store.memory.bytes() + store.budget().bytes();
         let per_client = bytes / max_clients;
         println!("{tracked} entries, {bytes} bytes of tables: {per_client} bytes per tracked client");

@@ -33,6 +33,10 @@ pub struct Growth {
     pub streak: u8,
     /// Relapses so far: the quarantine doubles with each.
     pub strikes: u8,
+    /// The detector that wrote this record (`Storm::id`; 0: none): a record
+    /// another detector wrote (before a reload that changed the settings)
+    /// reads as none (`stack/clients.rs`).
+    pub owner: u16,
     /// Milliseconds on the detector's clock; 0: never quarantined. Relapses
     /// are told from it: a new quarantine soon after it ended is one.
     pub quarantined_until: u64,

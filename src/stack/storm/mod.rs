@@ -5,11 +5,13 @@
 //! the bug) the route alarms, and a client needs a single growth, not a streak,
 //! to be quarantined, so the fastest-growing clients go first.
 //!
-//! Bounds: per-client state lives in two [`ClockMap`]s (24 bytes of state per
-//! entry), each capped at its share of `store.max_clients`, the node's one
-//! budget ([`crate::store::budget`]); a sweeper drops idle entries every
-//! second and publishes the quarantine gauges. Cost on the
-//! request path: two map operations and a few atomics.
+//! Bounds: per-client state lives in the route's client table (a client's
+//! growth shares its entry with the auth guard's record, [`RouteClients`]) and
+//! in the detector's table of requests in flight or failed; each is capped at
+//! its share of `store.max_clients`, the node's one budget
+//! ([`crate::store::budget`]). A sweeper drops idle entries every second and
+//! publishes the quarantine gauges. Cost on the request path: two map
+//! operations and a few atomics.
 //!
 //! In `mode = "shadow"` the detector decides exactly as when it enforces (the
 //! same counts, quarantines and relapse doubling: a request it would shed is
@@ -23,7 +25,7 @@ pub mod growth;
 
 use std::future::{ready, Future};
 use std::hash::{BuildHasher, Hasher};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -33,6 +35,7 @@ use http::Request;
 use http_body_util::BodyExt;
 use tokio::time::Instant;
 
+use super::clients::RouteClients;
 use super::shadow::Shadow;
 use super::{Answer, Next, Stage, StageFuture};
 use crate::body::{self, Body};
@@ -56,11 +59,13 @@ pub struct Storm {
     pub config: StormConfig,
     growth: GrowthRules,
     dups: DupRules,
-    clients: Arc<ClockMap<Growth>>,
+    /// This detector's name on the growth records it writes ([`Growth::owner`]).
+    id: u16,
+    clients: Arc<RouteClients>,
     requests: Arc<ClockMap<Dup>>,
     route_growth: RouteGrowth,
     alarm: AtomicBool,
-    epoch: Instant,
+    /// Fingerprints' seed.
     seed: foldhash::fast::RandomState,
     /// Published by the sweeper: quarantined clients by kind.
     bombs: AtomicUsize,
@@ -68,10 +73,17 @@ pub struct Storm {
 }
 
 impl Storm {
-    /// A detector for `route`, each of its maps capped at `max_clients` (its
-    /// share of the node's budget; see [`Storm::budget_maps`]); its sweeper
+    /// A detector for `route`, keeping its clients' growth in the route's
+    /// `clients` table, its table of requests capped at `max_clients` (its
+    /// share of the node's budget; see [`Storm::budget_map`]); its sweeper
     /// ends when the detector is dropped.
-    pub fn start(route: &str, config: &StormConfig, max_clients: usize) -> Arc<Self> {
+    pub fn start(
+        route: &str,
+        config: &StormConfig,
+        clients: Arc<RouteClients>,
+        max_clients: usize,
+    ) -> Arc<Self> {
+        static IDS: AtomicU16 = AtomicU16::new(1);
         let interval_ms = u64::try_from(config.interval.as_millis()).unwrap_or(u64::MAX).max(1);
         let min_count = (config.min_rate.per_second() * interval_ms as f64 / 1000.0).ceil().max(1.0) as u32;
         let quarantine_ms = u64::try_from(config.quarantine.as_millis()).unwrap_or(u64::MAX).max(1);
@@ -89,11 +101,12 @@ impl Storm {
                 max_duplicates: config.max_duplicates,
                 max_backoff_ms: quarantine_ms,
             },
-            clients: Arc::new(ClockMap::new(max_clients)),
+            // Never 0 (no owner), even after wrapping.
+            id: IDS.fetch_add(1, Ordering::Relaxed).max(1),
+            clients,
             requests: Arc::new(ClockMap::new(max_clients)),
             route_growth: RouteGrowth::default(),
             alarm: AtomicBool::new(false),
-            epoch: Instant::now(),
             seed: foldhash::fast::RandomState::default(),
             bombs: AtomicUsize::new(0),
             storms: AtomicUsize::new(0),
@@ -104,11 +117,12 @@ impl Storm {
     }
 
     fn ms(&self, now: Instant) -> u64 {
-        super::millis_since(self.epoch, now)
+        self.clients.ms(now)
     }
 
-    fn client_key(&self, client: &ClientKey) -> u64 {
-        self.seed.hash_one(client.hash64())
+    /// The client's growth, if this detector wrote it.
+    fn growth_of(&self, client: &ClientKey) -> Option<Growth> {
+        self.clients.peek(client).map(|c| c.growth).filter(|g| g.owner == self.id)
     }
 
     /// A request's fingerprint: method, path, query and (small) body.
@@ -132,11 +146,6 @@ impl Storm {
         h.finish()
     }
 
-    /// Starts loading the client's slot into the cache (a hint, see `stack::warm`).
-    pub fn prefetch(&self, client: &ClientKey) {
-        self.clients.prefetch(self.client_key(client));
-    }
-
     /// Decides one request: `Err` sheds it, `Ok` admits it (then call [`Storm::finish`]).
     pub fn observe(&self, client: &ClientKey, fingerprint: u64, now: Instant) -> Result<(), Shed> {
         let now_ms = self.ms(now);
@@ -155,8 +164,13 @@ impl Storm {
             }
         }
         let needed = if alarm { 1 } else { self.growth.intervals };
-        let key = self.client_key(client);
-        match self.clients.with(key, |g| self.growth.observe(g, now_ms, needed)) {
+        let verdict = self.clients.with(client, |c| {
+            if c.growth.owner != self.id {
+                c.growth = Growth { owner: self.id, ..Growth::default() };
+            }
+            self.growth.observe(&mut c.growth, now_ms, needed)
+        });
+        match verdict {
             Verdict::Pass => {}
             Verdict::Quarantined { left_ms, new } => {
                 if new {
@@ -191,9 +205,10 @@ impl Storm {
         });
     }
 
-    /// The per-client maps, for the node's budget to cap and count.
-    pub fn budget_maps(&self) -> [Arc<dyn Tracked>; 2] {
-        [self.clients.clone(), self.requests.clone()]
+    /// The table of requests, for the node's budget to cap and count (the
+    /// route's client table joins it on its own).
+    pub fn budget_map(&self) -> Arc<dyn Tracked> {
+        self.requests.clone()
     }
 
     /// Whether the route's aggregate rate is multiplying.
@@ -212,7 +227,7 @@ impl Storm {
 
     /// The client's storm state, for the admin API; `None` when not tracked.
     pub fn client_state(&self, client: &ClientKey, now: Instant) -> Option<serde_json::Value> {
-        let g = self.clients.peek(self.client_key(client))?;
+        let g = self.growth_of(client)?;
         let now_ms = self.ms(now);
         let left = g.quarantined_until.saturating_sub(now_ms);
         Some(serde_json::json!({
@@ -224,9 +239,18 @@ impl Storm {
         }))
     }
 
-    /// Lifts the client's quarantine; true when it was tracked.
+    /// Lifts the client's quarantine and forgets its growth; true when it
+    /// was tracked. The auth guard's record of it stays.
     pub fn reset(&self, client: &ClientKey) -> bool {
-        self.clients.remove(self.client_key(client))
+        let mut tracked = false;
+        self.clients.update_or_remove(client, |c| {
+            tracked = c.growth.owner == self.id;
+            if tracked {
+                c.growth = Growth::default();
+            }
+            c.growth.owner != 0 || c.authorized_ms != 0
+        });
+        tracked
     }
 }
 
@@ -240,14 +264,19 @@ async fn sweep(storm: Weak<Storm>) {
         let (interval, window) = (s.growth.interval_ms, s.dups.window_ms);
         let bombs = AtomicUsize::new(0);
         s.clients
-            .retain_yielding(|g| {
-                let quarantined = g.quarantined_until > now_ms;
+            .retain_yielding(|c| {
+                let g = &c.growth;
+                let mine = g.owner == s.id;
+                let quarantined = mine && g.quarantined_until > now_ms;
                 bombs.fetch_add(usize::from(quarantined), Ordering::Relaxed);
-                // Keep what can still matter: a quarantine (and its relapse window), or recent counts.
+                // Keep what can still matter: a quarantine (and its relapse
+                // window), recent counts, or the auth guard's record. (A growth
+                // record kept only for the guard decides as a fresh one: its
+                // interval is long past and its quarantine beyond relapse.)
                 let recent = u64::from(g.interval).saturating_add(2).saturating_mul(interval) >= now_ms;
-                quarantined
-                    || recent
-                    || g.quarantined_until.saturating_add(s.growth.relapse_window_ms()) > now_ms
+                let relapse = g.quarantined_until != 0
+                    && g.quarantined_until.saturating_add(s.growth.relapse_window_ms()) > now_ms;
+                (mine && (quarantined || recent || relapse)) || s.clients.authorized_lately(c, now_ms)
             })
             .await;
         let storms = AtomicUsize::new(0);

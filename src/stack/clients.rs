@@ -1,0 +1,224 @@
+//! What a route remembers about each client for its storm detector and its
+//! auth guard: one entry in one table, so a request looks its client up once
+//! for both (at a million clients each lookup is a cache miss) and a client
+//! costs one key and one slot's slack, not two.
+//!
+//! The table belongs to the route, not to the detector or the guard: a reload
+//! that rebuilds one of them (its settings changed) keeps the other's state.
+//! A rebuilt detector must start afresh, as it always did, so each growth
+//! record names the detector that wrote it ([`Growth::owner`]) and a record
+//! of another one reads as none.
+//!
+//! Bounds: a [`ClockMap`] capped at one share of `store.max_clients` (the
+//! node's one budget, [`crate::store::budget`]); the storm detector's sweeper
+//! drops entries that hold nothing any more.
+
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::time::Instant;
+
+use super::storm::growth::Growth;
+use crate::context::ClientKey;
+use crate::store::budget::Tracked;
+use crate::store::clock::ClockMap;
+
+/// One client on one route: 32 bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RouteClient {
+    /// The storm detector's growth and quarantine.
+    pub growth: Growth,
+    /// When the auth guard last saw a 2xx to this client, in the table's
+    /// milliseconds ([`RouteClients::ms`]; 0: never).
+    pub authorized_ms: u64,
+}
+
+// The size the module docs and the README state (a slot adds the 8-byte key).
+const _: () = assert!(std::mem::size_of::<RouteClient>() == 32);
+
+/// The per-client table of one route.
+pub struct RouteClients {
+    map: Arc<ClockMap<RouteClient>>,
+    epoch: Instant,
+    seed: foldhash::fast::RandomState,
+    /// The auth guard's `recently_authorized` in milliseconds (0: no guard):
+    /// how long the sweep keeps an entry for the guard's sake.
+    recent_ms: AtomicU64,
+}
+
+impl RouteClients {
+    pub fn new(max_clients: usize) -> Arc<Self> {
+        Arc::new(RouteClients {
+            map: Arc::new(ClockMap::new(max_clients)),
+            epoch: Instant::now(),
+            seed: foldhash::fast::RandomState::default(),
+            recent_ms: AtomicU64::new(0),
+        })
+    }
+
+    /// Milliseconds on the table's clock (never 0), which every time stored
+    /// in it uses.
+    pub fn ms(&self, now: Instant) -> u64 {
+        super::millis_since(self.epoch, now)
+    }
+
+    /// The table's key of `client`.
+    pub fn key(&self, client: &ClientKey) -> u64 {
+        self.seed.hash_one(client.hash64())
+    }
+
+    /// Runs `f` on the client's entry (created empty), marking it recently seen.
+    pub fn with<R>(&self, client: &ClientKey, f: impl FnOnce(&mut RouteClient) -> R) -> R {
+        self.map.with(self.key(client), f)
+    }
+
+    /// The client's entry, if tracked.
+    pub fn peek(&self, client: &ClientKey) -> Option<RouteClient> {
+        self.map.peek(self.key(client))
+    }
+
+    /// Changes the client's entry if tracked; drops it when `f` says it holds
+    /// nothing any more.
+    pub fn update_or_remove(&self, client: &ClientKey, f: impl FnOnce(&mut RouteClient) -> bool) {
+        self.map.update_or_remove(self.key(client), f);
+    }
+
+    /// Starts loading the client's slot into the cache (a hint, see `stack::warm`).
+    pub fn prefetch(&self, client: &ClientKey) {
+        self.map.prefetch(self.key(client));
+    }
+
+    /// The auth guard's window, for the sweep (set when a guard is built).
+    pub fn guard_keeps_for(&self, recent_ms: u64) {
+        self.recent_ms.store(recent_ms, Ordering::Relaxed);
+    }
+
+    /// Whether the auth guard still needs the entry at `now_ms`.
+    pub fn authorized_lately(&self, c: &RouteClient, now_ms: u64) -> bool {
+        c.authorized_ms != 0
+            && now_ms.saturating_sub(c.authorized_ms) <= self.recent_ms.load(Ordering::Relaxed)
+    }
+
+    /// Keeps only the entries for which `keep` is true, a shard at a time.
+    pub async fn retain_yielding(&self, keep: impl Fn(&RouteClient) -> bool) -> usize {
+        self.map.retain_yielding(keep).await
+    }
+
+    /// The table, for the node's budget to cap and count.
+    pub fn budget_map(&self) -> Arc<dyn Tracked> {
+        self.map.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use http::{Method, StatusCode, Uri};
+
+    use super::*;
+    use crate::config::units::Rate;
+    use crate::config::{AuthGuardConfig, Mode, StormConfig};
+    use crate::stack::auth_guard::AuthGuard;
+    use crate::stack::storm::Storm;
+
+    fn storm_config(quarantine: Duration) -> StormConfig {
+        StormConfig {
+            enabled: true,
+            mode: Mode::Enforce,
+            interval: Duration::from_secs(1),
+            growth_factor: 2.0,
+            growth_intervals: 3,
+            min_rate: "5/s".parse::<Rate>().unwrap(),
+            duplicate_window: Duration::from_secs(2),
+            max_duplicates: 3,
+            quarantine,
+        }
+    }
+
+    fn guard_config() -> AuthGuardConfig {
+        AuthGuardConfig {
+            enabled: true,
+            mode: Mode::Enforce,
+            window: Duration::from_secs(10),
+            min_responses: 50,
+            max_401_ratio: 0.3,
+            recently_authorized: Duration::from_secs(600),
+        }
+    }
+
+    /// Sends a client doubling its rate (2/s, 4/s, ...), one rate per second
+    /// of the detector's intervals, until `storm` sheds it.
+    async fn bomb(storm: &Storm, client: &ClientKey) {
+        let uri: Uri = "/bomb".parse().unwrap();
+        // Paused time stands still until a sleep: this is the table's epoch.
+        let start = Instant::now();
+        for (second, rate) in [2u64, 4, 8, 16, 32, 64, 128].into_iter().enumerate() {
+            for k in 0..rate {
+                let at = start + Duration::from_millis(second as u64 * 1000 + k * 1000 / rate);
+                tokio::time::sleep_until(at).await;
+                let fp = storm.fingerprint(client, &Method::GET, &uri, None);
+                if storm.observe(client, fp, Instant::now()).is_err() {
+                    return;
+                }
+                storm.finish(fp, false);
+            }
+        }
+        panic!("the bomb was never quarantined");
+    }
+
+    /// A reload that rebuilds the detector (its settings changed) starts it
+    /// afresh, as when each had its own table; the guard's record of the
+    /// client, in the same entry, stays.
+    #[tokio::test(start_paused = true)]
+    async fn a_rebuilt_detector_starts_afresh_and_the_guards_record_stays() {
+        let table = RouteClients::new(1000);
+        let guard = AuthGuard::new("clients-t", &guard_config(), table.clone());
+        // (The table's epoch and the bomb's start are the same paused instant.)
+        let old = Storm::start("clients-t", &storm_config(Duration::from_secs(60)), table.clone(), 1000);
+        let client = ClientKey::from_text("clients-bomb");
+        guard.observe(&client, StatusCode::OK, Instant::now());
+        bomb(&old, &client).await;
+        let uri: Uri = "/other".parse().unwrap();
+        let fp = old.fingerprint(&client, &Method::GET, &uri, None);
+        assert!(old.observe(&client, fp, Instant::now()).is_err(), "quarantined by the old detector");
+
+        let new = Storm::start("clients-t", &storm_config(Duration::from_secs(30)), table.clone(), 1000);
+        assert!(
+            new.client_state(&client, Instant::now()).is_none(),
+            "the old detector's record reads as none"
+        );
+        let fp = new.fingerprint(&client, &Method::GET, &uri, None);
+        assert!(new.observe(&client, fp, Instant::now()).is_ok(), "the new detector starts afresh");
+        new.finish(fp, false);
+        assert!(table.peek(&client).is_some_and(|c| c.authorized_ms != 0), "the guard's record stays");
+        assert!(new.reset(&client));
+        assert!(table.peek(&client).is_some_and(|c| c.authorized_ms != 0), "a storm reset keeps it too");
+    }
+
+    /// The sweep keeps an entry while the guard needs it, though the detector
+    /// no longer does, and drops it once neither does.
+    #[tokio::test(start_paused = true)]
+    async fn the_sweep_keeps_an_entry_while_either_part_needs_it() {
+        let table = RouteClients::new(1000);
+        let guard = AuthGuard::new("clients-s", &guard_config(), table.clone());
+        let storm = Storm::start("clients-s", &storm_config(Duration::from_secs(60)), table.clone(), 1000);
+        let (authorized, unknown) =
+            (ClientKey::from_text("clients-ok"), ClientKey::from_text("clients-none"));
+        let uri: Uri = "/x".parse().unwrap();
+        for client in [&authorized, &unknown] {
+            let fp = storm.fingerprint(client, &Method::GET, &uri, None);
+            storm.observe(client, fp, Instant::now()).unwrap();
+            storm.finish(fp, false);
+        }
+        guard.observe(&authorized, StatusCode::OK, Instant::now());
+        guard.observe(&unknown, StatusCode::UNAUTHORIZED, Instant::now());
+        // Past the detector's horizon (a few intervals), within the guard's 600 s.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert!(table.peek(&unknown).is_none(), "nothing holds it: swept");
+        assert!(table.peek(&authorized).is_some(), "the guard still needs it");
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert!(table.peek(&authorized).is_none(), "swept once the guard's window passed");
+    }
+}
