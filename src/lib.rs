@@ -33,6 +33,12 @@
 //! - `path.rs`: one path, one meaning: the normalization routing and limits rely on.
 //! - `classify.rs`: what an answer says about the upstream and the client, decided once.
 
+/// A boxed future that can move between threads: what a listener's handler
+/// returns (`listener::Handler`) and what a route stack's innermost call is.
+/// Here, at the root, so that the listener below the stack and the stack
+/// above it name one type without importing each other.
+pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
 pub mod admin;
 pub mod body;
 pub mod classify;

@@ -19,10 +19,10 @@ use crate::listener::{plain_http, ConnInfo, ConnLimits, Handler};
 use crate::metrics::CounterCache;
 use crate::respond::{Reason, Shed};
 use crate::runtime::{record, Label, Route, Runtime};
-use crate::stack::BoxFuture;
 use crate::stats::ShedSamples;
 use crate::upstream::forward::X_REQUEST_ID;
 use crate::websocket::Slot;
+use crate::BoxFuture;
 use tokio::sync::watch;
 
 /// The proxy listener's handler.

@@ -29,9 +29,9 @@ use crate::body::{self, Body};
 use crate::config::reload::{ConfigStatus, ReloadHandle};
 use crate::listener::certs::{self, CertInfo};
 use crate::listener::{ConnInfo, ConnLimits, Handler};
-use crate::stack::BoxFuture;
 use crate::stack::Registry;
 use crate::stats::ShedSamples;
+use crate::BoxFuture;
 
 mod clients;
 mod dashboard;

@@ -264,6 +264,4 @@ fn locate(text: &str, doc: &toml_edit::ImDocument<&str>, path: &KeyPath) -> Loca
 }
 
 #[cfg(test)]
-mod proptests;
-#[cfg(test)]
 mod tests;

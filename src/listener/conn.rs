@@ -458,7 +458,7 @@ mod tests {
     use super::*;
     use crate::body::Body;
     use crate::context::Scheme;
-    use crate::stack::BoxFuture;
+    use crate::BoxFuture;
 
     struct Ok200;
 

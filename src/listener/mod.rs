@@ -35,7 +35,7 @@ use conn::CloseReason;
 
 use crate::body::Body;
 use crate::context::Scheme;
-use crate::stack::BoxFuture;
+use crate::BoxFuture;
 
 /// What the listener knows of the connection a request came on.
 #[derive(Debug, Clone, Copy)]

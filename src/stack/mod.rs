@@ -55,7 +55,7 @@ use storm::Storm;
 /// A route's whole stack, type-erased once so `Route` is one concrete type.
 pub type RouteService = Arc<dyn RouteStack>;
 
-pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+pub use crate::BoxFuture;
 
 /// What the stack answers: the upstream's response, or levee's own refusal.
 pub type Answer = Result<Response<Body>, Shed>;
@@ -364,5 +364,71 @@ mode = "shadow"
         let size = std::mem::size_of_val(&future);
         // 448 bytes when written (release and test builds alike), 4,224 before.
         assert!(size <= 768, "the request's future is {size} bytes");
+    }
+
+    /// The README's number: six routes with limits, storm detection and the
+    /// auth guard, flooded with three times `max_clients` distinct clients per
+    /// route. Every per-client entry of the node together stays within
+    /// `max_clients`, and the tables (slack included) cost at most
+    /// `max_clients × BYTES_PER_CLIENT`.
+    #[tokio::test]
+    async fn one_budget_over_six_routes_and_the_bytes_per_client() {
+        use crate::context::ClientKey;
+        use crate::store::budget::Shares;
+        use http::{Method, StatusCode, Uri};
+        use tokio::time::Instant;
+        // By construction: the largest slot (the limiter's, 56 bytes) in a
+        // table at least 3/8 full (doubling while it grows, at most 3/4 full):
+        // 149. Measured here: 51 (80 with power-of-two tables and a padded
+        // reference bit).
+        const BYTES_PER_CLIENT: usize = 176;
+        let max_clients = 60_000;
+        let mut toml =
+            format!("[store]\nmax_clients = {max_clients}\n[upstreams.u]\nendpoints = [\"127.0.0.1:1\"]\n");
+        for r in 0..6 {
+            toml += &format!("[[routes]]\nname = \"r{r}\"\npath_prefix = \"/r{r}\"\nupstream = \"u\"\n");
+            toml += "[[routes.limits]]\nrate = \"10/s\"\n[[routes.limits]]\nrate = \"100/h\"\n";
+        }
+        let config = crate::config::parse(&toml, std::path::Path::new("."), &|_| None).unwrap();
+        let store = Store::start(config.store.clone());
+        let shares = store.plan_budget(&config.routes);
+        // Six routes, each with its limits, its client table and its storm
+        // detector's requests: 18 shares.
+        assert_eq!(shares, Shares { per_map: max_clients / 18, limiter: max_clients / 18 * 6 });
+        let uri: Uri = "/x".parse().unwrap();
+        let now = Instant::now();
+        let mut routes = Vec::new();
+        for r in &config.routes {
+            let clients = RouteClients::new(shares.per_map);
+            let storm = Storm::start(&r.name, &r.storm, clients.clone(), shares.per_map);
+            let guard = AuthGuard::new(&r.name, &r.auth_guard, clients.clone());
+            for m in [storm.budget_map(), clients.budget_map()] {
+                store.budget().adopt(&m);
+            }
+            routes.push((RouteLimits::new(&r.name, &r.limits), storm, guard));
+        }
+        for i in 0..3 * max_clients {
+            let client = ClientKey::from_text(&format!("client-{i}"));
+            for (limits, storm, guard) in &routes {
+                store.check(limits, &client, now).await.unwrap();
+                let fp = storm.fingerprint(&client, &Method::GET, &uri, None);
+                let _ = storm.observe(&client, fp, now);
+                storm.finish(fp, false);
+                guard.observe(&client, StatusCode::OK, now);
+            }
+        }
+        let tracked = store.tracked();
+        assert!(tracked <= max_clients, "{tracked} entries > max_clients {max_clients}");
+        // A finished request that did not fail leaves no entry in the storm
+        // detector's request table (`Storm::finish`): those 6 of the 18 shares
+        // stay empty, and every other map fills its share.
+        for (_, storm, _) in &routes {
+            assert_eq!(storm.budget_map().tracked(), 0, "finished requests hold no entry");
+        }
+        assert!(tracked >= max_clients * 12 / 18 * 9 / 10, "{tracked}: the shares are used");
+        let bytes = store.bytes();
+        let per_client = bytes / max_clients;
+        println!("{tracked} entries, {bytes} bytes of tables: {per_client} bytes per tracked client");
+        assert!(per_client <= BYTES_PER_CLIENT, "{per_client} bytes per client");
     }
 }

@@ -367,6 +367,12 @@ impl Store {
         self.memory.len() + self.budget.tracked() + self.redis.as_ref().map_or(0, |r| r.refusals.len())
     }
 
+    /// Bytes the node's per-client tables hold, slack included: the
+    /// limiter's, the remembered refusals' and every route's.
+    pub fn bytes(&self) -> usize {
+        self.memory.bytes() + self.budget.bytes() + self.redis.as_ref().map_or(0, |r| r.refusals.bytes())
+    }
+
     /// The limiter's entries alone.
     pub fn tracked_limiter(&self) -> usize {
         self.memory.len()

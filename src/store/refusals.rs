@@ -186,6 +186,11 @@ impl Refusals {
         self.map.len()
     }
 
+    /// Bytes the table holds (slots used or not).
+    pub fn bytes(&self) -> usize {
+        self.map.bytes()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
     }

@@ -341,3 +341,7 @@ fn init_logging(default_filter: &str) -> tracing_appender::non_blocking::WorkerG
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(writer).try_init();
     guard
 }
+
+// The loader and `levee check` against random documents: here, above both.
+#[cfg(test)]
+mod proptests;

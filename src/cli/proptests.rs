@@ -15,7 +15,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 use toml::{Table, Value};
 
-use super::{load, Config, ConfigError, KeyPath};
+use crate::config::{load, Config, ConfigError, KeyPath};
 
 /// What a key holds, for generating values of the right kind.
 #[derive(Debug, Clone, Copy)]
@@ -563,7 +563,7 @@ fn random_documents_never_panic_the_loader_or_check() {
             Ok(config) => accepted_values_are_in_range(&config),
             Err(e) => prop_assert!(names_a_key(&e), "the error names no key: {e}\n{text}"),
         }
-        let report = crate::cli::check_report(&path);
+        let report = super::check_report(&path);
         prop_assert!(report.ok || report.err.starts_with("error: "), "{report:?}");
     });
     let _ = std::fs::remove_dir_all(&files.dir);
