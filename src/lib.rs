@@ -10,7 +10,7 @@
 //!     └► router.rs ───────────────────────────────────────► 404 no_route
 //!       └► stack/  (outer → inner, order written once in stack/mod.rs)
 //!           client_id      key, tenant, priority ──────────► 400 (client_key_fallback = reject)
-//!           warm           prefetch the client's table slots
+//!                          (then prefetches its table entries: warm.rs)
 //!           admission      concurrency, fair share ────────► 503 overloaded
 //!           storm          growth, duplicates ─────────────► 429 callback_bomb | retry_storm
 //!           rate_limit     all limits via store/ ──────────► 429 rate_limited | 503 store_unavailable

@@ -7,9 +7,11 @@
 //! logs, admin API or Redis.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use http::Request;
 
+use super::warm::Warm;
 use crate::body::Body;
 use crate::config::units::KeySource;
 use crate::config::{KeyFallback, Priority, RouteConfig};
@@ -33,6 +35,8 @@ pub struct ClientId {
     fallback: KeyFallback,
     tenant: Option<KeySource>,
     priority: Priority,
+    /// The client's table entries to prefetch once it is known.
+    warm: Option<Arc<Warm>>,
 }
 
 impl ClientId {
@@ -42,7 +46,15 @@ impl ClientId {
             fallback: route.client_key_fallback,
             tenant: route.tenant_key.clone(),
             priority: route.priority,
+            warm: None,
         }
+    }
+
+    /// Prefetches the client's entries in `warm`'s tables as soon as the
+    /// request is identified (`warm.rs`).
+    pub fn warming(mut self, warm: Option<Warm>) -> Self {
+        self.warm = warm.map(Arc::new);
+        self
     }
 
     /// Decides the identity of `req` from `client_ip` (the client's address,
@@ -71,6 +83,9 @@ impl super::Check for ClientId {
     fn check(&self, req: &mut Request<Body>) -> Result<(), Shed> {
         let client_ip = super::context(req)?.client_ip;
         let identity = self.identify(req, client_ip)?;
+        if let Some(warm) = &self.warm {
+            warm.client(&identity.client);
+        }
         req.extensions_mut().insert(identity);
         Ok(())
     }
@@ -200,6 +215,7 @@ mod tests {
             fallback: KeyFallback::Ip,
             tenant: None,
             priority: Priority::Normal,
+            warm: None,
         };
         assert_eq!(route_id.identify(&req("/", &[]), peer()).unwrap().client.as_str(), "10.1.2.3");
         route_id.fallback = KeyFallback::Reject;

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!   request ─► client_id        who is asking (key, tenant, priority)   ─► 400 bad_request
-//!              warm             prefetch the client's table entries
+//!                               (and the prefetch of its table entries, warm.rs)
 //!              admission        upstream concurrency, fair share         ─► 503 overloaded        (issue 4)
 //!              storm            callback bombs, retry storms             ─► 429                   (issue 5)
 //!              rate_limit       every [[routes.limits]] via the store    ─► 429 rate_limited / 503 store_unavailable
@@ -261,8 +261,14 @@ fn compose<I: Next + 'static>(
         || (route.storm.enabled && route.storm.mode == Mode::Shadow);
     stages!(
         shadow_requests.then_some(Checked(shadow::Strip)),
-        Checked(client_id::ClientId::new(route)),
-        warm::Warm::new(&state.limits, store.clone(), state.clients.clone()).map(Checked),
+        // The identity, and the prefetch of the client's table entries
+        // (`warm.rs`) in the same stage: a stage of its own would move the
+        // whole future below it once more on every request.
+        Checked(client_id::ClientId::new(route).warming(warm::Warm::new(
+            &state.limits,
+            store.clone(),
+            state.clients.clone()
+        ))),
         auth_guard::Guard::new(state.guard.clone(), route.auth_guard.mode, state.shadow.clone()),
         admission::Admission::new(route, &upstream),
         storm::Detect::new(state.storm.clone(), route.storm.mode, state.shadow.clone()),

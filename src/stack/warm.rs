@@ -1,4 +1,4 @@
-//! Stage 3a's companion: as soon as a request's client is known, start
+//! Stage 3a's companion (`client_id.rs` calls it): as soon as a request's client is known, start
 //! loading the client's entries in every per-client table the route will
 //! read (the limiter's, and the route's table of the storm detector and the
 //! auth guard).
@@ -22,6 +22,15 @@ pub struct Warm {
     clients: Option<Arc<RouteClients>>,
 }
 
+impl std::fmt::Debug for Warm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Warm")
+            .field("limiter", &self.limiter.as_ref().map(|(_, route)| route))
+            .field("clients", &self.clients.is_some())
+            .finish()
+    }
+}
+
 impl Warm {
     /// The tables the route's stages read: the store's (when the route has
     /// limits) and the route's client table (when it has a storm detector or
@@ -42,20 +51,12 @@ impl Warm {
     }
 }
 
-/// Right after the client-id check, which put the identity in the request.
-impl super::Check for Warm {
-    fn check(&self, req: &mut http::Request<crate::body::Body>) -> Result<(), crate::respond::Shed> {
-        self.client(&super::identity(req)?.client);
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn only_a_route_with_per_client_tables_has_a_warm_stage() {
+    async fn only_a_route_with_per_client_tables_warms_them() {
         let config = crate::config::parse(
             "[upstreams.u]\nendpoints = [\"127.0.0.1:1\"]\n\
              [[routes]]\nname = \"warm-limited\"\npath_prefix = \"/\"\nupstream = \"u\"\n\
