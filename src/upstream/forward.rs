@@ -259,34 +259,39 @@ fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
     HOP_BY_HOP.iter().position(|h| h == name)
 }
 
+/// The header names a `Connection` value lists: its tokens but the `close`
+/// and `keep-alive` options (a value that is not text names nothing).
+fn connection_tokens(value: &HeaderValue) -> impl Iterator<Item = &str> {
+    value.to_str().unwrap_or("").split(',').map(str::trim).filter(|t| {
+        !t.is_empty() && !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive")
+    })
+}
+
 /// Removes the hop-by-hop headers of RFC 9110 §7.6.1: those named by
 /// `Connection`, and the well-known ones. `TE: trailers` is the one TE value
 /// that may pass, and only on requests; hyper manages framing itself.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the names: which well-known ones are present. Usually
-    // none on a request, `Connection` alone on a response; each removal is a
-    // hash and a probe, so only those present are removed.
+    // One pass over the headers: which well-known ones are present, and
+    // whether `Connection` names any other. Usually nothing on a request and
+    // `Connection: keep-alive` alone on a response; each removal or lookup is
+    // a hash and a probe, so only what is there is looked up and removed.
     let mut present = 0u16;
-    for name in headers.keys() {
+    let mut names_others = false;
+    for (name, value) in headers.iter() {
         if let Some(i) = hop_by_hop_index(name) {
             present |= 1 << i;
+            names_others |= i == 0 && connection_tokens(value).next().is_some();
         }
     }
     if present == 0 {
         // A header named by `Connection` needs a `Connection` header.
         return;
     }
-    if present & 1 != 0 {
+    if names_others {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            // `close` and `keep-alive` are options, not other headers to drop.
-            .filter(|t| {
-                !t.is_empty() && !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive")
-            })
+            .flat_map(connection_tokens)
             .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
             .collect();
         for name in named {
