@@ -37,6 +37,7 @@ use super::{Answer, Next, Stage, StageFuture};
 use crate::body::{self, Body};
 use crate::classify::Outcome;
 use crate::config::RetryConfig;
+use crate::context::RequestContext;
 use crate::metrics as m;
 use crate::respond::{self, Reason, Shed};
 use crate::upstream::{EndpointHint, Upstream};
@@ -121,14 +122,15 @@ impl Stage for Retry {
         if !req.body().is_end_stream() {
             return Either::Right(Either::Right(Box::pin(self.with_body(req, next)) as StageFuture<'a>));
         }
-        let (mut parts, _) = req.into_parts();
+        let (parts, _) = req.into_parts();
         let hint = EndpointHint::default();
-        let first = next.run(attempt(&mut parts, &hint, &Bytes::new()));
+        let head = Head::of(&parts);
+        let first = next.run(first_try(parts, &hint, &Bytes::new()));
         Either::Right(Either::Left(first.then(move |result| {
             if !self.retries_after(1, &result) {
                 return Either::Left(ready(result));
             }
-            Either::Right(Box::pin(self.again(parts, Bytes::new(), hint, result, next)) as StageFuture<'a>)
+            Either::Right(Box::pin(self.again(head, Bytes::new(), hint, result, next)) as StageFuture<'a>)
         })))
     }
 }
@@ -143,21 +145,22 @@ impl Retry {
 
     /// Reads the body (in memory already) so every try can send it, then tries.
     async fn with_body<N: Next>(&self, req: Request<Body>, next: &N) -> Answer {
-        let (mut parts, body) = req.into_parts();
+        let (parts, body) = req.into_parts();
         let bytes = match body.collect().await {
             Ok(collected) => collected.to_bytes(),
             Err(_) => return Err(Shed::new(Reason::BadRequest).detail("the request body could not be read")),
         };
         let hint = EndpointHint::default();
-        let first = next.run(attempt(&mut parts, &hint, &bytes)).await;
-        self.again(parts, bytes, hint, first, next).await
+        let head = Head::of(&parts);
+        let first = next.run(first_try(parts, &hint, &bytes)).await;
+        self.again(head, bytes, hint, first, next).await
     }
 
     /// The tries after the first, while its outcome is retryable and the
     /// budget allows.
     async fn again<N: Next>(
         &self,
-        mut parts: http::request::Parts,
+        head: Head,
         bytes: Bytes,
         mut hint: EndpointHint,
         mut result: Answer,
@@ -176,17 +179,56 @@ impl Retry {
             hint.avoid = Some(hint.picked.load(Ordering::Relaxed));
             tokio::time::sleep(backoff(policy.backoff, tries, fastrand::f64())).await;
             tries += 1;
-            result = next.run(attempt(&mut parts, &hint, &bytes)).await;
+            result = next.run(head.request(&hint, &bytes)).await;
         }
         result
     }
 }
 
-/// One try's request: the kept head, with the endpoint hint as it stands,
-/// and the kept body.
-fn attempt(parts: &mut http::request::Parts, hint: &EndpointHint, bytes: &Bytes) -> Request<Body> {
+/// The first try's request: the request itself, all its extensions too, with
+/// the endpoint hint and the kept body.
+fn first_try(mut parts: http::request::Parts, hint: &EndpointHint, bytes: &Bytes) -> Request<Body> {
     parts.extensions.insert(hint.clone());
-    Request::from_parts(parts.clone(), body::full(bytes.clone()))
+    Request::from_parts(parts, body::full(bytes.clone()))
+}
+
+/// What a retry sends again: the request's head, and its context (the one
+/// extension the stages below read). Kept for every request that may be
+/// retried, so it copies no more than that: the whole `Extensions` map was a
+/// map and a boxed copy of each value, ~600 instructions per request.
+struct Head {
+    method: Method,
+    uri: http::Uri,
+    version: http::Version,
+    headers: http::HeaderMap,
+    ctx: Option<RequestContext>,
+}
+
+impl Head {
+    fn of(parts: &http::request::Parts) -> Head {
+        Head {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            version: parts.version,
+            headers: parts.headers.clone(),
+            ctx: parts.extensions.get::<RequestContext>().cloned(),
+        }
+    }
+
+    /// A retry's request: the head, the context, the endpoint hint as it
+    /// stands, and the kept body.
+    fn request(&self, hint: &EndpointHint, bytes: &Bytes) -> Request<Body> {
+        let mut req = Request::new(body::full(bytes.clone()));
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers.clone();
+        if let Some(ctx) = &self.ctx {
+            req.extensions_mut().insert(ctx.clone());
+        }
+        req.extensions_mut().insert(hint.clone());
+        req
+    }
 }
 
 #[cfg(test)]
