@@ -118,34 +118,24 @@ mod tests {
     use http::{Method, StatusCode, Uri};
 
     use super::*;
-    use crate::config::units::Rate;
-    use crate::config::{AuthGuardConfig, Mode, StormConfig};
+    use crate::config::{AuthGuardConfig, RouteConfig, StormConfig};
     use crate::stack::auth_guard::AuthGuard;
     use crate::stack::storm::Storm;
 
+    /// A route as shipped: storm detector (1 s intervals, growth ×2 three
+    /// times above 5/s) and auth guard (recently authorized: 10 min) on.
+    fn route() -> RouteConfig {
+        let toml = "[upstreams.u]\nendpoints = [\"127.0.0.1:1\"]\n\
+                    [[routes]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"u\"\n";
+        crate::config::parse(toml, std::path::Path::new("."), &|_| None).unwrap().routes.remove(0)
+    }
+
     fn storm_config(quarantine: Duration) -> StormConfig {
-        StormConfig {
-            enabled: true,
-            mode: Mode::Enforce,
-            interval: Duration::from_secs(1),
-            growth_factor: 2.0,
-            growth_intervals: 3,
-            min_rate: "5/s".parse::<Rate>().unwrap(),
-            duplicate_window: Duration::from_secs(2),
-            max_duplicates: 3,
-            quarantine,
-        }
+        StormConfig { quarantine, ..route().storm }
     }
 
     fn guard_config() -> AuthGuardConfig {
-        AuthGuardConfig {
-            enabled: true,
-            mode: Mode::Enforce,
-            window: Duration::from_secs(10),
-            min_responses: 50,
-            max_401_ratio: 0.3,
-            recently_authorized: Duration::from_secs(600),
-        }
+        route().auth_guard
     }
 
     /// Sends a client doubling its rate (2/s, 4/s, ...), one rate per second

@@ -1,7 +1,7 @@
-//! Stage 3a's companion (`client_id.rs` calls it): as soon as a request's client is known, start
-//! loading the client's entries in every per-client table the route will
-//! read (the limiter's, and the route's table of the storm detector and the
-//! auth guard).
+//! Stage 3a's companion, which `client_id.rs` calls: as soon as a request's
+//! client is known, start loading the client's entries in every per-client
+//! table the route will read (the limiter's, and the route's table of the
+//! storm detector and the auth guard).
 //!
 //! Why: at a million tracked clients each of those lookups is a cache miss,
 //! and they come one after the other, each behind a shard lock (a full
@@ -34,7 +34,7 @@ impl std::fmt::Debug for Warm {
 impl Warm {
     /// The tables the route's stages read: the store's (when the route has
     /// limits) and the route's client table (when it has a storm detector or
-    /// an auth guard). `None` when the route reads none: the stage is then absent.
+    /// an auth guard). `None` when the route reads none: nothing to warm.
     pub fn new(limits: &RouteLimits, store: Arc<Store>, clients: Option<Arc<RouteClients>>) -> Option<Self> {
         let warm = Warm { limiter: (!limits.is_empty()).then(|| (store, limits.route.clone())), clients };
         (warm.limiter.is_some() || warm.clients.is_some()).then_some(warm)
