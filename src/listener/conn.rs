@@ -403,6 +403,7 @@ struct ConnFirst<'a, C, W> {
     watchdog: Pin<&'a mut W>,
     /// Set when the watchdog's waker fired (and at first, so it registers).
     watchdog_woken: Arc<WatchdogWaker>,
+    /// `watchdog_woken` as a waker, made once (not an `Arc` clone per poll).
     waker: std::task::Waker,
 }
 

@@ -7,7 +7,6 @@
 //! logs, admin API or Redis.
 
 use std::net::IpAddr;
-use std::sync::Arc;
 
 use http::Request;
 
@@ -36,7 +35,7 @@ pub struct ClientId {
     tenant: Option<KeySource>,
     priority: Priority,
     /// The client's table entries to prefetch once it is known.
-    warm: Option<Arc<Warm>>,
+    warm: Option<Warm>,
 }
 
 impl ClientId {
@@ -53,7 +52,7 @@ impl ClientId {
     /// Prefetches the client's entries in `warm`'s tables as soon as the
     /// request is identified (`warm.rs`).
     pub fn warming(mut self, warm: Option<Warm>) -> Self {
-        self.warm = warm.map(Arc::new);
+        self.warm = warm;
         self
     }
 

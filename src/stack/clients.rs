@@ -64,7 +64,7 @@ impl RouteClients {
     }
 
     /// The table's key of `client`.
-    pub fn key(&self, client: &ClientKey) -> u64 {
+    fn key(&self, client: &ClientKey) -> u64 {
         self.seed.hash_one(client.hash64())
     }
 

@@ -178,20 +178,25 @@ impl RouteState {
             }
             clients
         });
-        let table = || clients.clone().unwrap_or_else(|| RouteClients::new(max_clients));
-        let storm = route.storm.enabled.then(|| match previous.and_then(|p| p.storm.as_ref()) {
-            Some(s) if StormConfig { mode: route.storm.mode, ..s.config.clone() } == route.storm => s.clone(),
-            _ => Storm::start(&route.name, &route.storm, table(), max_clients),
-        });
-        let guard = route.auth_guard.enabled.then(|| match previous.and_then(|p| p.guard.as_ref()) {
-            Some(g)
-                if AuthGuardConfig { mode: route.auth_guard.mode, ..g.config.clone() }
-                    == route.auth_guard =>
-            {
-                g.clone()
-            }
-            _ => AuthGuard::new(&route.name, &route.auth_guard, table()),
-        });
+        // Each is built on the table, which exists whenever either is enabled.
+        let on_table = |enabled: bool| clients.as_ref().filter(|_| enabled);
+        let storm =
+            on_table(route.storm.enabled).map(|table| match previous.and_then(|p| p.storm.as_ref()) {
+                Some(s) if StormConfig { mode: route.storm.mode, ..s.config.clone() } == route.storm => {
+                    s.clone()
+                }
+                _ => Storm::start(&route.name, &route.storm, table.clone(), max_clients),
+            });
+        let guard =
+            on_table(route.auth_guard.enabled).map(|table| match previous.and_then(|p| p.guard.as_ref()) {
+                Some(g)
+                    if AuthGuardConfig { mode: route.auth_guard.mode, ..g.config.clone() }
+                        == route.auth_guard =>
+                {
+                    g.clone()
+                }
+                _ => AuthGuard::new(&route.name, &route.auth_guard, table.clone()),
+            });
         let stats: Arc<RouteStats> = previous.map(|p| p.stats.clone()).unwrap_or_default();
         RouteState {
             name: Arc::from(route.name.as_str()),

@@ -17,6 +17,7 @@ use crate::context::ClientKey;
 use crate::store::{RouteLimits, Store};
 
 /// The per-client tables of one route.
+#[derive(Clone)]
 pub struct Warm {
     limiter: Option<(Arc<Store>, Arc<str>)>,
     clients: Option<Arc<RouteClients>>,

@@ -5,9 +5,9 @@
 //! Per-client state lives in [`ClockMap`](super::clock::ClockMap)s: the
 //! limiter's one map (every route's buckets), and per route the client table
 //! (the storm detector's growth and the auth guard's last 2xx, one entry per
-//! client) and the storm detector's request fingerprints. Before, each of those was capped at
-//! `max_clients` on its own, so six routes with storm and guard could hold
-//! nineteen times the budget.
+//! client) and the storm detector's request fingerprints. Before, each of
+//! those was capped at `max_clients` on its own, so six routes with storm and
+//! guard could hold nineteen times the budget.
 //!
 //! The split is static and proportional, recomputed on every reload: each
 //! route map counts one share, the limiter's map one share per route with

@@ -14,12 +14,12 @@
 //!   share a slot, so a decision at a million clients costs about one cache miss.
 //! - **Idle expiry:** `retain` drops entries that hold no information any more
 //!   (a full bucket); the gateway runs it every few seconds.
-//! - **Prefetch:** a request looks its client up in three tables (limiter,
-//!   storm detector, auth guard); at a million clients each lookup is a cache
-//!   miss, and each waits for the one before (a shard lock is a full fence).
-//!   [`ClockMap::prefetch`] asks for a key's home slot without the lock, so a
-//!   request can start all three loads when it learns who its client is
-//!   (`stack::warm`) and pay for about one.
+//! - **Prefetch:** a request looks its client up in more than one table (the
+//!   limiter's, its route's client table); at a million clients each lookup
+//!   is a cache miss, and each waits for the one before (a shard lock is a
+//!   full fence). [`ClockMap::prefetch`] asks for a key's home slot without
+//!   the lock, so a request can start every load when it learns who its
+//!   client is (`stack::warm`) and pay for about one.
 
 use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
