@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::support::gateway::metric_value;
-use crate::support::redis::Redis;
+use crate::support::redis::{lane_clients, Redis};
 use crate::support::{base_config, upstream_and_route, Backend, Client, TestGateway};
 
 /// A route named `route` (unique per test: metrics and Redis keys carry it).
@@ -346,4 +346,55 @@ async fn oom_and_readonly_replies_mark_the_store_down_until_redis_writes_again()
     let _: () = redis::cmd("REPLICAOF").arg("NO").arg("ONE").query_async(&mut admin).await.unwrap();
     wait_store(&gw, true).await;
     assert_eq!(c.get_with(gw.http, "/", &device).await.status, 200);
+}
+
+/// Decisions take the store's fast lane, its own pipelined connection; a
+/// lane whose connection dies is rebuilt by itself, and a script Redis has
+/// forgotten is loaded again, without one decision failing meanwhile
+/// (`on_failure = "deny"`: a failed decision would be a 503).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decisions_take_the_fast_lane_which_survives_a_killed_connection_and_a_flushed_script() {
+    let backend = Backend::start().await;
+    let redis = Redis::spawn().await;
+    let limit = "[[routes.limits]]\nrate = \"1000/s\"\nburst = 1000\n";
+    let gw = TestGateway::start(&config(backend.addr, &redis, "rs-lane", limit, "deny")).await;
+    wait_store_up(&gw).await;
+    let mut conn = redis_conn(&redis).await;
+    let c = Client::new();
+    let device = [("x-device-id", "lane")];
+    // Polls until a lane connection other than `not` has run a decision.
+    let mut lane_after = async |not: Option<u64>| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            assert_eq!(c.get_with(gw.http, "/", &device).await.status, 200);
+            let lanes = lane_clients(&mut conn).await;
+            if let Some((id, _)) = lanes.iter().find(|(id, cmd)| cmd == "evalsha" && Some(*id) != not) {
+                return *id;
+            }
+            assert!(Instant::now() < deadline, "no fast lane ran a decision: {lanes:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let first = lane_after(None).await;
+
+    redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("ID")
+        .arg(first)
+        .query_async::<()>(&mut redis_conn(&redis).await)
+        .await
+        .unwrap();
+    let second = lane_after(Some(first)).await;
+    assert_ne!(first, second);
+
+    redis::cmd("SCRIPT").arg("FLUSH").query_async::<()>(&mut redis_conn(&redis).await).await.unwrap();
+    for _ in 0..20 {
+        assert_eq!(c.get_with(gw.http, "/", &device).await.status, 200);
+    }
+    let lanes = lane_clients(&mut redis_conn(&redis).await).await;
+    assert!(
+        lanes.iter().any(|(id, _)| *id == second),
+        "NOSCRIPT did not cost the lane its connection: {lanes:?}"
+    );
+    assert!(store_up(&gw).await);
 }

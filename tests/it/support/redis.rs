@@ -120,3 +120,17 @@ impl Drop for Redis {
         self.kill();
     }
 }
+
+/// The ids and last commands of the decisions' own connections on `redis`
+/// (`CLIENT SETNAME levee-decisions`: the store's fast lane).
+pub async fn lane_clients(conn: &mut redis::aio::MultiplexedConnection) -> Vec<(u64, String)> {
+    let list: String = redis::cmd("CLIENT").arg("LIST").query_async(conn).await.unwrap();
+    list.lines()
+        .filter(|l| l.split(' ').any(|f| f == "name=levee-decisions"))
+        .map(|l| {
+            let field =
+                |k: &str| l.split(' ').find_map(|f| f.strip_prefix(k)).unwrap_or_default().to_string();
+            (field("id=").parse().unwrap(), field("cmd="))
+        })
+        .collect()
+}
