@@ -14,6 +14,7 @@ use levee::config::Limit;
 use levee::context::ClientKey;
 use levee::store::gcra::Gcra;
 use levee::store::memory::MemoryStore;
+use levee::store::redis::resp;
 use std::hint::black_box;
 
 const CLIENTS: usize = 1_000_000;
@@ -156,5 +157,29 @@ pub fn bench(c: &mut Criterion) {
     g.bench_function("1M_clients_none_due_whole_table", |b| {
         b.iter(|| black_box(rt.block_on(shared.sweep(1))))
     });
+    g.finish();
+
+    // The Redis fast lane's share of a decision on levee's side: writing the
+    // EVALSHA (2 limits) and reading its five-integer reply. The round trip
+    // is the load benchmark's (`redis`, `cluster` modes).
+    let mut g = c.benchmark_group("redis_lane");
+    g.throughput(Throughput::Elements(1));
+    let keys = levee::store::redis::RedisStore::keys(
+        "device-api",
+        "device-42",
+        &["2/s:b4".into(), "5000/h:b5000".into()],
+    );
+    let sha = "ebf608a95f27400d678bc611a19d8f61b18e0e5b";
+    let args = [500_000u64, 2_000_000, 720_000, 3_600_000_000];
+    let mut out = Vec::with_capacity(256);
+    g.bench_function("write_evalsha_2_limits", |b| {
+        b.iter(|| {
+            out.clear();
+            resp::evalsha(&mut out, sha, black_box(&keys), &args);
+            black_box(out.len())
+        })
+    });
+    let reply = b"*5\r\n:1\r\n:0\r\n:1\r\n:3\r\n:1500000\r\n";
+    g.bench_function("read_decision_reply", |b| b.iter(|| black_box(resp::parse(black_box(reply)))));
     g.finish();
 }

@@ -11,7 +11,7 @@
 //! The lane only takes the happy path. Anything else it hands back (`None`)
 //! and the caller asks the crate, as before: an error reply (`NOSCRIPT`,
 //! which the crate answers by loading the script; `MOVED` after a failover or
-//! a reshard; `READONLY`, `OOM`...), a full queue, a closed connection. So the
+//! a reshard; `READONLY`, `OOM`...) or a closed connection. So the
 //! store's failure handling (what marks it down, `on_failure`, the probe) is
 //! the crate's, unchanged. A lane that saw anything but a decision is marked
 //! dead, and the store's prober builds a fresh one (a new slot map, new
@@ -145,12 +145,11 @@ impl Lane {
         let mut command = Vec::with_capacity(128);
         resp::evalsha(&mut command, sha, keys, args);
         let (tx, rx) = oneshot::channel();
-        if node.try_send(Call { command, reply: tx }).is_err() {
-            // Full (a slow server: let the crate's path and its timeout
-            // judge it) or closed (the connection ended).
-            if node.is_closed() {
-                self.kill();
-            }
+        // A full queue waits (the caller's `store.timeout` bounds it, and a
+        // server that slow is judged by it); a closed one means the connection
+        // ended.
+        if node.send(Call { command, reply: tx }).await.is_err() {
+            self.kill();
             return None;
         }
         match rx.await {
