@@ -398,3 +398,67 @@ async fn decisions_take_the_fast_lane_which_survives_a_killed_connection_and_a_f
     );
     assert!(store_up(&gw).await);
 }
+
+/// The client ids of the connections whose `CLIENT SETNAME` the ACL refused
+/// (`ACL LOG`).
+async fn setname_refused_ids(conn: &mut redis::aio::MultiplexedConnection) -> Vec<String> {
+    let log: Vec<Vec<redis::Value>> = redis::cmd("ACL").arg("LOG").query_async(conn).await.unwrap();
+    log.iter()
+        .filter_map(|entry| {
+            let texts: Vec<String> = entry
+                .iter()
+                .map(|v| match v {
+                    redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+                    redis::Value::SimpleString(s) => s.clone(),
+                    _ => String::new(),
+                })
+                .collect();
+            let field = |k: &str| texts.iter().position(|t| t == k).and_then(|i| texts.get(i + 1));
+            (field("object")? == "client|setname").then_some(())?;
+            field("client-info")?.split(' ').find_map(|f| f.strip_prefix("id=")).map(str::to_string)
+        })
+        .collect()
+}
+
+/// The fast lane logs in as the URL says (ACL user and password), uses its
+/// database, and does without a name when the ACL forbids `CLIENT SETNAME`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fast_lane_logs_in_selects_the_database_and_does_without_a_name() {
+    let backend = Backend::start().await;
+    let redis = Redis::spawn().await;
+    let mut admin = redis_conn(&redis).await;
+    redis::cmd("ACL")
+        .arg(&["SETUSER", "lane", "on", ">lane-secret", "~*", "&*", "+@all", "-client|setname"][..])
+        .query_async::<()>(&mut admin)
+        .await
+        .unwrap();
+    // Slow to refill: each decision keeps its key for an hour, to be found.
+    let limit = "[[routes.limits]]\nrate = \"10/h\"\nburst = 1000\n";
+    let url = format!("redis://lane:lane-secret@{}/2", redis.addr);
+    let toml = config(backend.addr, &redis, "rs-acl", limit, "deny").replace(&redis.url(), &url);
+    let gw = TestGateway::start(&toml).await;
+    wait_store_up(&gw).await;
+    let c = Client::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert_eq!(c.get_with(gw.http, "/", &[("x-device-id", "acl")]).await.status, 200);
+        // The lane's connections are those whose `CLIENT SETNAME` the ACL
+        // refused (its log names them); one of them, logged in as lane on
+        // database 2, decides.
+        let refused = setname_refused_ids(&mut admin).await;
+        let list: String = redis::cmd("CLIENT").arg("LIST").query_async(&mut admin).await.unwrap();
+        let lane = list.lines().any(|l| {
+            let fields: Vec<&str> = l.split(' ').collect();
+            refused.iter().any(|id| fields.contains(&format!("id={id}").as_str()))
+                && ["user=lane", "db=2", "cmd=evalsha"].iter().all(|f| fields.contains(f))
+        });
+        if lane {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no fast lane logged in as lane on db 2:\n{list}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    redis::cmd("SELECT").arg(2).query_async::<()>(&mut admin).await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("levee:{rs-acl:*").query_async(&mut admin).await.unwrap();
+    assert_eq!(keys.len(), 1, "the decision's key is in database 2: {keys:?}");
+}

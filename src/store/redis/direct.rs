@@ -178,47 +178,51 @@ async fn connect(
         .map_err(|_| fail("timed out".into()))?
         .map_err(|e| fail(e.to_string()))?;
     stream.set_nodelay(true).map_err(|e| fail(e.to_string()))?;
+    // Each command of the handshake, and whether its refusal fails the
+    // connection: a name is a courtesy an ACL may deny.
     let mut hello = Vec::new();
-    let mut expect = 0;
+    let mut must: Vec<bool> = Vec::with_capacity(3);
     if let Some(password) = settings.password() {
         let mut words = vec!["AUTH"];
         words.extend(settings.username());
         words.push(password);
         resp::command(&mut hello, &words);
-        expect += 1;
+        must.push(true);
     }
     // Named, so that an operator's `CLIENT LIST` tells levee's decisions apart.
     resp::command(&mut hello, &["CLIENT", "SETNAME", CLIENT_NAME]);
-    expect += 1;
+    must.push(false);
     if db != 0 {
         resp::command(&mut hello, &["SELECT", &db.to_string()]);
-        expect += 1;
+        must.push(true);
     }
-    {
-        let handshake = async {
-            stream.write_all(&hello).await.map_err(|e| e.to_string())?;
-            let mut buf = BytesMut::with_capacity(256);
-            while expect > 0 {
-                match resp::parse(&buf).map_err(|e| e.to_string())? {
-                    Some((Reply::Status, used)) => {
-                        buf.advance(used);
-                        expect -= 1;
+    let handshake = async {
+        stream.write_all(&hello).await.map_err(|e| e.to_string())?;
+        let mut buf = BytesMut::with_capacity(256);
+        let mut answers = must.iter();
+        let mut next = answers.next();
+        while let Some(&required) = next {
+            match resp::parse(&buf).map_err(|e| e.to_string())? {
+                Some((reply, used)) => {
+                    if required && reply != Reply::Status {
+                        return Err(format!("the handshake was answered {reply:?}"));
                     }
-                    Some((other, _)) => return Err(format!("the handshake was answered {other:?}")),
-                    None => {
-                        if stream.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
-                            return Err("closed during the handshake".into());
-                        }
+                    buf.advance(used);
+                    next = answers.next();
+                }
+                None => {
+                    if stream.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
+                        return Err("closed during the handshake".into());
                     }
                 }
             }
-            Ok(())
-        };
-        tokio::time::timeout(CONNECT_TIMEOUT, handshake)
-            .await
-            .map_err(|_| fail("timed out".into()))?
-            .map_err(fail)?;
-    }
+        }
+        Ok(())
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT, handshake)
+        .await
+        .map_err(|_| fail("timed out".into()))?
+        .map_err(fail)?;
     let (tx, rx) = mpsc::channel(MAX_IN_FLIGHT);
     let (stop, stopped) = oneshot::channel();
     tokio::spawn(drive(stream, rx, stopped));
