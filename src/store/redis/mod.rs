@@ -94,6 +94,9 @@ pub struct RedisStore {
     /// Set when the URLs name something the lane cannot speak (TLS, a Unix
     /// socket): decisions then always go through the crate.
     lane_off: AtomicBool,
+    /// A lane is being built (by a task of its own, so that the probe never
+    /// waits for it).
+    lane_building: AtomicBool,
     up: AtomicBool,
     timeout: Duration,
     gcra: Script,
@@ -115,6 +118,7 @@ impl RedisStore {
             conn: ArcSwapOption::empty(),
             lane: ArcSwapOption::empty(),
             lane_off: AtomicBool::new(false),
+            lane_building: AtomicBool::new(false),
             up: AtomicBool::new(false),
             timeout,
             gcra: Script::new(include_str!("gcra.lua")),
@@ -458,8 +462,6 @@ async fn follow(store: &Weak<RedisStore>, pubsub: redis::aio::PubSub) {
 /// Connects, then watches: while the store is down, ping every `PROBE_EVERY`.
 /// Also drops refusals whose retry time has passed, every few seconds.
 async fn probe(store: Weak<RedisStore>) {
-    // The tick at which to try building a lane next (once a second while it fails).
-    let mut lane_at = 0;
     for n in 0u64.. {
         let Some(s) = store.upgrade() else { return };
         if n % 20 == 0 {
@@ -477,8 +479,19 @@ async fn probe(store: Weak<RedisStore>) {
         } else if !s.is_up() && s.ping().await {
             s.mark(true, "");
         }
-        if n >= lane_at && s.is_up() && !s.lane_ready() && !s.refresh_lane().await {
-            lane_at = n + 4;
+        if s.is_up()
+            && !s.lane_ready()
+            && !s.lane_off.load(Ordering::Relaxed)
+            && !s.lane_building.swap(true, Ordering::Relaxed)
+        {
+            let s = s.clone();
+            tokio::spawn(async move {
+                if !s.refresh_lane().await {
+                    // Once a second while it fails.
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                s.lane_building.store(false, Ordering::Relaxed);
+            });
         }
         drop(s);
         tokio::time::sleep(PROBE_EVERY).await;
