@@ -266,6 +266,12 @@ async fn drive(mut stream: TcpStream, mut calls: mpsc::Receiver<Call>, mut stopp
                 out.clear();
                 out.extend_from_slice(&call.command);
                 waiting.push_back(call.reply);
+                // The first call woke this task, which tokio then runs next
+                // (its LIFO slot): without stepping aside once, every write
+                // would carry one command, and Redis would read, run and
+                // answer them one system call at a time. After the other
+                // ready requests have run, their calls go in the same write.
+                tokio::task::yield_now().await;
                 while waiting.len() < MAX_IN_FLIGHT {
                     let Ok(call) = calls.try_recv() else { break };
                     out.extend_from_slice(&call.command);
