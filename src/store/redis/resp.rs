@@ -12,8 +12,6 @@
 //! [`MAX_ARRAY`] elements of one level; anything else is a protocol error,
 //! after which the connection is closed rather than resynchronised.
 
-use std::fmt;
-
 /// The largest reply read (an error's text, a bulk string): larger ones end
 /// the connection.
 pub const MAX_REPLY: usize = 64 * 1024;
@@ -35,16 +33,9 @@ pub enum Reply {
 }
 
 /// The reply could not be read: the connection must be closed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unexpected reply from Redis: {0}")]
 pub struct ProtocolError(pub &'static str);
-
-impl fmt::Display for ProtocolError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "unexpected reply from Redis: {}", self.0)
-    }
-}
-
-impl std::error::Error for ProtocolError {}
 
 /// Appends `EVALSHA sha numkeys keys... args...` to `out`.
 pub fn evalsha(out: &mut Vec<u8>, sha: &str, keys: &[String], args: &[u64]) {
