@@ -357,7 +357,9 @@ async fn decisions_take_the_fast_lane_which_survives_a_killed_connection_and_a_f
     let backend = Backend::start().await;
     let redis = Redis::spawn().await;
     let limit = "[[routes.limits]]\nrate = \"1000/s\"\nburst = 1000\n";
-    let gw = TestGateway::start(&config(backend.addr, &redis, "rs-lane", limit, "deny")).await;
+    // A generous timeout: a busy machine's stall must not pass for a failure.
+    let toml = config(backend.addr, &redis, "rs-lane", limit, "deny").replace("\"100ms\"", "\"2s\"");
+    let gw = TestGateway::start(&toml).await;
     wait_store_up(&gw).await;
     let mut conn = redis_conn(&redis).await;
     let c = Client::new();
@@ -435,7 +437,9 @@ async fn the_fast_lane_logs_in_selects_the_database_and_does_without_a_name() {
     // Slow to refill: each decision keeps its key for an hour, to be found.
     let limit = "[[routes.limits]]\nrate = \"10/h\"\nburst = 1000\n";
     let url = format!("redis://lane:lane-secret@{}/2", redis.addr);
-    let toml = config(backend.addr, &redis, "rs-acl", limit, "deny").replace(&redis.url(), &url);
+    let toml = config(backend.addr, &redis, "rs-acl", limit, "deny")
+        .replace(&redis.url(), &url)
+        .replace("\"100ms\"", "\"2s\"");
     let gw = TestGateway::start(&toml).await;
     wait_store_up(&gw).await;
     let c = Client::new();
