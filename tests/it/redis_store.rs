@@ -466,3 +466,51 @@ async fn the_fast_lane_logs_in_selects_the_database_and_does_without_a_name() {
     let keys: Vec<String> = redis::cmd("KEYS").arg("levee:{rs-acl:*").query_async(&mut admin).await.unwrap();
     assert_eq!(keys.len(), 1, "the decision's key is in database 2: {keys:?}");
 }
+
+/// A server that closes idle connections (`timeout`) closes the lane's too:
+/// levee builds a new one by itself, before a decision needs it, and no
+/// decision fails (`on_failure = "deny"`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lane_the_server_closed_while_idle_is_rebuilt_before_it_is_needed() {
+    let backend = Backend::start().await;
+    let redis = Redis::spawn().await;
+    let limit = "[[routes.limits]]\nrate = \"1000/s\"\nburst = 1000\n";
+    let toml = config(backend.addr, &redis, "rs-idle", limit, "deny").replace("\"100ms\"", "\"2s\"");
+    let gw = TestGateway::start(&toml).await;
+    wait_store_up(&gw).await;
+    let mut admin = redis_conn(&redis).await;
+    let c = Client::new();
+    let device = [("x-device-id", "idle")];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let first = loop {
+        assert_eq!(c.get_with(gw.http, "/", &device).await.status, 200);
+        if let Some((id, _)) = lane_clients(&mut admin).await.into_iter().find(|(_, cmd)| cmd == "evalsha") {
+            break id;
+        }
+        assert!(Instant::now() < deadline, "no fast lane ran a decision");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // Idle connections go after 1 s (the test's own one keeps talking).
+    redis::cmd("CONFIG").arg("SET").arg("timeout").arg(1).query_async::<()>(&mut admin).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let lanes = lane_clients(&mut admin).await;
+        if lanes.iter().all(|(id, _)| *id != first) && !lanes.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the closed lane was not rebuilt: {lanes:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    redis::cmd("CONFIG").arg("SET").arg("timeout").arg(0).query_async::<()>(&mut admin).await.unwrap();
+    // (A lane closed just before may be rebuilt meanwhile: poll.)
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert_eq!(c.get_with(gw.http, "/", &device).await.status, 200);
+        let lanes = lane_clients(&mut admin).await;
+        if lanes.iter().any(|(id, cmd)| *id != first && cmd == "evalsha") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the new lane never decided: {lanes:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

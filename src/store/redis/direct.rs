@@ -125,6 +125,12 @@ impl Lane {
         !self.dead.load(Ordering::Relaxed)
     }
 
+    /// Whether every connection is still open: the prober's check, so that a
+    /// lane a server closed while idle is rebuilt before a decision needs it.
+    pub fn connected(&self) -> bool {
+        self.alive() && self.nodes.iter().all(|n| !n.is_closed())
+    }
+
     /// Marks the lane dead: requests go through the crate until the prober
     /// builds a new one.
     pub fn kill(&self) {
@@ -241,7 +247,11 @@ async fn drive(mut stream: TcpStream, mut calls: mpsc::Receiver<Call>, mut stopp
         tokio::select! {
             biased;
             _ = &mut stopped => return,
-            read = stream.read_buf(&mut input), if !waiting.is_empty() => {
+            // Read even while nothing is asked: a server that closes an idle
+            // connection (its `timeout`, a failover) ends the driver at once,
+            // and the next decision goes through the crate without first
+            // writing into a dead socket.
+            read = stream.read_buf(&mut input) => {
                 if !matches!(read, Ok(n) if n > 0) {
                     return;
                 }

@@ -315,10 +315,7 @@ impl RedisStore {
     /// Builds a lane when the store is up and has none that works; true when
     /// one was built. A URL the lane cannot speak turns it off for good.
     async fn refresh_lane(&self) -> bool {
-        if !self.is_up()
-            || self.lane_off.load(Ordering::Relaxed)
-            || self.lane.load().as_ref().is_some_and(|l| l.alive())
-        {
+        if !self.is_up() || self.lane_off.load(Ordering::Relaxed) || self.lane_ready() {
             return false;
         }
         match tokio::time::timeout(Duration::from_secs(3), self.build_lane()).await {
@@ -348,7 +345,7 @@ impl RedisStore {
 
     /// Whether decisions take the fast lane now (for tests and the curious).
     pub fn lane_ready(&self) -> bool {
-        self.lane.load().as_ref().is_some_and(|l| l.alive())
+        self.lane.load().as_ref().is_some_and(|l| l.connected())
     }
 
     /// Whether Redis takes a decision again: one run of the GCRA script on a
