@@ -40,8 +40,16 @@ impl TestResponse {
 }
 
 impl Client {
+    /// Keeps an idle connection for half a second at most: the test configs'
+    /// `header_read_timeout` is 1 s, after which levee closes an idle HTTP/1.1
+    /// connection, and a request sent on it at that very moment would fail at
+    /// the transport level (a race of every keep-alive client, not a fault).
     pub fn new() -> Self {
-        Client { inner: hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http() }
+        Client {
+            inner: hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(std::time::Duration::from_millis(500))
+                .build_http(),
+        }
     }
 
     /// HTTP/2 with prior knowledge (h2c).
