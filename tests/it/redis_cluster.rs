@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::support::redis::{lane_clients, Redis};
+use crate::support::redis::{wait_lane_decision, Redis};
 use crate::support::redis_cluster::{command_calls, RedisCluster};
 use crate::support::{base_config, upstream_and_route, Backend, Client, TestGateway};
 
@@ -438,16 +438,7 @@ async fn a_killed_master_fails_over_under_load_and_levee_follows_the_new_master(
     let later = tat(&mut conn).await.unwrap_or(0);
     assert!(later > first, "the new master decides again: tat {first} -> {later}");
     // ... and through the fast lane again, rebuilt from the new slot map.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        assert_eq!(c.get_with(gw.http, "/", &device("f")).await.status, 200);
-        let lanes = lane_clients(&mut conn).await;
-        if lanes.iter().any(|(_, cmd)| cmd == "evalsha") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no fast lane to the new master: {lanes:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_lane_decision(gw.http, &device("f"), &mut conn, None).await;
     // Up for good: keep the load on for a while and watch store_up.
     tokio::time::sleep(Duration::from_millis(1000)).await;
     stop.store(true, Ordering::Relaxed);

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::support::gateway::metric_value;
-use crate::support::redis::{lane_clients, Redis};
+use crate::support::redis::{lane_clients, wait_lane_decision, Redis};
 use crate::support::{base_config, upstream_and_route, Backend, Client, TestGateway};
 
 /// A route named `route` (unique per test: metrics and Redis keys carry it).
@@ -364,20 +364,7 @@ async fn decisions_take_the_fast_lane_which_survives_a_killed_connection_and_a_f
     let mut conn = redis_conn(&redis).await;
     let c = Client::new();
     let device = [("x-device-id", "lane")];
-    // Polls until a lane connection other than `not` has run a decision.
-    let mut lane_after = async |not: Option<u64>| {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            assert_eq!(c.get_with(gw.http, "/", &device).await.status, 200);
-            let lanes = lane_clients(&mut conn).await;
-            if let Some((id, _)) = lanes.iter().find(|(id, cmd)| cmd == "evalsha" && Some(*id) != not) {
-                return *id;
-            }
-            assert!(Instant::now() < deadline, "no fast lane ran a decision: {lanes:?}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    let first = lane_after(None).await;
+    let first = wait_lane_decision(gw.http, &device, &mut conn, None).await;
 
     redis::cmd("CLIENT")
         .arg("KILL")
@@ -386,7 +373,7 @@ async fn decisions_take_the_fast_lane_which_survives_a_killed_connection_and_a_f
         .query_async::<()>(&mut redis_conn(&redis).await)
         .await
         .unwrap();
-    let second = lane_after(Some(first)).await;
+    let second = wait_lane_decision(gw.http, &device, &mut conn, Some(first)).await;
     assert_ne!(first, second);
 
     redis::cmd("SCRIPT").arg("FLUSH").query_async::<()>(&mut redis_conn(&redis).await).await.unwrap();
@@ -479,17 +466,8 @@ async fn a_lane_the_server_closed_while_idle_is_rebuilt_before_it_is_needed() {
     let gw = TestGateway::start(&toml).await;
     wait_store_up(&gw).await;
     let mut admin = redis_conn(&redis).await;
-    let c = Client::new();
     let device = [("x-device-id", "idle")];
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let first = loop {
-        assert_eq!(c.get_with(gw.http, "/", &device).await.status, 200);
-        if let Some((id, _)) = lane_clients(&mut admin).await.into_iter().find(|(_, cmd)| cmd == "evalsha") {
-            break id;
-        }
-        assert!(Instant::now() < deadline, "no fast lane ran a decision");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let first = wait_lane_decision(gw.http, &device, &mut admin, None).await;
     // Idle connections go after 1 s (the test's own one keeps talking).
     redis::cmd("CONFIG").arg("SET").arg("timeout").arg(1).query_async::<()>(&mut admin).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -502,15 +480,6 @@ async fn a_lane_the_server_closed_while_idle_is_rebuilt_before_it_is_needed() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     redis::cmd("CONFIG").arg("SET").arg("timeout").arg(0).query_async::<()>(&mut admin).await.unwrap();
-    // (A lane closed just before may be rebuilt meanwhile: poll.)
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        assert_eq!(c.get_with(gw.http, "/", &device).await.status, 200);
-        let lanes = lane_clients(&mut admin).await;
-        if lanes.iter().any(|(id, cmd)| *id != first && cmd == "evalsha") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the new lane never decided: {lanes:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // (A lane closed just before may be rebuilt meanwhile: the helper polls.)
+    wait_lane_decision(gw.http, &device, &mut admin, Some(first)).await;
 }

@@ -79,11 +79,8 @@ pub struct Lane {
 impl Lane {
     /// A lane to one Redis server (`url`).
     pub async fn single(url: &str) -> Result<Lane, LaneError> {
-        let info = url.into_connection_info().map_err(|e| LaneError::Connect(url.into(), e.to_string()))?;
-        let ConnectionAddr::Tcp(host, port) = info.addr() else {
-            return Err(LaneError::Unsupported(url.into()));
-        };
-        let (node, stop) = connect(host, *port, info.redis_settings(), info.redis_settings().db()).await?;
+        let (info, host, port) = plain_tcp(url)?;
+        let (node, stop) = connect(&host, port, info.redis_settings(), info.redis_settings().db()).await?;
         Ok(Lane { nodes: vec![node], _stops: vec![stop], slots: None, dead: AtomicBool::new(false) })
     }
 
@@ -91,11 +88,8 @@ impl Lane {
     /// (asked through the crate) and the credentials of `url`, the first of
     /// the configured nodes (as the crate uses them).
     pub async fn cluster(url: &str, slot_map: redis::Value) -> Result<Lane, LaneError> {
-        let info = url.into_connection_info().map_err(|e| LaneError::Connect(url.into(), e.to_string()))?;
-        let ConnectionAddr::Tcp(seed_host, _) = info.addr() else {
-            return Err(LaneError::Unsupported(url.into()));
-        };
-        let ranges = parse_slots(slot_map, seed_host)?;
+        let (info, seed_host, _) = plain_tcp(url)?;
+        let ranges = parse_slots(slot_map, &seed_host)?;
         let mut masters: Vec<(String, u16)> = Vec::new();
         let mut slots = vec![u16::MAX; 16384].into_boxed_slice();
         for (start, end, master) in ranges {
@@ -144,7 +138,7 @@ impl Lane {
         let node = match &self.slots {
             None => self.nodes.first()?,
             Some(slots) => {
-                let i = *slots.get(usize::from(resp::key_slot(keys.first()?.as_bytes())))?;
+                let i = *slots.get(usize::from(resp::key_slot(keys.first()?)))?;
                 self.nodes.get(usize::from(i))?
             }
         };
@@ -167,6 +161,17 @@ impl Lane {
             }
         }
     }
+}
+
+/// `url`'s settings, host and port, when it names a plain TCP server (all
+/// the lane speaks).
+fn plain_tcp(url: &str) -> Result<(redis::ConnectionInfo, String, u16), LaneError> {
+    let info = url.into_connection_info().map_err(|e| LaneError::Connect(url.into(), e.to_string()))?;
+    let ConnectionAddr::Tcp(host, port) = info.addr() else {
+        return Err(LaneError::Unsupported(url.into()));
+    };
+    let (host, port) = (host.clone(), *port);
+    Ok((info, host, port))
 }
 
 /// Connects to one node, authenticates, names the connection, selects `db`,

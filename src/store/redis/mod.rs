@@ -194,7 +194,7 @@ impl RedisStore {
         let reply: Vec<i64> = match self.guard(decide).await {
             Ok(reply) => reply,
             Err(e) => {
-                if let Some(tag) = keys.first().and_then(|k| hash_tag(k)) {
+                if let Some(tag) = keys.first().and_then(|k| resp::hash_tag(k)) {
                     *self.failed_tag.lock().unwrap_or_else(|p| p.into_inner()) = Some(tag.to_string());
                 }
                 return Err(e);
@@ -312,12 +312,10 @@ impl RedisStore {
         Lane::cluster(&self.urls[0], map).await
     }
 
-    /// Builds a lane when the store is up and has none that works; true when
-    /// one was built. A URL the lane cannot speak turns it off for good.
+    /// Builds a lane (the prober calls it when the store is up and has none
+    /// that works); true when one was built. A URL the lane cannot speak
+    /// turns it off for good.
     async fn refresh_lane(&self) -> bool {
-        if !self.is_up() || self.lane_off.load(Ordering::Relaxed) || self.lane_ready() {
-            return false;
-        }
         match tokio::time::timeout(Duration::from_secs(3), self.build_lane()).await {
             Ok(Ok(lane)) => {
                 self.lane.store(Some(Arc::new(lane)));
@@ -361,13 +359,6 @@ impl RedisStore {
         let probe = inv.invoke_async::<Vec<i64>>(&mut conn);
         matches!(tokio::time::timeout(Duration::from_secs(1), probe).await, Ok(Ok(_)))
     }
-}
-
-/// The hash tag of a key (`route:client` of `levee:{route:client}:2/s:b4`).
-fn hash_tag(key: &str) -> Option<&str> {
-    let open = key.find('{')?;
-    let close = open + 1 + key[open + 1..].find('}')?;
-    Some(&key[open + 1..close])
 }
 
 /// Whether an error means Redis is not serving decisions (the store goes down

@@ -174,15 +174,18 @@ fn int(line: &[u8]) -> Result<i64, ProtocolError> {
     }
 }
 
-/// The Redis Cluster slot of `key`: CRC16 (XMODEM) of its hash tag (the text
-/// between the first `{` and the next `}`, when not empty) or of the whole
-/// key, modulo 16,384.
-pub fn key_slot(key: &[u8]) -> u16 {
-    let tagged = key.iter().position(|&b| b == b'{').and_then(|open| {
-        let rest = &key[open + 1..];
-        rest.iter().position(|&b| b == b'}').filter(|&close| close > 0).map(|close| &rest[..close])
-    });
-    crc16::State::<crc16::XMODEM>::calculate(tagged.unwrap_or(key)) % 16384
+/// The hash tag of `key`: the text between its first `{` and the next `}`,
+/// when not empty (Redis Cluster's rule: only the tag decides the slot).
+pub fn hash_tag(key: &str) -> Option<&str> {
+    let open = key.find('{')?;
+    let rest = &key[open + 1..];
+    rest.find('}').filter(|&close| close > 0).map(|close| &rest[..close])
+}
+
+/// The Redis Cluster slot of `key`: CRC16 (XMODEM) of its [`hash_tag`] or,
+/// without one, of the whole key, modulo 16,384.
+pub fn key_slot(key: &str) -> u16 {
+    crc16::State::<crc16::XMODEM>::calculate(hash_tag(key).unwrap_or(key).as_bytes()) % 16384
 }
 
 #[cfg(test)]
@@ -242,13 +245,13 @@ mod tests {
     /// Values `CLUSTER KEYSLOT` gives (Redis's own documentation and tests).
     #[test]
     fn slots_are_redis_clusters() {
-        assert_eq!(key_slot(b"foo"), 12182);
-        assert_eq!(key_slot(b"bar"), 5061);
-        assert_eq!(key_slot(b"hello"), 866);
-        assert_eq!(key_slot(b"{user1000}.following"), key_slot(b"user1000"));
-        assert_eq!(key_slot(b"foo{}{bar}"), key_slot(b"foo{}{bar}"), "an empty tag: the whole key");
-        assert_ne!(key_slot(b"foo{}{bar}"), key_slot(b"bar"));
-        assert_eq!(key_slot(b"levee:{r:c}:1/s:b1"), key_slot(b"levee:{r:c}:5000/h:b5000"));
+        assert_eq!(key_slot("foo"), 12182);
+        assert_eq!(key_slot("bar"), 5061);
+        assert_eq!(key_slot("hello"), 866);
+        assert_eq!(key_slot("{user1000}.following"), key_slot("user1000"));
+        assert_eq!(key_slot("foo{}{bar}"), key_slot("foo{}{bar}"), "an empty tag: the whole key");
+        assert_ne!(key_slot("foo{}{bar}"), key_slot("bar"));
+        assert_eq!(key_slot("levee:{r:c}:1/s:b1"), key_slot("levee:{r:c}:5000/h:b5000"));
     }
 
     proptest! {

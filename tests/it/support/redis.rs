@@ -134,3 +134,25 @@ pub async fn lane_clients(conn: &mut redis::aio::MultiplexedConnection) -> Vec<(
         })
         .collect()
 }
+
+/// Sends requests of `device` to `http` (each must be answered 200) until a
+/// lane connection on `conn`'s server other than `not` has run a decision;
+/// its id. At most 10 s.
+pub async fn wait_lane_decision(
+    http: SocketAddr,
+    device: &[(&str, &str)],
+    conn: &mut redis::aio::MultiplexedConnection,
+    not: Option<u64>,
+) -> u64 {
+    let c = super::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert_eq!(c.get_with(http, "/", device).await.status, 200);
+        let lanes = lane_clients(conn).await;
+        if let Some((id, _)) = lanes.iter().find(|(id, cmd)| cmd == "evalsha" && Some(*id) != not) {
+            return *id;
+        }
+        assert!(Instant::now() < deadline, "no fast lane (other than {not:?}) ran a decision: {lanes:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
