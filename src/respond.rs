@@ -7,9 +7,12 @@
 //! (429 for going too fast), the upstream's or levee's → 5xx. Nothing here can
 //! produce 401 or 403: a device that sees 401 drops its credentials.
 
+use std::cell::RefCell;
 use std::time::Duration;
 
-use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use bytes::Bytes;
+
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use http::{Response, StatusCode};
 
 use crate::body::{self, Body};
@@ -190,25 +193,90 @@ impl Shed {
     /// Builds the response: status, `x-levee-reason`, `Retry-After` and the JSON body.
     pub fn into_response(self, route: Option<&str>) -> Response<Body> {
         let retry_after_s = self.reason.has_retry_after().then(|| retry_after_secs(self.retry_after));
-        let json = answer_json(self.reason, route, retry_after_s, self.detail.as_deref());
+        let answer = Answer { reason: self.reason, route, retry_after_s, detail: self.detail.as_deref() };
+        let (headers, json) = answer.shared(self.headers);
         let mut rsp = Response::new(body::full(json));
         *rsp.status_mut() = self.reason.status();
-        let h = rsp.headers_mut();
+        *rsp.headers_mut() = headers;
+        rsp
+    }
+}
+
+/// What an answer says, before it is built.
+#[derive(Clone, Copy)]
+struct Answer<'a> {
+    reason: Reason,
+    route: Option<&'a str>,
+    retry_after_s: Option<u64>,
+    detail: Option<&'a str>,
+}
+
+/// The last answer [`Answer::shared`] built on this thread, and what it said.
+struct LastAnswer {
+    reason: Reason,
+    route: Option<Box<str>>,
+    retry_after_s: Option<u64>,
+    extra: Vec<(HeaderName, HeaderValue)>,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Answer<'_> {
+    /// The headers and the JSON body. A client being shed is answered the
+    /// same way request after request (one route, one reason, the same whole
+    /// seconds, the same `RateLimit` headers), so each thread keeps the last
+    /// answer it built without a detail and hands out copies of it: reference
+    /// counts instead of a serialization, a number formatted, and a header
+    /// hashed into the map five times over per refusal. With a detail it is
+    /// built each time.
+    fn shared(self, extra: Vec<(HeaderName, HeaderValue)>) -> (HeaderMap, Bytes) {
+        thread_local! {
+            static LAST: RefCell<Option<LastAnswer>> = const { RefCell::new(None) };
+        }
+        if self.detail.is_some() {
+            return self.build(extra);
+        }
+        LAST.with(|last| {
+            let Ok(mut last) = last.try_borrow_mut() else { return self.build(extra) };
+            if let Some(l) = last.as_ref() {
+                if l.reason == self.reason
+                    && l.retry_after_s == self.retry_after_s
+                    && l.route.as_deref() == self.route
+                    && l.extra == extra
+                {
+                    return (l.headers.clone(), l.body.clone());
+                }
+            }
+            let (headers, body) = self.build(extra.clone());
+            *last = Some(LastAnswer {
+                reason: self.reason,
+                route: self.route.map(Box::from),
+                retry_after_s: self.retry_after_s,
+                extra,
+                headers: headers.clone(),
+                body: body.clone(),
+            });
+            (headers, body)
+        })
+    }
+
+    fn build(self, extra: Vec<(HeaderName, HeaderValue)>) -> (HeaderMap, Bytes) {
+        let body = answer_json(self.reason, self.route, self.retry_after_s, self.detail);
         // Room for all of them at once (and the request id), not grown twice.
-        h.reserve(6 + self.headers.len());
+        let mut h = HeaderMap::with_capacity(6 + extra.len());
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         h.insert(X_LEVEE_REASON, HeaderValue::from_static(self.reason.as_str()));
-        if let Some(secs) = retry_after_s {
+        if let Some(secs) = self.retry_after_s {
             h.insert(RETRY_AFTER, HeaderValue::from(secs));
         }
         if self.reason == Reason::RequestTimeout {
             // The rest of the stalled body may still arrive: the connection cannot be reused.
             h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
         }
-        for (name, value) in self.headers {
+        for (name, value) in extra {
             h.append(name, value);
         }
-        rsp
+        (h, Bytes::from(body))
     }
 }
 
@@ -304,6 +372,31 @@ mod tests {
         let mut slots: Vec<usize> = Reason::ALL.into_iter().map(|r| r as usize).collect();
         slots.sort_unstable();
         assert_eq!(slots, (0..Reason::ALL.len()).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_shared_answer_is_the_one_built_afresh_for_it() {
+        // Each answer must be exactly the one built afresh for it, whatever came before.
+        let policy =
+            |v: &'static str| vec![(HeaderName::from_static("ratelimit"), HeaderValue::from_static(v))];
+        let calls = [
+            (Reason::RateLimited, Some("shared-a"), Some(1), None, policy("\"1/s\";r=0;t=1")),
+            (Reason::RateLimited, Some("shared-a"), Some(1), None, policy("\"1/s\";r=0;t=1")),
+            (Reason::RateLimited, Some("shared-a"), Some(1), None, policy("\"1/s\";r=0;t=2")),
+            (Reason::RateLimited, Some("shared-a"), Some(2), None, policy("\"1/s\";r=0;t=2")),
+            (Reason::RateLimited, Some("shared-b"), Some(2), None, policy("\"1/s\";r=0;t=2")),
+            (Reason::CallbackBomb, Some("shared-b"), Some(2), None, vec![]),
+            (Reason::CallbackBomb, Some("shared-b"), Some(2), Some("a detail"), vec![]),
+            (Reason::CallbackBomb, Some("shared-b"), Some(2), None, vec![]),
+            (Reason::RequestTimeout, Some("shared-b"), None, None, vec![]),
+            (Reason::NoRoute, None, None, None, vec![]),
+            (Reason::NoRoute, Some("shared-b"), None, None, vec![]),
+            (Reason::NoRoute, None, None, None, vec![]),
+        ];
+        for (i, (reason, route, retry_after_s, detail, extra)) in calls.into_iter().enumerate() {
+            let answer = Answer { reason, route, retry_after_s, detail };
+            assert_eq!(answer.shared(extra.clone()), answer.build(extra), "answer {i}");
+        }
     }
 
     #[test]
