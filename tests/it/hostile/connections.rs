@@ -71,6 +71,77 @@ async fn an_idle_keep_alive_connection_is_closed_after_idle_timeout() {
     assert_eq!(backend.requests(), 1);
 }
 
+/// Slowloris on a kept-alive connection: after one honest request, the next
+/// head trickles in a byte at a time and never ends. `header_read_timeout`
+/// counts from the end of the previous request, so the connection is closed
+/// about a second after the first answer, with `idle_timeout` far away.
+#[tokio::test]
+async fn a_head_that_trickles_in_after_a_kept_alive_request_is_closed_after_header_read_timeout() {
+    use tokio::io::AsyncReadExt;
+    let backend = Backend::start().await;
+    let config = base_config()
+        .replace("header_read_timeout = \"1s\"", "header_read_timeout = \"1s\"\nidle_timeout = \"30s\"")
+        + &upstream_and_route("b-trickle", &[backend.addr], "hostile-trickle", "/");
+    let gw = TestGateway::start(&config).await;
+    let timeouts = || async {
+        metric_value(&gw.metrics().await, "levee_connections_closed_total", &["reason=\"header_timeout\""])
+            .unwrap_or(0.0)
+    };
+    let before = timeouts().await;
+
+    let started = tokio::time::Instant::now();
+    let (mut rd, mut wr) = TcpStream::connect(gw.http).await.unwrap().into_split();
+    wr.write_all(b"GET /first HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
+    // The whole first answer: its head, then Content-Length bytes of body.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let body_len = loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), rd.read(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0, "closed before the first answer");
+        got.extend_from_slice(&buf[..n]);
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+            assert!(head.starts_with("http/1.1 200"), "{head}");
+            let len = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map(|v| v.trim().parse::<usize>().unwrap())
+                .expect("a content-length");
+            break end + 4 + len;
+        }
+    };
+    while got.len() < body_len {
+        let n = tokio::time::timeout(Duration::from_secs(10), rd.read(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0, "closed inside the first answer");
+        got.extend_from_slice(&buf[..n]);
+    }
+    // The next head, a byte every 100 ms: never complete (at most 15 s of it).
+    let trickle = tokio::spawn(async move {
+        let head = b"GET /second HTTP/1.1\r\nHost: t\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+        for byte in head.iter() {
+            if wr.write_all(std::slice::from_ref(byte)).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let closed = loop {
+        match tokio::time::timeout_at(started + Duration::from_secs(8), rd.read(&mut buf)).await {
+            Err(_) => break None,
+            Ok(Ok(0)) | Ok(Err(_)) => break Some(started.elapsed()),
+            Ok(Ok(_)) => {}
+        }
+    };
+    trickle.abort();
+    let took = closed.expect("a trickling head held the connection open past header_read_timeout");
+    assert!(took >= Duration::from_millis(900), "closed after {took:?}, before header_read_timeout");
+    assert_eq!(backend.requests(), 1, "the unfinished head never reached the backend");
+    crate::support::poll_until(Duration::from_secs(5), "the close counted as header_timeout", async || {
+        (timeouts().await > before).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn an_idle_h2_connection_gets_goaway_after_idle_timeout() {
     let backend = Backend::start().await;
