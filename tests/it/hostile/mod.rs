@@ -13,7 +13,7 @@ mod store;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Sends `bytes` on a fresh connection and reads until the server closes it
@@ -28,7 +28,7 @@ pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
 
 /// How long until the server closes `s` (EOF or reset), reading and dropping
 /// whatever it sends; `None` if it is still open after `within`.
-pub async fn closed_within(s: &mut TcpStream, within: Duration) -> Option<Duration> {
+pub async fn closed_within<R: AsyncRead + Unpin>(s: &mut R, within: Duration) -> Option<Duration> {
     let started = tokio::time::Instant::now();
     let mut buf = [0u8; 4096];
     loop {
