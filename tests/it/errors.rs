@@ -62,6 +62,37 @@ async fn hanging_upstream_is_504_after_the_timeout() {
     );
 }
 
+/// The same bound on a pooled connection that served a request and then sat
+/// idle past its first request's deadline (so its task's watchdog had gone
+/// back to its idle rounds), and the next request after the 504 is served.
+#[tokio::test]
+async fn a_hang_on_a_pooled_connection_is_504_after_the_timeout_and_the_next_request_is_served() {
+    let _machine = exclusive().await;
+    let backend = Backend::start().await;
+    let gw = TestGateway::start(
+        &(base_config() + &upstream_and_route("err-rehang-up", &[backend.addr], "err-rehang", "/")),
+    )
+    .await;
+    let client = Client::new();
+    assert_eq!(client.get(gw.http, "/first").await.status, 200, "the connection is pooled");
+    // The scenario, not a wait for a state: the pooled connection sits idle
+    // past the first request's deadline.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    backend.set(Behavior::Hang);
+    let started = tokio::time::Instant::now();
+    let rsp = client.get(gw.http, "/hangs").await;
+    assert_levee_answer(&rsp, 504, "upstream_timeout", Some("err-rehang"));
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1000) && took < Duration::from_secs(3),
+        "timeout is 1s, took {took:?}"
+    );
+    backend.set(Behavior::Ok);
+    let rsp = client.get(gw.http, "/after").await;
+    assert_eq!(rsp.status, 200, "body: {}", rsp.text());
+    assert_eq!(backend.requests(), 3);
+}
+
 #[tokio::test]
 async fn declared_body_over_the_limit_is_413_before_forwarding() {
     let backend = Backend::start().await;

@@ -131,6 +131,8 @@ async fn streams_request_bodies() {
 /// A raw HTTP/1.1 backend that answers every request `200 ok` on a kept-alive
 /// connection, counts the connections it accepts, and closes a connection
 /// that stays idle for `idle_close` (an upstream's keep-alive timeout).
+/// [`CountingBackend::trickling`] sends the head at once and its body `ok`
+/// a byte at a time, `pause` apart.
 struct CountingBackend {
     addr: std::net::SocketAddr,
     accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
@@ -139,6 +141,10 @@ struct CountingBackend {
 
 impl CountingBackend {
     async fn start(idle_close: std::time::Duration) -> CountingBackend {
+        CountingBackend::trickling(idle_close, std::time::Duration::ZERO).await
+    }
+
+    async fn trickling(idle_close: std::time::Duration, pause: std::time::Duration) -> CountingBackend {
         use std::sync::atomic::Ordering;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -161,9 +167,16 @@ impl CountingBackend {
                         buf.extend_from_slice(&chunk[..n]);
                         while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                             buf.drain(..end + 4);
-                            let rsp = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                            if sock.write_all(rsp).await.is_err() {
-                                break;
+                            let head: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n";
+                            let parts: [&[u8]; 3] =
+                                if pause.is_zero() { [head, b"ok", b""] } else { [head, b"o", b"k"] };
+                            for (i, part) in parts.into_iter().enumerate().filter(|(_, p)| !p.is_empty()) {
+                                if i > 0 && !pause.is_zero() {
+                                    tokio::time::sleep(pause).await;
+                                }
+                                if sock.write_all(part).await.is_err() {
+                                    break;
+                                }
                             }
                         }
                     }
@@ -198,6 +211,28 @@ async fn sequential_requests_reuse_one_upstream_connection() {
         assert_eq!(rsp.text(), "ok");
     }
     assert_eq!(backend.accepted(), 1, "50 requests one after another share one pooled connection");
+}
+
+/// The upstream `timeout` (1 s here) bounds the wait for the response head
+/// only: a body that takes longer arrives whole, and its connection goes back
+/// to the pool for the next request (its deadline was cleared with the head).
+#[tokio::test]
+async fn a_body_slower_than_the_timeout_after_a_timely_head_arrives_whole_on_a_reused_connection() {
+    let pause = std::time::Duration::from_millis(700);
+    let backend = CountingBackend::trickling(std::time::Duration::from_secs(30), pause).await;
+    let gw = TestGateway::start(
+        &(base_config() + &upstream_and_route("px-trickle-up", &[backend.addr], "px-trickle", "/")),
+    )
+    .await;
+    let client = Client::new();
+    for round in 1..=2 {
+        let started = tokio::time::Instant::now();
+        let rsp = client.get(gw.http, &format!("/trickle/{round}")).await;
+        assert_eq!(rsp.status, 200, "round {round}: {}", rsp.text());
+        assert_eq!(rsp.text(), "ok", "round {round}: the whole body");
+        assert!(started.elapsed() >= pause * 2, "round {round}: the body took two pauses");
+    }
+    assert_eq!(backend.accepted(), 1, "the second request reused the first one's connection");
 }
 
 #[tokio::test]
