@@ -2,7 +2,7 @@
 # levee vs nginx: the same load, the same backend, the same CPU, in the same run.
 #
 #   bash benches/load/run.sh [proxy|clients|hot|redis|failing|storm|siege|cluster ...]
-#   (default: the first six; siege and cluster run only when named: siege takes
+#   (default: the first six; siege, cluster and instructions run only when named: siege takes
 #   SIEGE_QUIET + SIEGE_SECONDS, cluster starts a 6-node Redis Cluster and three levees)
 #
 # Modes:
@@ -39,6 +39,11 @@
 #            worst replica's p50/p99, script calls (EVALSHA/EVAL/FCALL) per second and per
 #            request summed over the masters' INFO commandstats, the 429 share. Three
 #            replicas on one core measure the cost per decision, not scaling
+#   instructions  levee and nginx each under callgrind (valgrind), in proxy, clients and
+#            hot: user-space instructions per request (wrk -t1 -c8 for 8 s after a 4 s
+#            warm-up and zeroed counters; the whole process's count over wrk's requests).
+#            Deterministic to a few hundred where req/s moves by tens of percent from one
+#            hour to the next on a shared machine; run only when named
 #
 # Environment: DURATION (10s) measured run, WARMUP (2s) before each, CONNECTIONS (64),
 # THREADS (1, wrk), PROXY_CPU (1), LOAD_CPU (0: wrk, backend, redis), LEVEE_BIN (skip
@@ -111,7 +116,7 @@ ALL_MODES=(proxy clients hot redis failing storm)
 MODES=("$@")
 [ ${#MODES[@]} -eq 0 ] && MODES=("${ALL_MODES[@]}")
 for m in "${MODES[@]}"; do
-  case "$m" in proxy|clients|hot|redis|failing|storm|siege|cluster) ;; *) die "unknown mode '$m' (expected: ${ALL_MODES[*]} siege cluster)" ;; esac
+  case "$m" in proxy|clients|hot|redis|failing|storm|siege|cluster|instructions) ;; *) die "unknown mode '$m' (expected: ${ALL_MODES[*]} siege cluster instructions)" ;; esac
 done
 want() { local m; for m in "${MODES[@]}"; do [ "$m" = "$1" ] && return 0; done; return 1; }
 
@@ -123,6 +128,7 @@ command -v taskset >/dev/null 2>&1 || need+=(util-linux)
 command -v python3 >/dev/null 2>&1 || need+=(python3-minimal)
 if want redis || want cluster; then command -v redis-server >/dev/null 2>&1 || need+=(redis-server); fi
 if [ "$PERF" = 1 ]; then command -v perf >/dev/null 2>&1 || need+=(linux-perf); fi
+if want instructions; then command -v callgrind_control >/dev/null 2>&1 || need+=(valgrind); fi
 if [ ${#need[@]} -gt 0 ]; then
   [ "$(id -u)" -eq 0 ] || die "missing ${need[*]}; run as root or install them (apt-get install ${need[*]})"
   say "installing ${need[*]} (apt-get)"
@@ -235,9 +241,9 @@ http_status() { # PORT [HEADER]: "STATUS [x-levee-reason]" of GET / on 127.0.0.1
   ) 2>/dev/null || true
 }
 
-wait_up() { # NAME PID PORT: wait until PORT accepts connections (15 s), or fail
-  local name=$1 pid=$2 port=$3
-  for _ in $(seq 150); do
+wait_up() { # NAME PID PORT [SECONDS]: wait until PORT accepts connections (15 s), or fail
+  local name=$1 pid=$2 port=$3 secs=${4:-15}
+  for _ in $(seq $(( secs * 10 ))); do
     if ! kill -0 "$pid" 2>/dev/null; then
       say "$name exited at start; its log ($TMP/$name.log):"
       tail -n 20 "$TMP/$name.log" >&2
@@ -246,7 +252,7 @@ wait_up() { # NAME PID PORT: wait until PORT accepts connections (15 s), or fail
     if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
     sleep 0.1
   done
-  say "$name does not listen on 127.0.0.1:$port after 15 s; its log ($TMP/$name.log):"
+  say "$name does not listen on 127.0.0.1:$port after $secs s; its log ($TMP/$name.log):"
   tail -n 20 "$TMP/$name.log" >&2
   return 1
 }
@@ -258,7 +264,7 @@ nginx_conf() { # FILE NAME BODY: an nginx.conf around an http{} body
   cat >"$file" <<EOF
 worker_processes 1;
 daemon off;
-master_process on;
+master_process ${NGINX_MASTER:-on};
 pid $TMP/$name/nginx.pid;
 error_log $TMP/$name/error.log warn;
 events { worker_connections 8192; }
@@ -1014,6 +1020,41 @@ run_levee() { # LABEL LIMIT STORE SCRIPT -> R_*
   forget "$pid"
 }
 
+# Mode instructions: one proxy under callgrind on PROXY_CPU (nginx without its master
+# process, so that the process measured is the one serving), wrk -t1 -c8 on LOAD_CPU.
+ir_measure() { # KIND LIMIT SCRIPT -> IR (instructions per request)
+  local kind=$1 limit=$2 script=$3 port admin pid n tot f cg=()
+  free_port; port=$PORT
+  cg=(valgrind --tool=callgrind "--callgrind-out-file=$TMP/cg-$kind.%p")
+  if [ "$kind" = nginx ]; then
+    NGINX_MASTER=off proxy_nginx_conf "$TMP/nginx-ir.conf" "$port" "$limit"
+    start nginx-ir "$PROXY_CPU" "${cg[@]}" nginx -p "$TMP/nginx" -e "$TMP/nginx/error.log" -c "$TMP/nginx-ir.conf"
+  else
+    free_port; admin=$PORT
+    levee_conf "$TMP/levee-ir.toml" "$port" "$admin" "$limit" memory
+    levee_check "$TMP/levee-ir.toml" || die "mode instructions: levee check rejects the config: $CHECK_ERR"
+    start levee-ir "$PROXY_CPU" env LEVEE_WORKERS=1 LEVEE_LOG=warn "${cg[@]}" "$LEVEE" run --config "$TMP/levee-ir.toml"
+  fi
+  pid=$LAST_PID
+  wait_up "$kind-ir" "$pid" "$port" 120 || die "mode instructions: $kind did not start under valgrind"
+  [ "$(http_status "$port" "x-device-id: check")" = 200 ] || die "mode instructions: $kind does not answer 200"
+  say "  $kind under callgrind ($limit): warm-up 4 s, then 8 s counted (wrk -t1 -c8 -s $(basename "$script"))"
+  timeout 120 taskset -c "$LOAD_CPU" wrk -t1 -c8 -d4s -s "$script" "http://127.0.0.1:$port/" >/dev/null 2>&1 \
+    || die "mode instructions: wrk warm-up against $kind failed"
+  callgrind_control -z "$pid" >/dev/null 2>&1
+  timeout 120 taskset -c "$LOAD_CPU" wrk -t1 -c8 -d8s -s "$script" "http://127.0.0.1:$port/" >"$TMP/wrk-ir-$kind.txt" 2>&1 \
+    || die "mode instructions: wrk against $kind failed"
+  n=$(awk '/requests in/{print $1; exit}' "$TMP/wrk-ir-$kind.txt")
+  callgrind_control -d "$pid" >/dev/null 2>&1
+  f="$TMP/cg-$kind.$pid.1"
+  for _ in $(seq 100); do [ -s "$f" ] && grep -q '^totals:' "$f" && break; sleep 0.1; done
+  tot=$(grep -h '^summary:\|^totals:' "$f" 2>/dev/null | awk '{print $2}' | sort -n | tail -n1)
+  [ -n "$tot" ] && [ "${n:-0}" -gt 0 ] || die "mode instructions: no callgrind count for $kind ($f)"
+  IR=$(( tot / n ))
+  say "  $kind: $n requests, $tot instructions: $IR per request"
+  forget "$pid"
+}
+
 # The share of 429s in the hot run, from the Lua counters.
 share429() {
   awk -v s="$R_STATUS" 'BEGIN{ n = split(s, f, /[ =]/); for (i = 1; i < n; i += 2) v[f[i]] = f[i+1]
@@ -1119,6 +1160,20 @@ for mode in "${MODES[@]}"; do
     else
       skipped "storm" "$SKIP_REASON"
     fi
+    ;;
+  instructions)
+    say "mode instructions: user-space instructions per request, each proxy under callgrind"
+    out ""
+    out "### instructions per request (callgrind, wrk -t1 -c8, 8 s after a 4 s warm-up)"
+    out ""
+    out "| mode | nginx | levee | levee/nginx |"
+    out "|---|---:|---:|---:|"
+    for case_ in "proxy none clients" "clients clients clients" "hot hot hot"; do
+      read -r label limit lua <<<"$case_"
+      ir_measure nginx "$limit" "$TMP/$lua.lua"; ng_ir=$IR
+      ir_measure levee "$limit" "$TMP/$lua.lua"; lv_ir=$IR
+      out "| $label | $ng_ir | $lv_ir | $(ratio "$lv_ir" "$ng_ir") |"
+    done
     ;;
   cluster)
     say "mode cluster: three levee replicas on core $PROXY_CPU sharing a 6-node Redis Cluster on core $LOAD_CPU"
