@@ -283,12 +283,16 @@ $body
 EOF
 }
 
+# What start_nginx and start_levee run the proxy under (mode instructions: valgrind),
+# and how long they wait for it to listen.
+WRAP=()
+UP_WAIT=15
 start_nginx() { # NAME CPU CONF PORT
   local name=$1 cpu=$2 conf=$3 port=$4
   nginx -t -q -p "$TMP/$name" -e "$TMP/$name/error.log" -c "$conf" >"$TMP/$name.check" 2>&1 \
     || { cat "$TMP/$name.check" >&2; die "nginx rejects $conf"; }
-  start "$name" "$cpu" nginx -p "$TMP/$name" -e "$TMP/$name/error.log" -c "$conf"
-  wait_up "$name" "$LAST_PID" "$port" || die "$name did not start"
+  start "$name" "$cpu" "${WRAP[@]}" nginx -p "$TMP/$name" -e "$TMP/$name/error.log" -c "$conf"
+  wait_up "$name" "$LAST_PID" "$port" "$UP_WAIT" || die "$name did not start"
 }
 
 # The nginx under test. LIMIT: none | clients | hot. limit_req_log_level info keeps
@@ -713,8 +717,8 @@ levee_check() { # FILE
 }
 
 start_levee() { # CONF PORT -> LAST_PID, or returns 1
-  start levee "$PROXY_CPU" env LEVEE_WORKERS=1 LEVEE_LOG=warn "$LEVEE" run --config "$1"
-  wait_up levee "$LAST_PID" "$2"
+  start levee "$PROXY_CPU" env LEVEE_WORKERS=1 LEVEE_LOG=warn "${WRAP[@]}" "$LEVEE" run --config "$1"
+  wait_up levee "$LAST_PID" "$2" "$UP_WAIT"
 }
 
 # ---------------------------------------------------------------------------- backend
@@ -1023,20 +1027,19 @@ run_levee() { # LABEL LIMIT STORE SCRIPT -> R_*
 # Mode instructions: one proxy under callgrind on PROXY_CPU (nginx without its master
 # process, so that the process measured is the one serving), wrk -t1 -c8 on LOAD_CPU.
 ir_measure() { # KIND LIMIT SCRIPT -> IR (instructions per request)
-  local kind=$1 limit=$2 script=$3 port admin pid n tot f cg=()
+  local kind=$1 limit=$2 script=$3 port admin pid n tot f
   free_port; port=$PORT
-  cg=(valgrind --tool=callgrind "--callgrind-out-file=$TMP/cg-$kind.%p")
+  WRAP=(valgrind --tool=callgrind "--callgrind-out-file=$TMP/cg-$kind.%p") UP_WAIT=120
   if [ "$kind" = nginx ]; then
     NGINX_MASTER=off proxy_nginx_conf "$TMP/nginx-ir.conf" "$port" "$limit"
-    start nginx-ir "$PROXY_CPU" "${cg[@]}" nginx -p "$TMP/nginx" -e "$TMP/nginx/error.log" -c "$TMP/nginx-ir.conf"
+    start_nginx nginx "$PROXY_CPU" "$TMP/nginx-ir.conf" "$port"
   else
     free_port; admin=$PORT
     levee_conf "$TMP/levee-ir.toml" "$port" "$admin" "$limit" memory
     levee_check "$TMP/levee-ir.toml" || die "mode instructions: levee check rejects the config: $CHECK_ERR"
-    start levee-ir "$PROXY_CPU" env LEVEE_WORKERS=1 LEVEE_LOG=warn "${cg[@]}" "$LEVEE" run --config "$TMP/levee-ir.toml"
+    start_levee "$TMP/levee-ir.toml" "$port" || die "mode instructions: levee did not start under valgrind"
   fi
-  pid=$LAST_PID
-  wait_up "$kind-ir" "$pid" "$port" 120 || die "mode instructions: $kind did not start under valgrind"
+  pid=$LAST_PID WRAP=() UP_WAIT=15
   [ "$(http_status "$port" "x-device-id: check")" = 200 ] || die "mode instructions: $kind does not answer 200"
   say "  $kind under callgrind ($limit): warm-up 4 s, then 8 s counted (wrk -t1 -c8 -s $(basename "$script"))"
   timeout 120 taskset -c "$LOAD_CPU" wrk -t1 -c8 -d4s -s "$script" "http://127.0.0.1:$port/" >/dev/null 2>&1 \

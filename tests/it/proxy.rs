@@ -167,16 +167,17 @@ impl CountingBackend {
                         buf.extend_from_slice(&chunk[..n]);
                         while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                             buf.drain(..end + 4);
-                            let head: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n";
-                            let parts: [&[u8]; 3] =
-                                if pause.is_zero() { [head, b"ok", b""] } else { [head, b"o", b"k"] };
-                            for (i, part) in parts.into_iter().enumerate().filter(|(_, p)| !p.is_empty()) {
-                                if i > 0 && !pause.is_zero() {
-                                    tokio::time::sleep(pause).await;
-                                }
-                                if sock.write_all(part).await.is_err() {
-                                    break;
-                                }
+                            let rsp: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            // Trickling: the head at once, then each body byte after a pause.
+                            let (now, later) =
+                                if pause.is_zero() { (rsp, &rsp[..0]) } else { rsp.split_at(rsp.len() - 2) };
+                            let mut written = sock.write_all(now).await.is_ok();
+                            for byte in later.chunks(1) {
+                                tokio::time::sleep(pause).await;
+                                written = written && sock.write_all(byte).await.is_ok();
+                            }
+                            if !written {
+                                break;
                             }
                         }
                     }
