@@ -199,21 +199,23 @@ impl Proxy {
                 Err(shed) => Err((Some(route), fault.get().map_or(shed, |f| client_fault(f, server)))),
             }
         };
-        let mut rsp = match dispatched {
-            Ok((route, rsp)) => {
+        match dispatched {
+            Ok((route, mut rsp)) => {
                 route.count(rsp.status().as_u16(), Label::Forwarded);
                 route.stats.forwarded(rsp.status().as_u16());
                 route.duration.record(started.elapsed().as_secs_f64());
+                rsp.headers_mut().insert(X_REQUEST_ID, request_id);
                 rsp
             }
             Err((route, shed)) => {
                 let reason = shed.reason;
                 let outcome = if reason.is_shed() { Label::Shed } else { Label::Error };
                 let client = shed.client.clone();
+                // The answer carries the request id from the start (`respond::Answer::shared`).
                 let rsp = if grpc {
-                    shed.into_grpc_response(route.map(|r| &*r.name))
+                    shed.into_grpc_response(route.map(|r| &*r.name), request_id)
                 } else {
-                    shed.into_response(route.map(|r| &*r.name))
+                    shed.into_response(route.map(|r| &*r.name), request_id)
                 };
                 match route {
                     Some(r) => {
@@ -230,9 +232,7 @@ impl Proxy {
                 }
                 rsp
             }
-        };
-        rsp.headers_mut().insert(X_REQUEST_ID, request_id);
-        rsp
+        }
     }
 }
 

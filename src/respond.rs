@@ -16,7 +16,7 @@ use http::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER
 use http::{Response, StatusCode};
 
 use crate::body::{self, Body};
-use crate::context::ClientKey;
+use crate::context::{ClientKey, X_REQUEST_ID};
 
 pub const X_LEVEE_REASON: HeaderName = HeaderName::from_static("x-levee-reason");
 
@@ -190,11 +190,12 @@ impl Shed {
         self
     }
 
-    /// Builds the response: status, `x-levee-reason`, `Retry-After` and the JSON body.
-    pub fn into_response(self, route: Option<&str>) -> Response<Body> {
+    /// Builds the response: status, `x-levee-reason`, `Retry-After`, the
+    /// request's `x-request-id` and the JSON body.
+    pub fn into_response(self, route: Option<&str>, request_id: HeaderValue) -> Response<Body> {
         let retry_after_s = self.reason.has_retry_after().then(|| retry_after_secs(self.retry_after));
         let answer = Answer { reason: self.reason, route, retry_after_s, detail: self.detail.as_deref() };
-        let (headers, json) = answer.shared(self.headers);
+        let (headers, json) = answer.shared(self.headers, request_id);
         let mut rsp = Response::new(body::full(json));
         *rsp.status_mut() = self.reason.status();
         *rsp.headers_mut() = headers;
@@ -229,25 +230,31 @@ impl Answer<'_> {
     /// counts instead of a serialization, a number formatted, and a header
     /// hashed into the map five times over per refusal. With a detail it is
     /// built each time.
-    fn shared(self, extra: Vec<(HeaderName, HeaderValue)>) -> (HeaderMap, Bytes) {
+    ///
+    /// The request id goes in here, not after: a copy's entries are exactly
+    /// as many as the original's (no room to spare), so adding a header to it
+    /// would reallocate them, where replacing the copied `x-request-id` does not.
+    fn shared(self, extra: Vec<(HeaderName, HeaderValue)>, request_id: HeaderValue) -> (HeaderMap, Bytes) {
         thread_local! {
             static LAST: RefCell<Option<LastAnswer>> = const { RefCell::new(None) };
         }
         if self.detail.is_some() {
-            return self.build(extra);
+            return self.build(extra, request_id);
         }
         LAST.with(|last| {
-            let Ok(mut last) = last.try_borrow_mut() else { return self.build(extra) };
+            let Ok(mut last) = last.try_borrow_mut() else { return self.build(extra, request_id) };
             if let Some(l) = last.as_ref() {
                 if l.reason == self.reason
                     && l.retry_after_s == self.retry_after_s
                     && l.route.as_deref() == self.route
                     && l.extra == extra
                 {
-                    return (l.headers.clone(), l.body.clone());
+                    let mut headers = l.headers.clone();
+                    set_request_id(&mut headers, request_id);
+                    return (headers, l.body.clone());
                 }
             }
-            let (headers, body) = self.build(extra.clone());
+            let (headers, body) = self.build(extra.clone(), request_id);
             *last = Some(LastAnswer {
                 reason: self.reason,
                 route: self.route.map(Box::from),
@@ -260,10 +267,12 @@ impl Answer<'_> {
         })
     }
 
-    fn build(self, extra: Vec<(HeaderName, HeaderValue)>) -> (HeaderMap, Bytes) {
+    /// `build` puts the request id first: [`set_request_id`] finds it there.
+    fn build(self, extra: Vec<(HeaderName, HeaderValue)>, request_id: HeaderValue) -> (HeaderMap, Bytes) {
         let body = answer_json(self.reason, self.route, self.retry_after_s, self.detail);
-        // Room for all of them at once (and the request id), not grown twice.
+        // Room for all of them at once, not grown twice.
         let mut h = HeaderMap::with_capacity(6 + extra.len());
+        h.insert(X_REQUEST_ID, request_id);
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         h.insert(X_LEVEE_REASON, HeaderValue::from_static(self.reason.as_str()));
         if let Some(secs) = self.retry_after_s {
@@ -277,6 +286,19 @@ impl Answer<'_> {
             h.append(name, value);
         }
         (h, Bytes::from(body))
+    }
+}
+
+/// Replaces the request id of a copied answer. [`Answer::build`] inserted it
+/// first, and a map iterates in insertion order, so it is found without
+/// hashing its name (the lookup cost a refusal ~250 instructions); an answer
+/// built otherwise gets it by name.
+fn set_request_id(headers: &mut HeaderMap, request_id: HeaderValue) {
+    match headers.iter_mut().next() {
+        Some((name, value)) if *name == X_REQUEST_ID => *value = request_id,
+        _ => {
+            headers.insert(X_REQUEST_ID, request_id);
+        }
     }
 }
 
@@ -327,15 +349,16 @@ impl Shed {
     /// "trailers-only" response: HTTP 200, the status in the headers, no
     /// message. Answers other than 429 and 503 keep their HTTP status, which
     /// gRPC clients map themselves.
-    pub fn into_grpc_response(self, route: Option<&str>) -> Response<Body> {
+    pub fn into_grpc_response(self, route: Option<&str>, request_id: HeaderValue) -> Response<Body> {
         let code = match self.reason.status() {
             StatusCode::TOO_MANY_REQUESTS => GRPC_RESOURCE_EXHAUSTED,
             StatusCode::SERVICE_UNAVAILABLE => GRPC_UNAVAILABLE,
-            _ => return self.into_response(route),
+            _ => return self.into_response(route, request_id),
         };
         let pushback_ms = retry_after_secs(self.retry_after).saturating_mul(1000);
         let mut rsp = Response::new(body::empty());
         let h = rsp.headers_mut();
+        h.insert(X_REQUEST_ID, request_id);
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
         h.insert(GRPC_STATUS, HeaderValue::from(code));
         // A reason is lower-case ASCII: no percent-encoding needed.
@@ -395,8 +418,29 @@ mod tests {
         ];
         for (i, (reason, route, retry_after_s, detail, extra)) in calls.into_iter().enumerate() {
             let answer = Answer { reason, route, retry_after_s, detail };
-            assert_eq!(answer.shared(extra.clone()), answer.build(extra), "answer {i}");
+            // Each request's own id, never the one of the answer it was copied from.
+            let id = HeaderValue::from(i);
+            let (headers, body) = answer.shared(extra.clone(), id.clone());
+            assert_eq!((&headers, &body), (&answer.build(extra, id).0, &body), "answer {i}");
+            assert_eq!(headers.get_all(X_REQUEST_ID).iter().collect::<Vec<_>>(), [&HeaderValue::from(i)]);
         }
+    }
+
+    #[test]
+    fn a_request_id_is_replaced_where_it_stands_or_added() {
+        let mut first = HeaderMap::new();
+        first.insert(X_REQUEST_ID, HeaderValue::from_static("old"));
+        first.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        set_request_id(&mut first, HeaderValue::from_static("new"));
+        assert_eq!(first.get_all(X_REQUEST_ID).iter().collect::<Vec<_>>(), ["new"]);
+        assert_eq!(first.len(), 2);
+        let mut elsewhere = HeaderMap::new();
+        elsewhere.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        elsewhere.insert(X_REQUEST_ID, HeaderValue::from_static("old"));
+        set_request_id(&mut elsewhere, HeaderValue::from_static("new"));
+        assert_eq!(elsewhere.get_all(X_REQUEST_ID).iter().collect::<Vec<_>>(), ["new"]);
+        assert_eq!(elsewhere[CONTENT_TYPE], "application/json");
+        assert_eq!(elsewhere.len(), 2);
     }
 
     #[test]
@@ -429,7 +473,8 @@ mod tests {
     #[test]
     fn refusals_always_say_when_to_come_back() {
         for r in Reason::ALL {
-            let rsp = Shed::new(r).into_response(Some("api"));
+            let rsp = Shed::new(r).into_response(Some("api"), HeaderValue::from_static("id-1"));
+            assert_eq!(rsp.headers()[X_REQUEST_ID], "id-1");
             assert_eq!(rsp.headers()[X_LEVEE_REASON], r.as_str());
             let code = rsp.status().as_u16();
             assert_eq!(rsp.headers().contains_key(RETRY_AFTER), code == 429 || code == 503, "{r:?}");
@@ -438,18 +483,21 @@ mod tests {
 
     #[test]
     fn grpc_callers_get_grpc_status_and_pushback() {
-        let rsp =
-            Shed::new(Reason::RateLimited).retry_after(Duration::from_millis(1500)).into_grpc_response(None);
+        let id = || HeaderValue::from_static("grpc-id");
+        let rsp = Shed::new(Reason::RateLimited)
+            .retry_after(Duration::from_millis(1500))
+            .into_grpc_response(None, id());
         assert_eq!(rsp.status(), 200);
         assert_eq!(rsp.headers()["grpc-status"], "8");
         assert_eq!(rsp.headers()["grpc-retry-pushback-ms"], "2000");
         assert_eq!(rsp.headers()["grpc-message"], "rate_limited");
         assert_eq!(rsp.headers()[X_LEVEE_REASON], "rate_limited");
-        let rsp = Shed::new(Reason::CircuitOpen).into_grpc_response(None);
+        assert_eq!(rsp.headers()[X_REQUEST_ID], "grpc-id");
+        let rsp = Shed::new(Reason::CircuitOpen).into_grpc_response(None, id());
         assert_eq!(rsp.headers()["grpc-status"], "14");
         assert_eq!(rsp.headers()["grpc-retry-pushback-ms"], "1000");
         // Not a refusal: the HTTP answer, which gRPC clients map themselves.
-        assert_eq!(Shed::new(Reason::NoRoute).into_grpc_response(None).status(), 404);
+        assert_eq!(Shed::new(Reason::NoRoute).into_grpc_response(None, id()).status(), 404);
     }
 
     #[test]

@@ -72,11 +72,15 @@ mod tests {
     #[test]
     fn reject_names_the_url() {
         let req = Request::get("/p").body(()).unwrap();
-        let rsp = decide(PlainHttp::Reject, &req, Some("h:80"), 8443).unwrap().into_response(Some("r"));
+        let rsp = decide(PlainHttp::Reject, &req, Some("h:80"), 8443)
+            .unwrap()
+            .into_response(Some("r"), http::HeaderValue::from_static("id"));
         assert_eq!(rsp.status(), 426);
         assert_eq!(rsp.headers()[UPGRADE], "TLS/1.2, HTTP/1.1");
         assert!(decide(PlainHttp::Serve, &req, Some("h"), 8443).is_none());
-        let redirect = decide(PlainHttp::Redirect, &req, Some("h"), 8443).unwrap().into_response(Some("r"));
+        let redirect = decide(PlainHttp::Redirect, &req, Some("h"), 8443)
+            .unwrap()
+            .into_response(Some("r"), http::HeaderValue::from_static("id"));
         assert_eq!(redirect.status(), 308);
         assert_eq!(redirect.headers()["x-levee-reason"], "tls_redirect");
         assert_eq!(redirect.headers()[LOCATION], "https://h:8443/p");

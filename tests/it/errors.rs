@@ -29,6 +29,13 @@ async fn no_route_is_404() {
     .await;
     let rsp = Client::new().get(gw.http, "/elsewhere").await;
     assert_levee_answer(&rsp, 404, "no_route", None);
+    // The same answer again (handed out as a copy of the last one built):
+    // each carries its own request's id.
+    for id in ["err-noroute-1", "err-noroute-2", "err-noroute-3"] {
+        let rsp = Client::new().get_with(gw.http, "/elsewhere", &[("x-request-id", id)]).await;
+        assert_levee_answer(&rsp, 404, "no_route", None);
+        assert_eq!(rsp.headers.get_all("x-request-id").iter().collect::<Vec<_>>(), [id]);
+    }
     assert_eq!(backend.requests(), 0);
 }
 
