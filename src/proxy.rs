@@ -203,7 +203,7 @@ impl Proxy {
             Ok((route, mut rsp)) => {
                 route.count(rsp.status().as_u16(), Label::Forwarded);
                 route.stats.forwarded(rsp.status().as_u16());
-                route.duration.record(started.elapsed().as_secs_f64());
+                route.duration.record(started.elapsed());
                 rsp.headers_mut().insert(X_REQUEST_ID, request_id);
                 rsp
             }
@@ -220,7 +220,7 @@ impl Proxy {
                 match route {
                     Some(r) => {
                         r.count(rsp.status().as_u16(), outcome);
-                        r.duration.record(started.elapsed().as_secs_f64());
+                        r.duration.record(started.elapsed());
                         let client = client.as_ref().map(|c| c.as_str());
                         r.stats.answered(reason, client);
                         if reason.is_shed() {

@@ -6,7 +6,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use metrics::{Counter, Histogram, SharedString};
+use metrics::{Counter, SharedString};
 
 use crate::config::{Config, RouteConfig};
 use crate::metrics::{self as m, CounterCache};
@@ -73,7 +73,7 @@ pub struct Route {
     pub config: RouteConfig,
     pub name: Arc<str>,
     pub(crate) service: RouteService,
-    pub(crate) duration: Histogram,
+    pub(crate) duration: Arc<m::DurationHistogram>,
     /// `levee_requests_total` handles by (status, outcome): registered once per
     /// combination seen, so the hot path compares a few words, not a label hash.
     requests: CounterCache,
@@ -114,7 +114,7 @@ impl Route {
     pub fn new(config: RouteConfig, service: RouteService, stats: Arc<RouteStats>) -> Self {
         let name: Arc<str> = Arc::from(config.name.as_str());
         Route {
-            duration: metrics::histogram!(m::REQUEST_DURATION, "route" => SharedString::from(name.clone())),
+            duration: m::request_duration(&name),
             name,
             service,
             requests: CounterCache::default(),

@@ -100,7 +100,7 @@ impl Admin {
             (&Method::GET, "/healthz") => json_response(StatusCode::OK, json!({"status": "ok"})),
             (&Method::GET, "/readyz") => self.readyz(),
             (&Method::GET, "/metrics") => {
-                let mut rsp = Response::new(body::full(self.ctx.metrics.render()));
+                let mut rsp = Response::new(body::full(crate::metrics::render(&self.ctx.metrics)));
                 rsp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
                 rsp
             }

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use http::{Request, Response};
-use metrics::{Histogram, SharedString};
+use metrics::SharedString;
 use tokio::time::Instant;
 
 use crate::body::{Body, Guarded};
@@ -51,7 +51,7 @@ pub struct Upstream {
     clients: Clients,
     rr: AtomicUsize,
     name: SharedString,
-    duration: Histogram,
+    duration: Arc<m::DurationHistogram>,
     /// Decides whether requests may reach this upstream at all.
     pub breaker: CircuitBreaker,
     /// Which endpoints are ejected; fed by every try.
@@ -102,7 +102,7 @@ impl Upstream {
             concurrency: Arc::new(Concurrency::new(config.max_concurrency)),
             counters: Default::default(),
             clients: Clients::new(config.connect_timeout, config.tls.as_ref(), &config.endpoints),
-            duration: metrics::histogram!(m::UPSTREAM_DURATION, "upstream" => name.clone()),
+            duration: m::upstream_duration(&name),
             endpoints,
             rr: AtomicUsize::new(0),
             last_connect_warning_ms: AtomicU64::new(0),
@@ -155,7 +155,7 @@ impl Upstream {
             forward::send(&self.clients, idx, &self.config.endpoints[idx], req, &ctx, self.config.timeout)
                 .await;
         let now = Instant::now();
-        self.duration.record(now.duration_since(start).as_secs_f64());
+        self.duration.record(now.duration_since(start));
         match result {
             Ok(rsp) => {
                 if let Some(failed) = Outcome::of_response(&rsp).upstream_failed() {
