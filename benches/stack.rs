@@ -46,6 +46,7 @@ pub fn bench(c: &mut Criterion) {
     let ids: Vec<http::HeaderValue> = (0..10_000).map(|i| format!("device-{i}").parse().unwrap()).collect();
     let ctx = RequestContext {
         peer: "10.0.0.1:5555".parse().unwrap(),
+        peer_header: http::HeaderValue::from_static("10.0.0.1"),
         client_ip: "10.0.0.1".parse().unwrap(),
         peer_trusted: false,
         scheme: Scheme::Http,

@@ -100,6 +100,16 @@ impl fmt::Debug for ClientKey {
 /// Room for the longest IP address text (IPv6, 45 bytes).
 pub(crate) const IP_TEXT_BYTES: usize = 48;
 
+/// An IP address as a header value, formatted on the stack ([`ip_text`]).
+/// Its bytes are shared from the start, so that each request's copy is a
+/// reference count, not an allocation.
+pub(crate) fn ip_header(ip: IpAddr) -> http::HeaderValue {
+    let mut buf = [0u8; IP_TEXT_BYTES];
+    let text = ip_text(ip, &mut buf);
+    http::HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(text.to_string()))
+        .unwrap_or(http::HeaderValue::from_static("unknown"))
+}
+
 /// An IP address as text, written into `buf`, as `Display` writes it. IPv4,
 /// on every forwarded request and every request keyed by address, is written
 /// by hand: `Display` for an address costs about a thousand instructions, a
@@ -158,6 +168,9 @@ impl Scheme {
 pub struct RequestContext {
     /// The connection's peer: the socket's address, or the PROXY header's source.
     pub peer: SocketAddr,
+    /// The peer's address as header text, for `X-Forwarded-For` (made once
+    /// per connection, `listener::ConnInfo`).
+    pub peer_header: http::HeaderValue,
     /// The client's address ([`client_ip`]): the peer's, or what a trusted
     /// proxy put in `X-Forwarded-For`. What `client_key = "ip"` keys on and
     /// what logs print.

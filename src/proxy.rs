@@ -165,6 +165,7 @@ impl Proxy {
             };
             parts.extensions.insert(RequestContext {
                 peer: conn.peer,
+                peer_header: conn.peer_header.clone(),
                 client_ip,
                 peer_trusted: server.trusted_proxies.contains(conn.peer.ip()),
                 scheme: conn.scheme,

@@ -250,7 +250,7 @@ where
             // Made here, not in the block below: the block would hold the
             // request beside the future that holds it, and hyper moves the
             // block into a box of its own.
-            let answer = handler.clone().handle(req, conn);
+            let answer = handler.clone().handle(req, conn.clone());
             let in_flight = activity.begin();
             let answering = Answering { activity: activity.clone(), done: false };
             async move {
@@ -601,7 +601,7 @@ mod tests {
         client.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
         // Accepted 3 s ago, with the head waiting since then.
         let accepted = Instant::now() - Duration::from_secs(3);
-        let conn = ConnInfo { peer: SocketAddr::from((Ipv4Addr::LOCALHOST, 1)), scheme: Scheme::Http };
+        let conn = ConnInfo::new(SocketAddr::from((Ipv4Addr::LOCALHOST, 1)), Scheme::Http);
         let (_tx, shutdown) = watch::channel(false);
         let served = tokio::spawn(serve(server, conn, limits(), Arc::new(Ok200), shutdown, accepted));
         let mut answer = vec![0u8; 1024];
@@ -617,7 +617,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_silent_client_is_still_closed_at_the_header_deadline() {
         let (_client, server) = tokio::io::duplex(1024);
-        let conn = ConnInfo { peer: SocketAddr::from((Ipv4Addr::LOCALHOST, 1)), scheme: Scheme::Http };
+        let conn = ConnInfo::new(SocketAddr::from((Ipv4Addr::LOCALHOST, 1)), Scheme::Http);
         let (_tx, shutdown) = watch::channel(false);
         let started = Instant::now();
         let reason = serve(server, conn, limits(), Arc::new(Ok200), shutdown, started).await;

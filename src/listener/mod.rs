@@ -38,11 +38,20 @@ use crate::context::Scheme;
 use crate::BoxFuture;
 
 /// What the listener knows of the connection a request came on.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     /// The client's address: the socket's, or the PROXY header's source.
     pub peer: SocketAddr,
     pub scheme: Scheme,
+    /// The peer's address as `X-Forwarded-For` writes it: made once per
+    /// connection, where each forwarded request had formatted and copied it.
+    pub peer_header: http::HeaderValue,
+}
+
+impl ConnInfo {
+    pub fn new(peer: SocketAddr, scheme: Scheme) -> Self {
+        ConnInfo { peer, scheme, peer_header: crate::context::ip_header(peer.ip().to_canonical()) }
+    }
 }
 
 /// Per-connection bounds, read when a connection is accepted (so a reload
@@ -169,12 +178,12 @@ async fn connection<H: Handler>(
     let stream = conn::Prefixed::new(replay, stream);
     match tls {
         None => {
-            let info = ConnInfo { peer, scheme: Scheme::Http };
+            let info = ConnInfo::new(peer, Scheme::Http);
             conn::serve(stream, info, limits, handler, shutdown, accepted).await
         }
         Some(acceptor) => match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
             Ok(Ok(tls_stream)) => {
-                let info = ConnInfo { peer, scheme: Scheme::Https };
+                let info = ConnInfo::new(peer, Scheme::Https);
                 conn::serve(tls_stream, info, limits, handler, shutdown, accepted).await
             }
             Ok(Err(e)) => {

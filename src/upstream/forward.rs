@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use crate::body::{self, Body, BoxError};
 use crate::config::{EndpointAddr, UpstreamTls};
-use crate::context::{ip_text, RequestContext, IP_TEXT_BYTES};
+use crate::context::RequestContext;
 use crate::upstream::pool::{self, EndpointPool, PoolError};
 
 pub use crate::context::{X_FORWARDED_FOR, X_FORWARDED_PROTO, X_REQUEST_ID};
@@ -215,7 +215,7 @@ fn prepare_request(
     // Only a trusted proxy's chain is passed on (NGINX's realip, Envoy's
     // xff_num_trusted_hops): from anyone else it is replaced, so a client
     // cannot forge its place in the chain the upstream reads.
-    let peer_ip = ip_header(ctx.peer.ip().to_canonical());
+    let peer_ip = ctx.peer_header.clone();
     let prior: Vec<&str> = if ctx.peer_trusted {
         headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect()
     } else {
@@ -232,12 +232,6 @@ fn prepare_request(
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(ctx.scheme.as_str()));
     headers.insert(X_REQUEST_ID, ctx.request_id.clone());
-}
-
-/// An IP address as a header value, formatted on the stack ([`ip_text`]).
-fn ip_header(ip: std::net::IpAddr) -> HeaderValue {
-    let mut buf = [0u8; IP_TEXT_BYTES];
-    HeaderValue::from_str(ip_text(ip, &mut buf)).unwrap_or(HeaderValue::from_static("unknown"))
 }
 
 /// The headers that are hop-by-hop whatever `Connection` says (RFC 9110
