@@ -248,6 +248,16 @@ mod tests {
 
     /// Both users of it (`X-Forwarded-For`, address keys) depend on it.
     #[test]
+    fn request_ids_are_32_hex_digits_valid_as_headers_and_differ() {
+        let (a, b) = (new_request_id(), new_request_id());
+        for id in [&a, &b] {
+            assert_eq!(id.len(), 32);
+            assert!(id.as_bytes().iter().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c)), "{id:?}");
+        }
+        assert_ne!(a, b);
+    }
+
+    #[test]
     fn ip_text_writes_addresses_as_display_does() {
         let mut addresses: Vec<IpAddr> =
             ["0.0.0.0", "255.255.255.255", "10.0.100.9", "127.0.0.1", "::1", "2001:db8::8a2e:370:7334"]
