@@ -142,7 +142,7 @@ impl Lane {
                 self.nodes.get(usize::from(i))?
             }
         };
-        let mut command = Vec::with_capacity(128);
+        let mut command = Vec::new();
         resp::evalsha(&mut command, sha, keys, args);
         let (tx, rx) = oneshot::channel();
         // A full queue waits (the caller's `store.timeout` bounds it, and a
