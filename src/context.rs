@@ -246,9 +246,8 @@ fn parse_hop(entry: &str) -> Option<IpAddr> {
 mod tests {
     use super::*;
 
-    /// Both users of it (`X-Forwarded-For`, address keys) depend on it.
     #[test]
-    fn request_ids_are_32_hex_digits_valid_as_headers_and_differ() {
+    fn request_ids_are_32_lower_case_hex_digits_and_differ() {
         let (a, b) = (new_request_id(), new_request_id());
         for id in [&a, &b] {
             assert_eq!(id.len(), 32);
@@ -257,6 +256,7 @@ mod tests {
         assert_ne!(a, b);
     }
 
+    /// Both users of it (`X-Forwarded-For`, address keys) depend on it.
     #[test]
     fn ip_text_writes_addresses_as_display_does() {
         let mut addresses: Vec<IpAddr> =

@@ -157,13 +157,14 @@ fn duration_histogram(
     value: &str,
 ) -> Arc<DurationHistogram> {
     let mut families = HISTOGRAMS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let family = match families.iter().position(|f| f.name == name) {
-        Some(i) => &mut families[i],
+    let i = match families.iter().position(|f| f.name == name) {
+        Some(i) => i,
         None => {
             families.push(Family { name, help, label, series: Vec::new() });
-            families.last_mut().expect("just pushed")
+            families.len() - 1
         }
     };
+    let family = &mut families[i];
     if let Some((_, h)) = family.series.iter().find(|(v, _)| v == value) {
         return h.clone();
     }
