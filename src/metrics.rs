@@ -184,18 +184,13 @@ impl Family {
         for (value, h) in &self.series {
             let label = format!("{}=\"{}\"", self.label, escape_label_value(value));
             let mut cumulative = 0u64;
-            for (i, count) in h.counts.iter().enumerate() {
+            for (&le, count) in DURATION_BUCKETS_NS.iter().zip(&h.counts) {
                 cumulative += count.load(Ordering::Relaxed);
-                match DURATION_BUCKETS_NS.get(i) {
-                    Some(&le) => {
-                        let le = le as f64 / 1e9;
-                        let _ = writeln!(out, "{name}_bucket{{{label},le=\"{le}\"}} {cumulative}");
-                    }
-                    None => {
-                        let _ = writeln!(out, "{name}_bucket{{{label},le=\"+Inf\"}} {cumulative}");
-                    }
-                }
+                let le = le as f64 / 1e9;
+                let _ = writeln!(out, "{name}_bucket{{{label},le=\"{le}\"}} {cumulative}");
             }
+            cumulative += h.counts[DURATION_BUCKETS_NS.len()].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{label},le=\"+Inf\"}} {cumulative}");
             let sum = h.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
             let _ = writeln!(out, "{name}_sum{{{label}}} {sum}");
             let _ = writeln!(out, "{name}_count{{{label}}} {cumulative}");
