@@ -34,6 +34,22 @@ pub enum Outcome {
     Refused,
 }
 
+/// The mark of a relayed gRPC answer whose head says `grpc-status: 14`.
+#[derive(Debug, Clone, Copy)]
+struct GrpcUnavailable;
+
+/// Reads a gRPC answer's `grpc-status` once, where it arrives from the
+/// upstream (`upstream/forward.rs`), and marks an `UNAVAILABLE` on the
+/// response for [`Outcome::of_response`]. Each of the answer's readers (the
+/// upstream's counters, the breaker, retry, the storm detector) asked the
+/// header map for it, four lookups on every relayed response, gRPC or not;
+/// an unmarked response's empty extensions answer at once.
+pub fn read_grpc_status(parts: &mut http::response::Parts) {
+    if parts.headers.get(GRPC_STATUS).is_some_and(|v| v.as_bytes() == b"14") {
+        parts.extensions.insert(GrpcUnavailable);
+    }
+}
+
 impl Outcome {
     /// The one table.
     pub fn of(result: &Result<Response<Body>, Shed>) -> Outcome {
@@ -45,15 +61,13 @@ impl Outcome {
 
     /// A relayed response: its status, and for gRPC its `grpc-status` when
     /// the answer is trailers-only (as gRPC errors are): `UNAVAILABLE` (14)
-    /// is the upstream failing, just like an HTTP 503. A `grpc-status` in
-    /// trailers after messages is not seen here (the head decides).
+    /// is the upstream failing, just like an HTTP 503 ([`read_grpc_status`]
+    /// marks it where the answer arrives). A `grpc-status` in trailers after
+    /// messages is not seen here (the head decides).
     pub fn of_response<B>(rsp: &Response<B>) -> Outcome {
         let outcome = Outcome::of_status(rsp.status());
-        if outcome == Outcome::Success {
-            let unavailable = rsp.headers().get(GRPC_STATUS).is_some_and(|v| v.as_bytes() == b"14");
-            if unavailable {
-                return Outcome::UpstreamFailure;
-            }
+        if outcome == Outcome::Success && rsp.extensions().get::<GrpcUnavailable>().is_some() {
+            return Outcome::UpstreamFailure;
         }
         outcome
     }
@@ -142,11 +156,16 @@ mod tests {
 
     #[test]
     fn grpc_unavailable_is_an_upstream_failure() {
-        let mut rsp = Response::new(crate::body::empty());
-        rsp.headers_mut().insert(GRPC_STATUS, http::HeaderValue::from_static("14"));
-        assert_eq!(Outcome::of_response(&rsp), Outcome::UpstreamFailure);
-        rsp.headers_mut().insert(GRPC_STATUS, http::HeaderValue::from_static("5"));
-        assert_eq!(Outcome::of_response(&rsp), Outcome::Success);
+        let relayed = |status: &'static str| {
+            let mut rsp = Response::new(crate::body::empty());
+            rsp.headers_mut().insert(GRPC_STATUS, http::HeaderValue::from_static(status));
+            let (mut parts, body) = rsp.into_parts();
+            read_grpc_status(&mut parts);
+            Response::from_parts(parts, body)
+        };
+        assert_eq!(Outcome::of_response(&relayed("14")), Outcome::UpstreamFailure);
+        assert_eq!(Outcome::of_response(&relayed("5")), Outcome::Success);
+        assert_eq!(Outcome::of_response(&relayed("0")), Outcome::Success);
     }
 
     #[test]

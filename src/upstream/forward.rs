@@ -14,6 +14,7 @@ use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilde
 use std::sync::Arc;
 
 use crate::body::{self, Body, BoxError};
+use crate::classify;
 use crate::config::{EndpointAddr, UpstreamTls};
 use crate::context::RequestContext;
 use crate::upstream::pool::{self, EndpointPool, PoolError};
@@ -161,6 +162,9 @@ pub async fn send(
         }
     };
     let (mut parts, body) = rsp.into_parts();
+    if grpc {
+        classify::read_grpc_status(&mut parts);
+    }
     remove_hop_by_hop(&mut parts.headers);
     if ctx.upgrade && parts.status == http::StatusCode::SWITCHING_PROTOCOLS {
         crate::websocket::restore_upgrade_headers(&mut parts.headers);
