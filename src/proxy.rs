@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use http::header::{CONTENT_LENGTH, HOST};
+use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, HOST, UPGRADE};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use tokio::time::Instant;
@@ -60,14 +60,14 @@ impl Proxy {
     async fn serve(self: Arc<Self>, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
         let started = Instant::now();
         let rt = self.runtime.load_full();
-        let request_id = req
-            .headers()
-            .get(&X_REQUEST_ID)
+        let head = Head::scan(&req);
+        let request_id = head
+            .request_id
             .filter(|v| !v.is_empty() && v.len() <= 128)
             .cloned()
             .unwrap_or_else(new_request_id);
 
-        let grpc = crate::respond::is_grpc(req.headers());
+        let grpc = head.grpc;
         // Routes and runs the request; `Err` carries levee's own answer and
         // the route it concerns, if one matched. A block, not an async fn of
         // its own: each nested future level is copied into the one around it,
@@ -76,14 +76,14 @@ impl Proxy {
         let dispatched: Dispatched<'_> = 'dispatch: {
             let request_id = request_id.clone();
             let server = &rt.config.server;
-            if header_bytes(&req) > server.max_header_bytes {
+            if head.bytes > server.max_header_bytes {
                 break 'dispatch Err((
                     None,
                     Shed::new(Reason::HeadersTooLarge)
                         .detail(format!("request head exceeds {} bytes", server.max_header_bytes)),
                 ));
             }
-            let host = match authority(&req) {
+            let host = match authority(&req, &head) {
                 Ok(host) => host,
                 Err(shed) => break 'dispatch Err((None, shed)),
             };
@@ -94,10 +94,7 @@ impl Proxy {
             let Some(route) = rt.router.find(host, &path) else {
                 break 'dispatch Err((None, Shed::new(Reason::NoRoute)));
             };
-            let declared = req
-                .headers()
-                .get(CONTENT_LENGTH)
-                .map(|v| v.to_str().ok().and_then(|s| s.parse::<u64>().ok()));
+            let declared = head.content_length.map(|v| v.to_str().ok().and_then(|s| s.parse::<u64>().ok()));
             let declared = match declared {
                 Some(None) => {
                     break 'dispatch Err((
@@ -125,8 +122,9 @@ impl Proxy {
                 std::borrow::Cow::Borrowed(_) => None,
             };
             let client_ip = crate::context::client_ip(conn.peer.ip(), req.headers(), &server.trusted_proxies);
+            let may_upgrade = route.config.websocket && head.upgrade;
             let mut req = req;
-            let upgrade = match route.config.websocket && crate::websocket::is_upgrade(&req) {
+            let upgrade = match may_upgrade && crate::websocket::is_upgrade(&req) {
                 false => None,
                 true => match self.upgrade_slot(route, &req, client_ip) {
                     Ok(slot) => Some((slot, hyper::upgrade::on(&mut req))),
@@ -278,13 +276,11 @@ fn client_fault(fault: Fault, server: &crate::config::Server) -> Shed {
 /// target's or `:authority`, else `Host`. A request with two `Host` headers,
 /// or whose target and `Host` disagree, is refused: a front proxy and levee
 /// could otherwise each route it on a different one.
-fn authority<B>(req: &Request<B>) -> Result<Option<&str>, Shed> {
-    let mut hosts = req.headers().get_all(HOST).iter();
-    let header = hosts.next();
-    if hosts.next().is_some() {
+fn authority<'a, B>(req: &'a Request<B>, head: &Head<'a>) -> Result<Option<&'a str>, Shed> {
+    if head.hosts > 1 {
         return Err(Shed::new(Reason::BadRequest).detail("more than one Host header"));
     }
-    let header = match header.map(|h| h.to_str()) {
+    let header = match head.host.map(|h| h.to_str()) {
         Some(Ok(h)) => Some(h),
         Some(Err(_)) => return Err(Shed::new(Reason::BadRequest).detail("invalid Host header")),
         None => None,
@@ -333,9 +329,55 @@ fn body_too_large(limit: u64) -> Shed {
 }
 
 /// The size of the request head as sent on the wire (approximately, for HTTP/2).
-fn header_bytes<B>(req: &Request<B>) -> usize {
-    let line = req.method().as_str().len() + req.uri().path_and_query().map_or(1, |p| p.as_str().len()) + 12;
-    req.headers().iter().fold(line, |n, (k, v)| n + k.as_str().len() + v.len() + 4)
+/// What `serve` reads of a request's headers, found in the one pass that
+/// measures its head: a lookup by name hashes the name and probes the map,
+/// and `serve` made five (request id, `Content-Type`, `Host`,
+/// `Content-Length`, `Upgrade`) on every request.
+struct Head<'a> {
+    /// The head's size as sent: request line and header lines.
+    bytes: usize,
+    request_id: Option<&'a HeaderValue>,
+    /// The first `Host`, and how many there are.
+    host: Option<&'a HeaderValue>,
+    hosts: usize,
+    /// The first `Content-Length` (hyper refuses a request whose values differ).
+    content_length: Option<&'a HeaderValue>,
+    /// A gRPC call (`content-type: application/grpc...`).
+    grpc: bool,
+    /// An `Upgrade` header is present: the request may ask for a WebSocket.
+    upgrade: bool,
+}
+
+impl<'a> Head<'a> {
+    fn scan<B>(req: &'a Request<B>) -> Self {
+        let line =
+            req.method().as_str().len() + req.uri().path_and_query().map_or(1, |p| p.as_str().len()) + 12;
+        let mut head = Head {
+            bytes: line,
+            request_id: None,
+            host: None,
+            hosts: 0,
+            content_length: None,
+            grpc: false,
+            upgrade: false,
+        };
+        for (name, value) in req.headers() {
+            head.bytes += name.as_str().len() + value.len() + 4;
+            if name == HOST {
+                head.host = head.host.or(Some(value));
+                head.hosts += 1;
+            } else if name == CONTENT_LENGTH {
+                head.content_length = head.content_length.or(Some(value));
+            } else if name == CONTENT_TYPE {
+                head.grpc |= crate::respond::is_grpc_type(value);
+            } else if name == UPGRADE {
+                head.upgrade = true;
+            } else if name == X_REQUEST_ID {
+                head.request_id = head.request_id.or(Some(value));
+            }
+        }
+        head
+    }
 }
 
 impl Handler for Proxy {
@@ -358,6 +400,47 @@ impl Handler for Proxy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The one pass over the head finds what `serve` reads: the first of
+    /// each header, every `Host` counted, the size as a client sent it.
+    #[test]
+    fn one_pass_over_the_head_finds_what_serve_reads() {
+        let req = Request::builder()
+            .method("PUT")
+            .uri("/v1/x?q=1")
+            .header("host", "a.example")
+            .header("x-request-id", "id-1")
+            .header("host", "b.example")
+            .header("content-length", "5")
+            .header("content-type", "application/grpc+proto")
+            .header("x-request-id", "id-2")
+            .header("upgrade", "websocket")
+            .body(())
+            .unwrap();
+        let head = Head::scan(&req);
+        assert_eq!(head.hosts, 2);
+        assert_eq!(head.host.unwrap(), "a.example");
+        assert_eq!(head.request_id.unwrap(), "id-1");
+        assert_eq!(head.content_length.unwrap(), "5");
+        assert!(head.grpc && head.upgrade);
+        // "PUT /v1/x?q=1 HTTP/1.1\r\n", then "name: value\r\n" for each header.
+        let lines = [
+            "PUT /v1/x?q=1 HTTP/1.1",
+            "host: a.example",
+            "x-request-id: id-1",
+            "host: b.example",
+            "content-length: 5",
+            "content-type: application/grpc+proto",
+            "x-request-id: id-2",
+            "upgrade: websocket",
+        ];
+        assert_eq!(head.bytes, lines.iter().map(|l| l.len() + 2).sum::<usize>());
+
+        let plain = Request::builder().uri("/").header("content-type", "text/plain").body(()).unwrap();
+        let head = Head::scan(&plain);
+        assert!(head.host.is_none() && head.request_id.is_none() && head.content_length.is_none());
+        assert!(!head.grpc && !head.upgrade);
+    }
 
     /// A request's whole future is boxed once, by `handle`: its size is
     /// copied on every request. 2,280 bytes while routing was an async fn of

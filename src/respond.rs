@@ -329,9 +329,9 @@ fn answer_json(
 
 // === gRPC callers ===
 
-/// Whether a request is a gRPC call (`content-type: application/grpc...`).
-pub fn is_grpc(headers: &http::HeaderMap) -> bool {
-    headers.get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+/// Whether a request with this `Content-Type` is a gRPC call (`application/grpc...`).
+pub fn is_grpc_type(content_type: &HeaderValue) -> bool {
+    content_type.as_bytes().starts_with(b"application/grpc")
 }
 
 pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
