@@ -30,6 +30,7 @@
 //! Shadow limits add no `RateLimit` headers: a client must not change its
 //! behaviour because of a limit that is only being tried.
 
+use std::cell::RefCell;
 use std::future::{ready, Future};
 use std::sync::Arc;
 
@@ -177,7 +178,7 @@ fn verdict<'a>(
         return Ok(Some((limits, decision)));
     }
     let mut shed = Shed::new(Reason::RateLimited).retry_after(decision.retry_after).client(client.clone());
-    shed.headers.extend(headers(limits, &decision).into_iter().flatten());
+    shed.headers = headers(limits, &decision).map_or_else(Vec::new, Vec::from);
     Err(shed)
 }
 
@@ -210,16 +211,48 @@ fn headers(limits: &RouteLimits, d: &Decision) -> Option<[(HeaderName, HeaderVal
         (true, false) => retry_after_secs(Some(d.reset)),
         (false, _) => retry_after_secs(Some(d.retry_after)),
     };
+    let value = match d.allowed {
+        true => ratelimit(name, u64::from(d.remaining), t),
+        false => refused_ratelimit(name, t),
+    };
+    Some([(RATELIMIT_POLICY, policy.clone()), (RATELIMIT, value)])
+}
+
+/// The `RateLimit` value `{name};r={remaining};t={t}`.
+fn ratelimit(name: &str, remaining: u64, t: u64) -> HeaderValue {
     // Written by hand into a stack buffer: this header is on every limited
     // response, and `write!` costs more than the rest of the decision.
     let mut buf = [0u8; 256];
-    let value = match ratelimit_value(&mut buf, name.as_bytes(), u64::from(d.remaining), t) {
+    let value = match ratelimit_value(&mut buf, name.as_bytes(), remaining, t) {
         Some(len) => HeaderValue::from_bytes(&buf[..len]).ok(),
         // A very long policy name: the heap, once.
-        None => HeaderValue::from_str(&format!("{name};r={};t={t}", d.remaining)).ok(),
+        None => HeaderValue::from_str(&format!("{name};r={remaining};t={t}")).ok(),
     };
-    let value = value.unwrap_or(HeaderValue::from_static("\"limit\""));
-    Some([(RATELIMIT_POLICY, policy.clone()), (RATELIMIT, value)])
+    value.unwrap_or(HeaderValue::from_static("\"limit\""))
+}
+
+/// The `RateLimit` value of a refusal (`r=0`). A client being shed is refused
+/// the same way request after request (same limit, same whole seconds), so
+/// each thread keeps the last value it built and hands out copies (a
+/// reference count) while name and `t` repeat, as `respond.rs` does for the
+/// rest of the answer, which it then finds unchanged too. (Allowed responses
+/// count `r` down, request by request: kept per thread, their value repeated
+/// too rarely to pay.)
+fn refused_ratelimit(name: &str, t: u64) -> HeaderValue {
+    thread_local! {
+        static LAST: RefCell<Option<(Box<str>, u64, HeaderValue)>> = const { RefCell::new(None) };
+    }
+    LAST.with(|last| {
+        let Ok(mut last) = last.try_borrow_mut() else { return ratelimit(name, 0, t) };
+        match last.as_ref() {
+            Some((n, secs, value)) if *secs == t && **n == *name => value.clone(),
+            _ => {
+                let value = ratelimit(name, 0, t);
+                *last = Some((Box::from(name), t, value.clone()));
+                value
+            }
+        }
+    })
 }
 
 /// `{name};r={remaining};t={t}` into `buf`; its length, or `None` when it does not fit.
@@ -253,7 +286,21 @@ fn ratelimit_value(buf: &mut [u8], name: &[u8], remaining: u64, t: u64) -> Optio
 
 #[cfg(test)]
 mod value_tests {
-    use super::ratelimit_value;
+    use super::{ratelimit, ratelimit_value, refused_ratelimit};
+
+    /// A refusal's value, copied from the thread's last one, is the value
+    /// built afresh, for every name and `t` in any order.
+    #[test]
+    fn a_refusals_copied_value_is_the_one_it_would_build() {
+        for (name, t) in
+            [("\"10/s\"", 1), ("\"10/s\"", 1), ("\"10/s\"", 2), ("\"100/h\"", 2), ("\"10/s\"", 1)]
+        {
+            for _ in 0..2 {
+                assert_eq!(refused_ratelimit(name, t), ratelimit(name, 0, t), "{name} t={t}");
+            }
+        }
+        assert_eq!(refused_ratelimit("\"10/s\"", 3), "\"10/s\";r=0;t=3");
+    }
 
     #[test]
     fn the_ratelimit_value_is_written_like_format_and_never_overflows() {
