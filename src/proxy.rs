@@ -328,13 +328,13 @@ fn body_too_large(limit: u64) -> Shed {
     Shed::new(Reason::BodyTooLarge).detail(format!("request body exceeds {limit} bytes"))
 }
 
-/// The size of the request head as sent on the wire (approximately, for HTTP/2).
 /// What `serve` reads of a request's headers, found in the one pass that
 /// measures its head: a lookup by name hashes the name and probes the map,
 /// and `serve` made five (request id, `Content-Type`, `Host`,
 /// `Content-Length`, `Upgrade`) on every request.
 struct Head<'a> {
-    /// The head's size as sent: request line and header lines.
+    /// The head's size as sent on the wire: request line and header lines
+    /// (approximately, for HTTP/2).
     bytes: usize,
     request_id: Option<&'a HeaderValue>,
     /// The first `Host`, and how many there are.
