@@ -11,5 +11,5 @@ mod store;
 mod storm;
 mod upstream;
 
-criterion_group!(benches, router::bench, store::bench, storm::bench, stack::bench);
+criterion_group!(benches, router::bench, store::bench, storm::bench, storm::guard_threads, stack::bench);
 criterion_main!(benches, upstream::benches);

@@ -50,6 +50,49 @@ fn guard_config() -> AuthGuardConfig {
     }
 }
 
+/// The auth guard's shared part, its route-wide window of responses, from one
+/// thread and from two at once (every worker of a route writes it on every
+/// response): 10,000 clients, whose entries stay in the cache, so what is
+/// timed is the window, not the client table's misses.
+pub fn guard_threads(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let _enter = rt.enter();
+    let clients: std::sync::Arc<Vec<ClientKey>> =
+        std::sync::Arc::new((0..10_000).map(|i| ClientKey::from_text(&format!("device-{i}"))).collect());
+    let guard = AuthGuard::new("bench-guard", &guard_config(), RouteClients::new(CLIENTS));
+    let now = Instant::now();
+    let mut g = c.benchmark_group("auth_guard");
+    g.throughput(Throughput::Elements(1));
+    let mut i = 0usize;
+    g.bench_function(BenchmarkId::new("observe", "1_thread"), |b| {
+        b.iter(|| {
+            i = (i + 1) % clients.len();
+            black_box(guard.observe(&clients[i], StatusCode::OK, now))
+        })
+    });
+    g.throughput(Throughput::Elements(2));
+    // criterion times custom loops with std::time::Instant.
+    #[allow(clippy::disallowed_types)]
+    g.bench_function(BenchmarkId::new("observe", "2_threads_one_route"), |b| {
+        b.iter_custom(|iters| {
+            let started = std::time::Instant::now();
+            std::thread::scope(|s| {
+                for t in 0..2 {
+                    let (guard, clients) = (&guard, &clients);
+                    s.spawn(move || {
+                        for n in 0..iters as usize {
+                            let client = &clients[(n * 2 + t) % clients.len()];
+                            black_box(guard.observe(client, StatusCode::OK, now));
+                        }
+                    });
+                }
+            });
+            started.elapsed()
+        })
+    });
+    g.finish();
+}
+
 pub fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let _enter = rt.enter();

@@ -29,8 +29,8 @@
 //! config's: a reload that only switches it keeps the guard's window.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt;
@@ -49,28 +49,50 @@ use crate::respond::{jitter, Reason, Shed};
 const BUCKETS: usize = 10;
 
 /// Responses to recently-authorized clients over the window, in buckets.
+///
+/// Every response of the route passes here, from every worker thread, so
+/// the buckets are atomics, not a map behind one route-wide mutex: a
+/// response adds to its bucket with one `fetch_add`. The first response of a
+/// new bucket resets it; a response racing that reset may be lost, which the
+/// counts can afford (they are evidence of a wave, not a ledger). On one
+/// thread they are exact.
 #[derive(Debug, Default)]
 struct Window {
-    /// (bucket index, responses, 401s)
-    buckets: [(u64, u32, u32); BUCKETS],
+    buckets: [Bucket; BUCKETS],
 }
 
+#[derive(Debug, Default)]
+struct Bucket {
+    /// The bucket's index (time / bucket length).
+    idx: AtomicU64,
+    /// Responses in the high 32 bits, 401s among them in the low 32.
+    counts: AtomicU64,
+}
+
+const ONE_RESPONSE: u64 = 1 << 32;
+
 impl Window {
-    fn add(&mut self, idx: u64, unauthorized: bool) {
-        let b = &mut self.buckets[(idx % BUCKETS as u64) as usize];
-        if b.0 != idx {
-            *b = (idx, 0, 0);
+    fn add(&self, idx: u64, unauthorized: bool) {
+        let b = &self.buckets[(idx % BUCKETS as u64) as usize];
+        let seen = b.idx.load(Ordering::Relaxed);
+        // Only a newer bucket replaces an older one: a response timed just
+        // before another thread rolled the bucket over counts in it.
+        if seen < idx && b.idx.compare_exchange(seen, idx, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            b.counts.store(0, Ordering::Relaxed);
         }
-        b.1 += 1;
-        b.2 += u32::from(unauthorized);
+        b.counts.fetch_add(ONE_RESPONSE | u64::from(unauthorized), Ordering::Relaxed);
     }
 
     /// (responses, 401s) over the buckets of the last window.
-    fn totals(&self, idx: u64) -> (u32, u32) {
+    fn totals(&self, idx: u64) -> (u64, u64) {
         self.buckets
             .iter()
-            .filter(|b| b.0 + BUCKETS as u64 > idx && b.0 <= idx)
-            .fold((0, 0), |(r, u), b| (r + b.1, u + b.2))
+            .filter(|b| {
+                let i = b.idx.load(Ordering::Relaxed);
+                i + BUCKETS as u64 > idx && i <= idx
+            })
+            .map(|b| b.counts.load(Ordering::Relaxed))
+            .fold((0, 0), |(r, u), c| (r + (c >> 32), u + (c & 0xffff_ffff)))
     }
 }
 
@@ -79,7 +101,7 @@ pub struct AuthGuard {
     pub config: AuthGuardConfig,
     /// Each client's last 2xx (`RouteClient::authorized_ms`).
     clients: Arc<RouteClients>,
-    window: Mutex<Window>,
+    window: Window,
     tripped: AtomicBool,
 }
 
@@ -92,7 +114,7 @@ impl AuthGuard {
             route: Arc::from(route),
             config: config.clone(),
             clients,
-            window: Mutex::new(Window::default()),
+            window: Window::default(),
             tripped: AtomicBool::new(false),
         })
     }
@@ -125,14 +147,14 @@ impl AuthGuard {
         let bucket_ms =
             (u64::try_from(self.config.window.as_millis()).unwrap_or(u64::MAX) / BUCKETS as u64).max(1);
         let idx = now_ms / bucket_ms;
-        let (responses, unauthorized_count) = {
-            let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
-            w.add(idx, unauthorized);
-            w.totals(idx)
-        };
-        let trip = responses >= self.config.min_responses
-            && f64::from(unauthorized_count) > self.config.max_401_ratio * f64::from(responses);
-        if self.tripped.swap(trip, Ordering::Relaxed) != trip {
+        self.window.add(idx, unauthorized);
+        let (responses, unauthorized_count) = self.window.totals(idx);
+        let trip = responses >= u64::from(self.config.min_responses)
+            && unauthorized_count as f64 > self.config.max_401_ratio * responses as f64;
+        // Read first: a swap is a write, and every worker would take the
+        // flag's cache line from the others on every response.
+        if self.tripped.load(Ordering::Relaxed) != trip && self.tripped.swap(trip, Ordering::Relaxed) != trip
+        {
             metrics::gauge!(m::AUTH_GUARD_TRIPPED, "route" => self.route.to_string()).set(if trip {
                 1.0
             } else {
@@ -227,6 +249,40 @@ mod tests {
         }
         assert!(!g.tripped());
         assert!(!g.observe(&ClientKey::from_text("c1"), StatusCode::UNAUTHORIZED, later));
+    }
+
+    /// Responses from many threads at once all count: the window is shared
+    /// by every worker of the route, without a lock.
+    #[test]
+    fn responses_from_many_threads_all_count() {
+        let w = Window::default();
+        let (threads, each) = (4u64, 20_000u64);
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                s.spawn(|| {
+                    for k in 0..each {
+                        w.add(7, k % 4 == 0);
+                    }
+                });
+            }
+        });
+        assert_eq!(w.totals(7), (threads * each, threads * each / 4));
+        assert_eq!(w.totals(17), (0, 0), "a window later, the bucket is out of it");
+    }
+
+    /// A bucket is reset by a newer index only: a response stamped before
+    /// another thread rolled its slot over counts in the newer bucket instead
+    /// of wiping it.
+    #[test]
+    fn an_older_response_never_wipes_a_newer_bucket() {
+        let w = Window::default();
+        for _ in 0..3 {
+            w.add(15, true);
+        }
+        w.add(5, false);
+        assert_eq!(w.totals(15), (4, 3));
+        w.add(25, false);
+        assert_eq!(w.totals(25), (1, 0), "the next use of the slot starts afresh");
     }
 
     #[tokio::test(start_paused = true)]
