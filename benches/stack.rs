@@ -33,16 +33,24 @@ rate = "1000/s"
 rate = "100000/h"
 "#;
 
-pub fn bench(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let _enter = rt.enter();
-    let config = levee::config::parse(CONFIG, Path::new("."), &|_| None).unwrap();
+/// The route of `config` built on a no-op upstream.
+fn route_stack(config: &str) -> stack::RouteService {
+    let config = levee::config::parse(config, Path::new("."), &|_| None).unwrap();
     let route = &config.routes[0];
     let store = Store::start(config.store.clone());
     let state = RouteState::build(route, config.store.max_clients, None, &Default::default());
     let upstream = Arc::new(Upstream::new(config.upstreams[0].clone()));
     let noop = Innermost(|_req: Request<Body>| async { Ok::<_, Shed>(Response::new(body::empty())) });
-    let svc = stack::build_on(route, upstream, &state, store, noop);
+    stack::build_on(route, upstream, &state, store, noop)
+}
+
+pub fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let _enter = rt.enter();
+    let svc = route_stack(CONFIG);
+    // The control for the two-thread run: a second route with state of its
+    // own (its own store, upstream and metric series).
+    let other = route_stack(&CONFIG.replace("device-api", "device-api-other"));
     let ids: Vec<http::HeaderValue> = (0..10_000).map(|i| format!("device-{i}").parse().unwrap()).collect();
     let ctx = RequestContext {
         peer: "10.0.0.1:5555".parse().unwrap(),
@@ -70,6 +78,61 @@ pub fn bench(c: &mut Criterion) {
             req.extensions_mut().insert(ctx.clone());
             let rsp = rt.block_on(svc.call(req));
             black_box(rsp.map(|r| r.status()).ok())
+        })
+    });
+    // The same stack from two threads at once (as two workers serve one
+    // route), each on its own runtime and half of the clients: what the
+    // stages' shared state (the route's counters, the upstream's, the
+    // metrics) costs when two cores write it. Per pair of requests.
+    g.throughput(Throughput::Elements(2));
+    // criterion times custom loops with std::time::Instant.
+    #[allow(clippy::disallowed_types)]
+    g.bench_function("full_route_stack_noop_upstream_2_threads", |b| {
+        b.iter_custom(|iters| {
+            let started = std::time::Instant::now();
+            std::thread::scope(|s| {
+                for t in 0..2 {
+                    let (svc, ids, ctx) = (&svc, &ids, &ctx);
+                    s.spawn(move || {
+                        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                        for n in 0..iters as usize {
+                            let mut req = Request::get("/v1/device/status").body(body::empty()).unwrap();
+                            req.headers_mut().insert("x-device-id", ids[(n * 2 + t) % ids.len()].clone());
+                            req.extensions_mut().insert(ctx.clone());
+                            let rsp = rt.block_on(svc.call(req));
+                            black_box(rsp.map(|r| r.status()).ok());
+                        }
+                    });
+                }
+            });
+            started.elapsed()
+        })
+    });
+    // The control: two threads, each on a route of its own, sharing nothing
+    // the stages write but the process (allocator, metrics registry). The
+    // gap between this and the run above is what one route's shared state
+    // costs; the gap between this and one thread is the machine's.
+    #[allow(clippy::disallowed_types)]
+    g.bench_function("full_route_stack_noop_upstream_2_threads_2_routes", |b| {
+        b.iter_custom(|iters| {
+            let started = std::time::Instant::now();
+            std::thread::scope(|s| {
+                for t in 0..2 {
+                    let svc = if t == 0 { &svc } else { &other };
+                    let (ids, ctx) = (&ids, &ctx);
+                    s.spawn(move || {
+                        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                        for n in 0..iters as usize {
+                            let mut req = Request::get("/v1/device/status").body(body::empty()).unwrap();
+                            req.headers_mut().insert("x-device-id", ids[(n * 2 + t) % ids.len()].clone());
+                            req.extensions_mut().insert(ctx.clone());
+                            let rsp = rt.block_on(svc.call(req));
+                            black_box(rsp.map(|r| r.status()).ok());
+                        }
+                    });
+                }
+            });
+            started.elapsed()
         })
     });
     g.finish();
