@@ -91,6 +91,44 @@ pub fn guard_threads(c: &mut Criterion) {
         })
     });
     g.finish();
+
+    // The storm detector the same way: every request of a route counts in
+    // the route's aggregate rate (its own client's entry is per client).
+    let storm = Storm::start("bench-storm-threads", &storm_config(), RouteClients::new(CLIENTS), CLIENTS);
+    let uri: Uri = "/v1/device/status".parse().unwrap();
+    let mut g = c.benchmark_group("storm_threads");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function(BenchmarkId::new("observe_and_finish", "1_thread"), |b| {
+        b.iter(|| {
+            i = (i + 1) % clients.len();
+            let fp = storm.fingerprint(&clients[i], &Method::GET, &uri, None);
+            let verdict = storm.observe(&clients[i], fp, now).is_ok();
+            storm.finish(fp, false);
+            black_box(verdict)
+        })
+    });
+    g.throughput(Throughput::Elements(2));
+    #[allow(clippy::disallowed_types)]
+    g.bench_function(BenchmarkId::new("observe_and_finish", "2_threads_one_route"), |b| {
+        b.iter_custom(|iters| {
+            let started = std::time::Instant::now();
+            std::thread::scope(|s| {
+                for t in 0..2 {
+                    let (storm, clients, uri) = (&storm, &clients, &uri);
+                    s.spawn(move || {
+                        for n in 0..iters as usize {
+                            let client = &clients[(n * 2 + t) % clients.len()];
+                            let fp = storm.fingerprint(client, &Method::GET, uri, None);
+                            black_box(storm.observe(client, fp, now).is_ok());
+                            storm.finish(fp, false);
+                        }
+                    });
+                }
+            });
+            started.elapsed()
+        })
+    });
+    g.finish();
 }
 
 pub fn bench(c: &mut Criterion) {

@@ -149,7 +149,7 @@ impl Storm {
     /// Decides one request: `Err` sheds it, `Ok` admits it (then call [`Storm::finish`]).
     pub fn observe(&self, client: &ClientKey, fingerprint: u64, now: Instant) -> Result<(), Shed> {
         let now_ms = self.ms(now);
-        let streak = self.route_growth.observe(&self.growth, now_ms);
+        let streak = self.route_growth.observe(&self.growth, now_ms, client.hash64());
         let alarm = streak >= u32::from(self.growth.intervals);
         // Read first: a swap is a write on every request, which moves the
         // flag's cache line between the route's workers.
