@@ -29,7 +29,7 @@
 //! config's: a reload that only switches it keeps the guard's window.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,63 +45,21 @@ use crate::config::{AuthGuardConfig, Mode};
 use crate::context::ClientKey;
 use crate::metrics as m;
 use crate::respond::{jitter, Reason, Shed};
-
-const BUCKETS: usize = 10;
-
-/// Responses to recently-authorized clients over the window, in buckets.
-///
-/// Every response of the route passes here, from every worker thread, so
-/// the buckets are atomics, not a map behind one route-wide mutex: a
-/// response adds to its bucket with one `fetch_add`. The first response of a
-/// new bucket resets it; a response racing that reset may be lost, which the
-/// counts can afford (they are evidence of a wave, not a ledger). On one
-/// thread they are exact.
-#[derive(Debug, Default)]
-struct Window {
-    buckets: [Bucket; BUCKETS],
-}
-
-#[derive(Debug, Default)]
-struct Bucket {
-    /// The bucket's index (time / bucket length).
-    idx: AtomicU64,
-    /// Responses in the high 32 bits, 401s among them in the low 32.
-    counts: AtomicU64,
-}
-
-const ONE_RESPONSE: u64 = 1 << 32;
-
-impl Window {
-    fn add(&self, idx: u64, unauthorized: bool) {
-        let b = &self.buckets[(idx % BUCKETS as u64) as usize];
-        let seen = b.idx.load(Ordering::Relaxed);
-        // Only a newer bucket replaces an older one: a response timed just
-        // before another thread rolled the bucket over counts in it.
-        if seen < idx && b.idx.compare_exchange(seen, idx, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
-            b.counts.store(0, Ordering::Relaxed);
-        }
-        b.counts.fetch_add(ONE_RESPONSE | u64::from(unauthorized), Ordering::Relaxed);
-    }
-
-    /// (responses, 401s) over the buckets of the last window.
-    fn totals(&self, idx: u64) -> (u64, u64) {
-        self.buckets
-            .iter()
-            .filter(|b| {
-                let i = b.idx.load(Ordering::Relaxed);
-                i + BUCKETS as u64 > idx && i <= idx
-            })
-            .map(|b| b.counts.load(Ordering::Relaxed))
-            .fold((0, 0), |(r, u), c| (r + (c >> 32), u + (c & 0xffff_ffff)))
-    }
-}
+use crate::upstream::window::{Ring, BUCKETS};
 
 pub struct AuthGuard {
     route: Arc<str>,
     pub config: AuthGuardConfig,
     /// Each client's last 2xx (`RouteClient::authorized_ms`).
     clients: Arc<RouteClients>,
-    window: Window,
+    /// The responses to recently-authorized clients over the sliding
+    /// `window`, and the 401s among them: lock-free rings (`upstream::window`,
+    /// as the breaker counts), because every response of the route, from
+    /// every worker, adds to them. Bucketed in milliseconds on the client
+    /// table's clock, which `observe` reads anyway.
+    bucket_ms: u64,
+    responses: Ring,
+    unauthorized: Ring,
     tripped: AtomicBool,
 }
 
@@ -114,7 +72,9 @@ impl AuthGuard {
             route: Arc::from(route),
             config: config.clone(),
             clients,
-            window: Window::default(),
+            bucket_ms: (u64::try_from(config.window.as_millis()).unwrap_or(u64::MAX) / BUCKETS as u64).max(1),
+            responses: Ring::default(),
+            unauthorized: Ring::default(),
             tripped: AtomicBool::new(false),
         })
     }
@@ -144,11 +104,13 @@ impl AuthGuard {
             return false;
         }
         let unauthorized = status == StatusCode::UNAUTHORIZED;
-        let bucket_ms =
-            (u64::try_from(self.config.window.as_millis()).unwrap_or(u64::MAX) / BUCKETS as u64).max(1);
-        let idx = now_ms / bucket_ms;
-        self.window.add(idx, unauthorized);
-        let (responses, unauthorized_count) = self.window.totals(idx);
+        // Ring ticks are 32 bits and wrap, which the ring allows for.
+        let tick = (now_ms / self.bucket_ms) as u32;
+        self.responses.add(tick, 1);
+        if unauthorized {
+            self.unauthorized.add(tick, 1);
+        }
+        let (responses, unauthorized_count) = (self.responses.sum(tick), self.unauthorized.sum(tick));
         let trip = responses >= u64::from(self.config.min_responses)
             && unauthorized_count as f64 > self.config.max_401_ratio * responses as f64;
         // Read first: a swap is a write, and every worker would take the
@@ -251,38 +213,28 @@ mod tests {
         assert!(!g.observe(&ClientKey::from_text("c1"), StatusCode::UNAUTHORIZED, later));
     }
 
-    /// Responses from many threads at once all count: the window is shared
-    /// by every worker of the route, without a lock.
-    #[test]
-    fn responses_from_many_threads_all_count() {
-        let w = Window::default();
-        let (threads, each) = (4u64, 20_000u64);
+    /// Responses from many threads at once all count: every worker of the
+    /// route writes the window, without a lock.
+    #[tokio::test(start_paused = true)]
+    async fn responses_from_many_threads_all_count() {
+        let g = guard();
+        let now = Instant::now();
+        let clients: Vec<ClientKey> = (0..100).map(|c| ClientKey::from_text(&format!("t{c}"))).collect();
+        let (threads, each) = (4u64, 5_000u64);
         std::thread::scope(|s| {
-            for _ in 0..threads {
-                s.spawn(|| {
+            for t in 0..threads {
+                let (g, clients) = (&g, &clients);
+                s.spawn(move || {
                     for k in 0..each {
-                        w.add(7, k % 4 == 0);
+                        let client = &clients[((t * each + k) % 100) as usize];
+                        g.observe(client, StatusCode::OK, now);
                     }
                 });
             }
         });
-        assert_eq!(w.totals(7), (threads * each, threads * each / 4));
-        assert_eq!(w.totals(17), (0, 0), "a window later, the bucket is out of it");
-    }
-
-    /// A bucket is reset by a newer index only: a response stamped before
-    /// another thread rolled its slot over counts in the newer bucket instead
-    /// of wiping it.
-    #[test]
-    fn an_older_response_never_wipes_a_newer_bucket() {
-        let w = Window::default();
-        for _ in 0..3 {
-            w.add(15, true);
-        }
-        w.add(5, false);
-        assert_eq!(w.totals(15), (4, 3));
-        w.add(25, false);
-        assert_eq!(w.totals(25), (1, 0), "the next use of the slot starts afresh");
+        let tick = (g.clients.ms(now) / g.bucket_ms) as u32;
+        assert_eq!(g.responses.sum(tick), threads * each);
+        assert_eq!(g.unauthorized.sum(tick), 0);
     }
 
     #[tokio::test(start_paused = true)]

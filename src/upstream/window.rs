@@ -1,6 +1,7 @@
 //! A sliding window of counts: a ring of [`BUCKETS`] time buckets, each one
 //! atomic word. The circuit breaker counts outcomes in it, the retry budget
-//! deposits and withdrawals.
+//! deposits and withdrawals, the auth guard (`stack/auth_guard.rs`) responses
+//! and 401s.
 //!
 //! Why this shape: memory is fixed (one `u64` per bucket, whatever the traffic),
 //! adding is one compare-and-swap with no lock, and a count over the window is
