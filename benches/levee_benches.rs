@@ -9,6 +9,7 @@ mod router;
 mod stack;
 mod store;
 mod storm;
+mod threads;
 mod upstream;
 
 criterion_group!(benches, router::bench, store::bench, storm::bench, storm::guard_threads, stack::bench);

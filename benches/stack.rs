@@ -17,6 +17,8 @@ use levee::stack::{self, Innermost, RouteState};
 use levee::store::Store;
 use levee::upstream::Upstream;
 
+use crate::threads::two_threads;
+
 const CONFIG: &str = r#"
 [upstreams.backend]
 endpoints = ["127.0.0.1:9"]
@@ -42,6 +44,25 @@ fn route_stack(config: &str) -> stack::RouteService {
     let upstream = Arc::new(Upstream::new(config.upstreams[0].clone()));
     let noop = Innermost(|_req: Request<Body>| async { Ok::<_, Shed>(Response::new(body::empty())) });
     stack::build_on(route, upstream, &state, store, noop)
+}
+
+/// Thread `t` of [`two_threads`] serves `routes[t]` on a runtime of its own,
+/// each thread taking every other client of `ids`.
+fn serve<'a>(
+    routes: [&'a stack::RouteService; 2],
+    ids: &'a [http::HeaderValue],
+    ctx: &'a RequestContext,
+) -> impl Fn(usize, u64) + Sync + 'a {
+    move |t, iters| {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        for n in 0..iters as usize {
+            let mut req = Request::get("/v1/device/status").body(body::empty()).unwrap();
+            req.headers_mut().insert("x-device-id", ids[(n * 2 + t) % ids.len()].clone());
+            req.extensions_mut().insert(ctx.clone());
+            let rsp = rt.block_on(routes[t].call(req));
+            black_box(rsp.map(|r| r.status()).ok());
+        }
+    }
 }
 
 pub fn bench(c: &mut Criterion) {
@@ -85,55 +106,15 @@ pub fn bench(c: &mut Criterion) {
     // stages' shared state (the route's counters, the upstream's, the
     // metrics) costs when two cores write it. Per pair of requests.
     g.throughput(Throughput::Elements(2));
-    // criterion times custom loops with std::time::Instant.
-    #[allow(clippy::disallowed_types)]
     g.bench_function("full_route_stack_noop_upstream_2_threads", |b| {
-        b.iter_custom(|iters| {
-            let started = std::time::Instant::now();
-            std::thread::scope(|s| {
-                for t in 0..2 {
-                    let (svc, ids, ctx) = (&svc, &ids, &ctx);
-                    s.spawn(move || {
-                        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-                        for n in 0..iters as usize {
-                            let mut req = Request::get("/v1/device/status").body(body::empty()).unwrap();
-                            req.headers_mut().insert("x-device-id", ids[(n * 2 + t) % ids.len()].clone());
-                            req.extensions_mut().insert(ctx.clone());
-                            let rsp = rt.block_on(svc.call(req));
-                            black_box(rsp.map(|r| r.status()).ok());
-                        }
-                    });
-                }
-            });
-            started.elapsed()
-        })
+        b.iter_custom(|iters| two_threads(iters, serve([&svc, &svc], &ids, &ctx)))
     });
     // The control: two threads, each on a route of its own, sharing nothing
     // the stages write but the process (allocator, metrics registry). The
     // gap between this and the run above is what one route's shared state
     // costs; the gap between this and one thread is the machine's.
-    #[allow(clippy::disallowed_types)]
     g.bench_function("full_route_stack_noop_upstream_2_threads_2_routes", |b| {
-        b.iter_custom(|iters| {
-            let started = std::time::Instant::now();
-            std::thread::scope(|s| {
-                for t in 0..2 {
-                    let svc = if t == 0 { &svc } else { &other };
-                    let (ids, ctx) = (&ids, &ctx);
-                    s.spawn(move || {
-                        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-                        for n in 0..iters as usize {
-                            let mut req = Request::get("/v1/device/status").body(body::empty()).unwrap();
-                            req.headers_mut().insert("x-device-id", ids[(n * 2 + t) % ids.len()].clone());
-                            req.extensions_mut().insert(ctx.clone());
-                            let rsp = rt.block_on(svc.call(req));
-                            black_box(rsp.map(|r| r.status()).ok());
-                        }
-                    });
-                }
-            });
-            started.elapsed()
-        })
+        b.iter_custom(|iters| two_threads(iters, serve([&svc, &other], &ids, &ctx)))
     });
     g.finish();
 }

@@ -23,6 +23,8 @@ use levee::stack::storm::Storm;
 use levee::store::memory::MemoryStore;
 use tokio::time::Instant;
 
+use crate::threads::two_threads;
+
 const CLIENTS: usize = 1_000_000;
 
 fn storm_config() -> StormConfig {
@@ -57,8 +59,7 @@ fn guard_config() -> AuthGuardConfig {
 pub fn guard_threads(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let _enter = rt.enter();
-    let clients: std::sync::Arc<Vec<ClientKey>> =
-        std::sync::Arc::new((0..10_000).map(|i| ClientKey::from_text(&format!("device-{i}"))).collect());
+    let clients: Vec<ClientKey> = (0..10_000).map(|i| ClientKey::from_text(&format!("device-{i}"))).collect();
     let guard = AuthGuard::new("bench-guard", &guard_config(), RouteClients::new(CLIENTS));
     let now = Instant::now();
     let mut g = c.benchmark_group("auth_guard");
@@ -71,23 +72,14 @@ pub fn guard_threads(c: &mut Criterion) {
         })
     });
     g.throughput(Throughput::Elements(2));
-    // criterion times custom loops with std::time::Instant.
-    #[allow(clippy::disallowed_types)]
     g.bench_function(BenchmarkId::new("observe", "2_threads_one_route"), |b| {
         b.iter_custom(|iters| {
-            let started = std::time::Instant::now();
-            std::thread::scope(|s| {
-                for t in 0..2 {
-                    let (guard, clients) = (&guard, &clients);
-                    s.spawn(move || {
-                        for n in 0..iters as usize {
-                            let client = &clients[(n * 2 + t) % clients.len()];
-                            black_box(guard.observe(client, StatusCode::OK, now));
-                        }
-                    });
+            two_threads(iters, |t, iters| {
+                for n in 0..iters as usize {
+                    let client = &clients[(n * 2 + t) % clients.len()];
+                    black_box(guard.observe(client, StatusCode::OK, now));
                 }
-            });
-            started.elapsed()
+            })
         })
     });
     g.finish();
@@ -108,24 +100,16 @@ pub fn guard_threads(c: &mut Criterion) {
         })
     });
     g.throughput(Throughput::Elements(2));
-    #[allow(clippy::disallowed_types)]
     g.bench_function(BenchmarkId::new("observe_and_finish", "2_threads_one_route"), |b| {
         b.iter_custom(|iters| {
-            let started = std::time::Instant::now();
-            std::thread::scope(|s| {
-                for t in 0..2 {
-                    let (storm, clients, uri) = (&storm, &clients, &uri);
-                    s.spawn(move || {
-                        for n in 0..iters as usize {
-                            let client = &clients[(n * 2 + t) % clients.len()];
-                            let fp = storm.fingerprint(client, &Method::GET, uri, None);
-                            black_box(storm.observe(client, fp, now).is_ok());
-                            storm.finish(fp, false);
-                        }
-                    });
+            two_threads(iters, |t, iters| {
+                for n in 0..iters as usize {
+                    let client = &clients[(n * 2 + t) % clients.len()];
+                    let fp = storm.fingerprint(client, &Method::GET, &uri, None);
+                    black_box(storm.observe(client, fp, now).is_ok());
+                    storm.finish(fp, false);
                 }
-            });
-            started.elapsed()
+            })
         })
     });
     g.finish();
