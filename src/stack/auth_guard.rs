@@ -113,10 +113,7 @@ impl AuthGuard {
         let (responses, unauthorized_count) = (self.responses.sum(tick), self.unauthorized.sum(tick));
         let trip = responses >= u64::from(self.config.min_responses)
             && unauthorized_count as f64 > self.config.max_401_ratio * responses as f64;
-        // Read first: a swap is a write, and every worker would take the
-        // flag's cache line from the others on every response.
-        if self.tripped.load(Ordering::Relaxed) != trip && self.tripped.swap(trip, Ordering::Relaxed) != trip
-        {
+        if super::flipped(&self.tripped, trip) {
             metrics::gauge!(m::AUTH_GUARD_TRIPPED, "route" => self.route.to_string()).set(if trip {
                 1.0
             } else {

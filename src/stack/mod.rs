@@ -288,6 +288,15 @@ pub(crate) fn millis_since(epoch: tokio::time::Instant, now: tokio::time::Instan
     u64::try_from(now.saturating_duration_since(epoch).as_millis()).unwrap_or(u64::MAX).saturating_add(1)
 }
 
+/// Sets a route-wide flag that every request or response decides anew (the
+/// storm detector's alarm, the auth guard's trip); true when this call changed
+/// it. Read first: a swap is a write, and on every request it would move the
+/// flag's cache line between the route's workers.
+pub(crate) fn flipped(flag: &std::sync::atomic::AtomicBool, to: bool) -> bool {
+    use std::sync::atomic::Ordering::Relaxed;
+    flag.load(Relaxed) != to && flag.swap(to, Relaxed) != to
+}
+
 /// The request's context, which the listener always sets.
 pub fn context<B>(req: &Request<B>) -> Result<&RequestContext, Shed> {
     req.extensions()

@@ -210,18 +210,21 @@ mod tests {
         None
     }
 
+    /// Sends `counts[i]` requests in second `from + i`, one second after the
+    /// other, until a client is quarantined: (that second's count, the
+    /// request that was shed, the verdict).
+    fn first_caught(r: &GrowthRules, from: u64, counts: &[u64]) -> Option<(u64, u64, Verdict)> {
+        let mut s = Growth::default();
+        counts
+            .iter()
+            .enumerate()
+            .find_map(|(i, &n)| second(r, &mut s, from + i as u64, n).map(|(k, v)| (n, k, v)))
+    }
+
     #[test]
     fn a_client_doubling_from_2_per_second_is_caught_at_32_per_second() {
         let r = rules();
-        let mut s = Growth::default();
-        let mut caught = None;
-        for (sec, rate) in [2u64, 4, 8, 16, 32, 64, 128].iter().enumerate() {
-            if let Some((k, v)) = second(&r, &mut s, 10 + sec as u64, *rate) {
-                caught = Some((*rate, k, v));
-                break;
-            }
-        }
-        let (rate, k, v) = caught.expect("never caught");
+        let (rate, k, v) = first_caught(&r, 10, &[2, 4, 8, 16, 32, 64, 128]).expect("never caught");
         assert!(rate <= 32, "caught only at {rate}/s");
         assert_eq!(v, Verdict::Quarantined { left_ms: 60_000, new: true });
         assert!(k < 32, "request {k} of its {rate}/s second");
@@ -231,21 +234,12 @@ mod tests {
     /// across an interval's edge now and then.
     #[test]
     fn a_doubling_client_is_caught_though_delays_move_requests_across_intervals() {
-        let r = rules();
-        let mut s = Growth::default();
-        let mut caught = None;
         // A rate doubling each second from 2/s counts 2, 6, 12, 23, 46, 92,
         // 184; here one request moved from the fourth second into the fifth
         // and one from the sixth into the seventh. With one request of
         // slack, neither 22 after 12 nor 91 after 47 was a doubling, and the
         // client was never caught.
-        for (sec, n) in [2u64, 6, 12, 22, 47, 91, 185].iter().enumerate() {
-            if let Some((_, v)) = second(&r, &mut s, 20 + sec as u64, *n) {
-                caught = Some((*n, v));
-                break;
-            }
-        }
-        let (n, v) = caught.expect("never caught");
+        let (n, _, v) = first_caught(&rules(), 20, &[2, 6, 12, 22, 47, 91, 185]).expect("never caught");
         assert!(n <= 64, "caught only at {n}/s");
         assert_eq!(v, Verdict::Quarantined { left_ms: 60_000, new: true });
     }

@@ -151,9 +151,7 @@ impl Storm {
         let now_ms = self.ms(now);
         let streak = self.route_growth.observe(&self.growth, now_ms, client.hash64());
         let alarm = streak >= u32::from(self.growth.intervals);
-        // Read first: a swap is a write on every request, which moves the
-        // flag's cache line between the route's workers.
-        if self.alarm.load(Ordering::Relaxed) != alarm && self.alarm.swap(alarm, Ordering::Relaxed) != alarm {
+        if super::flipped(&self.alarm, alarm) {
             metrics::gauge!(m::STORM_ROUTE_ALARM, "route" => self.route.to_string()).set(if alarm {
                 1.0
             } else {
