@@ -153,17 +153,14 @@ async fn sigterm_drains(name: &str, env: &[(&str, &str)]) {
     // has acted on it.
     let backend = Backend::with(Behavior::Held).await;
     let path = temp_dir(name).join("levee.toml");
-    std::fs::write(
-        &path,
-        base_config()
-            + &upstream_and_route(
-                &format!("bin-{name}-up"),
-                &[backend.addr],
-                &format!("bin-{name}-api"),
-                "/",
-            ),
-    )
-    .unwrap();
+    // The test upstream's 1 s timeout would race the steps below on a busy
+    // machine (the request answered 504 before the backend is released): the
+    // request is held as long as the test needs.
+    let route =
+        upstream_and_route(&format!("bin-{name}-up"), &[backend.addr], &format!("bin-{name}-api"), "/")
+            .replace("timeout = \"1s\"", "timeout = \"60s\"");
+    assert!(route.contains("timeout = \"60s\""));
+    std::fs::write(&path, base_config() + &route).unwrap();
     let mut p = Process::start_with_env(&path, env);
     let http = p.http;
     let in_flight = tokio::spawn(async move { Client::new().get(http, "/slow").await });
