@@ -40,7 +40,8 @@ fn route_stack(config: &str) -> stack::RouteService {
     let config = levee::config::parse(config, Path::new("."), &|_| None).unwrap();
     let route = &config.routes[0];
     let store = Store::start(config.store.clone());
-    let state = RouteState::build(route, config.store.max_clients, None, &Default::default());
+    let state =
+        RouteState::build(route, config.store.kind, config.store.max_clients, None, &Default::default());
     let upstream = Arc::new(Upstream::new(config.upstreams[0].clone()));
     let noop = Innermost(|_req: Request<Body>| async { Ok::<_, Shed>(Response::new(body::empty())) });
     stack::build_on(route, upstream, &state, store, noop)

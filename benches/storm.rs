@@ -1,6 +1,7 @@
 //! The storm detector and the auth guard on the request path with 1,000,000
 //! tracked clients (Zipf keys), then every per-client stage of a route
-//! together (two limits, storm, guard: the "all per-client stages"),
+//! together (two limits, storm, guard: the "all per-client stages",
+//! the limits' buckets in the same entry as on a route on the memory store),
 //! and the memory they cost per client. Not measured: reading a small body
 //! for the fingerprint (the bench hashes method, path and query only).
 //!
@@ -20,7 +21,7 @@ use levee::context::ClientKey;
 use levee::stack::auth_guard::AuthGuard;
 use levee::stack::clients::RouteClients;
 use levee::stack::storm::Storm;
-use levee::store::memory::MemoryStore;
+use levee::store::ClientBuckets;
 use tokio::time::Instant;
 
 use crate::threads::two_threads;
@@ -123,12 +124,15 @@ pub fn bench(c: &mut Criterion) {
     let uri: Uri = "/v1/device/status?x=1".parse().unwrap();
 
     let before = crate::alloc::live_bytes();
-    // One table for both, as a route has (`stack/clients.rs`).
+    // One table for all, as a route on the memory store with at most two
+    // limits has (`stack/clients.rs`): one entry per client.
     let table = RouteClients::new(CLIENTS);
     let storm = Storm::start("bench", &storm_config(), table.clone(), CLIENTS);
     let guard = AuthGuard::new("bench", &guard_config(), table.clone());
+    let limits = crate::store::limits();
     let now = Instant::now();
     for client in &clients {
+        table.decide(client, &limits, &crate::store::IDS, now);
         let fp = storm.fingerprint(client, &Method::GET, &uri, None);
         let _ = storm.observe(client, fp, now);
         storm.finish(fp, false);
@@ -136,24 +140,8 @@ pub fn bench(c: &mut Criterion) {
     }
     let bytes = crate::alloc::live_bytes() - before;
     println!(
-        "storm + auth guard: {CLIENTS} clients, {bytes} bytes allocated, {:.1} bytes per client",
+        "all per-client stages (2 limits, storm, guard) in one entry per client: {CLIENTS} clients, {bytes} bytes allocated, {:.1} bytes per client",
         bytes as f64 / CLIENTS as f64
-    );
-
-    // The limiter's share, filled with the same clients, for the bench of
-    // every stage together.
-    let limits = crate::store::limits();
-    let store = MemoryStore::new(CLIENTS);
-    let before = crate::alloc::live_bytes();
-    for client in &clients {
-        let key = store.key("bench", client);
-        store.check(key, &limits, &crate::store::IDS, store.ticks(now));
-    }
-    let limiter_bytes = crate::alloc::live_bytes() - before;
-    println!(
-        "all per-client stages (2 limits, storm, guard): {CLIENTS} clients, {} bytes allocated, {:.1} bytes per client",
-        bytes + limiter_bytes,
-        (bytes + limiter_bytes) as f64 / CLIENTS as f64
     );
     let order: Vec<ClientKey> =
         crate::store::zipf_indices(1 << 20).into_iter().map(|i| clients[i].clone()).collect();
@@ -179,11 +167,9 @@ pub fn bench(c: &mut Criterion) {
         b.iter(|| {
             i = (i + 1) & ((1 << 20) - 1);
             let client = &order[i];
-            let key = store.key("bench", client);
-            store.prefetch(key);
             table.prefetch(client);
             let at = Instant::now();
-            let limited = store.check(key, &limits, &crate::store::IDS, store.ticks(at));
+            let limited = table.decide(client, &limits, &crate::store::IDS, at);
             let fp = storm.fingerprint(client, &Method::GET, &uri, None);
             let verdict = storm.observe(client, fp, at).is_ok();
             storm.finish(fp, false);

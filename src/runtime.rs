@@ -54,8 +54,13 @@ impl Runtime {
         let shares = store.plan_budget(&config.routes);
         let router = Router::new(config.routes.iter().map(|r: &RouteConfig| {
             let before = previous.and_then(|p| p.routes.iter().find(|s| *s.name == *r.name));
-            let state =
-                Arc::new(RouteState::build(r, shares.per_map, before.map(|s| &**s), &registry.samples));
+            let state = Arc::new(RouteState::build(
+                r,
+                store.kind(),
+                shares.per_map,
+                before.map(|s| &**s),
+                &registry.samples,
+            ));
             let storm = state.storm.iter().map(|s| s.budget_map());
             for map in storm.chain(state.clients.iter().map(|c| c.budget_map())) {
                 store.budget().adopt(&map);

@@ -22,6 +22,11 @@ type Result<T> = std::result::Result<T, Invalid>;
 /// one fixed-size entry (`store/memory.rs`) and one script call (Redis).
 pub const MAX_LIMITS: usize = 4;
 
+/// The most limits whose buckets a route keeps in its client table, in the
+/// entry its storm detector and auth guard already use (`stack/clients.rs`),
+/// instead of in the store's table: one entry and one lookup per client.
+pub const LIMITS_PER_CLIENT_ENTRY: usize = 2;
+
 fn invalid<T>(path: KeyPath, message: impl Into<String>) -> Result<T> {
     Err(Invalid { path, message: message.into() })
 }
@@ -235,6 +240,19 @@ pub struct RouteConfig {
     pub limit_modes: Vec<Mode>,
     pub storm: StormConfig,
     pub auth_guard: AuthGuardConfig,
+}
+
+impl RouteConfig {
+    /// Whether the route keeps its clients' buckets in its client table: on
+    /// the memory store (Redis holds them otherwise), with a storm detector
+    /// (the table exists, and its sweeper drops full buckets) and at most
+    /// [`LIMITS_PER_CLIENT_ENTRY`] limits.
+    pub fn buckets_in_client_table(&self, store: StoreKind) -> bool {
+        store == StoreKind::Memory
+            && self.storm.enabled
+            && !self.limits.is_empty()
+            && self.limits.len() <= LIMITS_PER_CLIENT_ENTRY
+    }
 }
 
 /// One `[[routes.limits]]`: GCRA with `rate` and `burst`.

@@ -91,9 +91,9 @@ impl AuthGuard {
         // One map operation: read the last 2xx and record this one (0: never).
         let success = status.is_success();
         let last = self.clients.with(client, |c| {
-            let last = c.authorized_ms;
+            let last = c.authorized_ms();
             if success {
-                c.authorized_ms = now_ms;
+                c.set_authorized(now_ms);
             }
             last
         });

@@ -1,13 +1,20 @@
-//! What a route remembers about each client for its storm detector and its
-//! auth guard: one entry in one table, so a request looks its client up once
-//! for both (at a million clients each lookup is a cache miss) and a client
-//! costs one key and one slot's slack, not two.
+//! What a route remembers about each client: its storm detector's growth and
+//! quarantine, its auth guard's last 2xx and, on the memory store, the
+//! buckets of its limits (`RouteConfig::buckets_in_client_table`). One entry
+//! in one table, so a request looks its client up once for all of them (at a
+//! million clients each lookup is a cache miss) and a client costs one key
+//! and one slot's slack, not one per stage.
 //!
 //! The table belongs to the route, not to the detector or the guard: a reload
 //! that rebuilds one of them (its settings changed) keeps the other's state.
 //! A rebuilt detector must start afresh, as it always did, so each growth
 //! record names the detector that wrote it ([`Growth::owner`]) and a record
-//! of another one reads as none.
+//! of another one reads as none. The buckets belong to their limits, as in
+//! the store's own table: each `tat` is kept with its limit's id.
+//!
+//! Times are small: the quarantine's end and the last 2xx are 32-bit
+//! deciseconds (13.6 years of uptime), the `tat`s nanoseconds on the table's
+//! clock, as the memory store keeps them.
 //!
 //! Bounds: a [`ClockMap`] capped at one share of `store.max_clients` (the
 //! node's one budget, [`crate::store::budget`]); the storm detector's sweeper
@@ -20,22 +27,44 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 use super::storm::growth::Growth;
+use crate::config::LIMITS_PER_CLIENT_ENTRY;
 use crate::context::ClientKey;
 use crate::store::budget::Tracked;
 use crate::store::clock::ClockMap;
+use crate::store::gcra::{Gcra, Outcome};
+use crate::store::memory::Tats;
+use crate::store::ClientBuckets;
 
-/// One client on one route: 32 bytes.
+/// One client on one route: 48 bytes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RouteClient {
     /// The storm detector's growth and quarantine.
     pub growth: Growth,
-    /// When the auth guard last saw a 2xx to this client, in the table's
-    /// milliseconds ([`RouteClients::ms`]; 0: never).
-    pub authorized_ms: u64,
+    /// When the auth guard last saw a 2xx to this client, in deciseconds on
+    /// the table's clock, rounded up (0: never).
+    authorized: u32,
+    /// The buckets of the route's limits, when the route keeps them here.
+    pub buckets: Tats<LIMITS_PER_CLIENT_ENTRY>,
 }
 
 // The size the module docs and the README state (a slot adds the 8-byte key).
-const _: () = assert!(std::mem::size_of::<RouteClient>() == 32);
+const _: () = assert!(std::mem::size_of::<RouteClient>() == 48);
+
+impl RouteClient {
+    /// When the auth guard last saw a 2xx, in the table's milliseconds (0: never).
+    pub fn authorized_ms(&self) -> u64 {
+        u64::from(self.authorized) * 100
+    }
+
+    pub fn set_authorized(&mut self, now_ms: u64) {
+        self.authorized = u32::try_from(now_ms.div_ceil(100)).unwrap_or(u32::MAX);
+    }
+
+    /// Whether the entry holds nothing for anyone.
+    pub fn is_empty(&self) -> bool {
+        self.growth.owner == 0 && self.authorized == 0 && self.buckets == Tats::default()
+    }
+}
 
 /// The per-client table of one route.
 pub struct RouteClients {
@@ -58,9 +87,14 @@ impl RouteClients {
     }
 
     /// Milliseconds on the table's clock (never 0), which every time stored
-    /// in it uses.
+    /// in it uses but the buckets'.
     pub fn ms(&self, now: Instant) -> u64 {
         super::millis_since(self.epoch, now)
+    }
+
+    /// Nanoseconds on the table's clock (never 0): the buckets' time.
+    pub fn ticks(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX).max(1)
     }
 
     /// The table's key of `client`.
@@ -96,8 +130,8 @@ impl RouteClients {
 
     /// Whether the auth guard still needs the entry at `now_ms`.
     pub fn authorized_lately(&self, c: &RouteClient, now_ms: u64) -> bool {
-        c.authorized_ms != 0
-            && now_ms.saturating_sub(c.authorized_ms) <= self.recent_ms.load(Ordering::Relaxed)
+        c.authorized != 0
+            && now_ms.saturating_sub(c.authorized_ms()) <= self.recent_ms.load(Ordering::Relaxed)
     }
 
     /// Keeps only the entries for which `keep` is true, a shard at a time.
@@ -108,6 +142,28 @@ impl RouteClients {
     /// The table, for the node's budget to cap and count.
     pub fn budget_map(&self) -> Arc<dyn Tracked> {
         self.map.clone()
+    }
+}
+
+impl ClientBuckets for RouteClients {
+    fn decide(&self, client: &ClientKey, limits: &[Gcra], ids: &[u32], now: Instant) -> Outcome {
+        let now = self.ticks(now);
+        self.with(client, |c| c.buckets.decide(limits, ids, now))
+    }
+
+    fn peek(&self, client: &ClientKey, ids: &[u32], now: Instant) -> Option<(Vec<u64>, u64)> {
+        let c = self.peek(client)?;
+        Some((ids.iter().map(|&id| c.buckets.of(id)).collect(), self.ticks(now)))
+    }
+
+    fn forget(&self, client: &ClientKey) -> bool {
+        let mut held = false;
+        self.update_or_remove(client, |c| {
+            held = c.buckets != Tats::default();
+            c.buckets = Tats::default();
+            !c.is_empty()
+        });
+        held
     }
 }
 
@@ -182,9 +238,9 @@ mod tests {
         let fp = new.fingerprint(&client, &Method::GET, &uri, None);
         assert!(new.observe(&client, fp, Instant::now()).is_ok(), "the new detector starts afresh");
         new.finish(fp, false);
-        assert!(table.peek(&client).is_some_and(|c| c.authorized_ms != 0), "the guard's record stays");
+        assert!(table.peek(&client).is_some_and(|c| c.authorized_ms() != 0), "the guard's record stays");
         assert!(new.reset(&client));
-        assert!(table.peek(&client).is_some_and(|c| c.authorized_ms != 0), "a storm reset keeps it too");
+        assert!(table.peek(&client).is_some_and(|c| c.authorized_ms() != 0), "a storm reset keeps it too");
     }
 
     /// The sweep keeps an entry while the guard needs it, though the detector
@@ -210,5 +266,57 @@ mod tests {
         assert!(table.peek(&authorized).is_some(), "the guard still needs it");
         tokio::time::sleep(Duration::from_secs(600)).await;
         assert!(table.peek(&authorized).is_none(), "swept once the guard's window passed");
+    }
+
+    /// A route's limits (two at most) decided in its client table, as the
+    /// store decides them in its own: each bucket kept with its limit's id,
+    /// reset without touching the detector's record, and swept once full.
+    #[tokio::test(start_paused = true)]
+    async fn the_buckets_live_in_the_entry_beside_the_growth() {
+        use crate::config::units::Rate;
+        use crate::config::Limit;
+        use crate::store::{RouteLimits, Store};
+        use std::num::NonZeroU32;
+        let table = RouteClients::new(1000);
+        let storm = Storm::start("clients-b", &storm_config(Duration::from_secs(60)), table.clone(), 1000);
+        let limit = |count, secs| Limit {
+            rate: Rate { count: NonZeroU32::new(count).unwrap(), per: Duration::from_secs(secs) },
+            burst: NonZeroU32::new(count).unwrap(),
+        };
+        let (per_second, per_hour) = (limit(2, 1), limit(100, 3600));
+        let limits = RouteLimits::new("clients-b", &[per_second, per_hour]).in_table(table.clone());
+        let store =
+            Store::start(crate::config::parse("", std::path::Path::new("."), &|_| None).unwrap().store);
+        let client = ClientKey::from_text("clients-b-device");
+        let now = Instant::now();
+        let mut decisions = Vec::new();
+        for _ in 0..3 {
+            decisions.push(store.check(&limits, &client, now).await.unwrap().allowed);
+        }
+        assert_eq!(decisions, [true, true, false], "a burst of 2, then refused");
+        assert_eq!(store.tracked_limiter(), 0, "nothing in the store's own table");
+        let fp = storm.fingerprint(&client, &Method::GET, &"/b".parse().unwrap(), None);
+        storm.observe(&client, fp, now).unwrap();
+        storm.finish(fp, false);
+        let entry = table.peek(&client).expect("one entry");
+        assert_eq!(entry.growth.cur, 1, "the detector's count beside the buckets");
+        assert!(entry.buckets.live(table.ticks(now)));
+
+        // Reordered, as a reload may: each bucket follows its limit.
+        let reordered = RouteLimits::new("clients-b", &[per_hour, per_second]).in_table(table.clone());
+        assert!(!store.check(&reordered, &client, now).await.unwrap().allowed, "still refused");
+        let states = store.peek(&reordered, &client, now).await.expect("tracked");
+        assert_eq!((states[0].remaining, states[1].remaining), (98, 0), "hourly 98 left, per second none");
+
+        // The admin's reset forgets the buckets, not the detector's record.
+        assert!(store.reset(&limits, &client).await);
+        assert!(store.check(&limits, &client, now).await.unwrap().allowed, "a full bucket again");
+        assert_eq!(table.peek(&client).map(|c| c.growth.cur), Some(1));
+
+        // Swept once the buckets are full and the detector no longer needs it.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert!(table.peek(&client).is_some(), "the hourly bucket is not full yet");
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert!(table.peek(&client).is_none(), "swept once every bucket is full");
     }
 }

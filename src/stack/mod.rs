@@ -41,7 +41,7 @@ use futures_util::future::Either;
 use http::{Request, Response};
 
 use crate::body::Body;
-use crate::config::{AuthGuardConfig, Mode, RouteConfig, StormConfig};
+use crate::config::{AuthGuardConfig, Mode, RouteConfig, StoreKind, StormConfig};
 use crate::context::RequestContext;
 use crate::respond::{Reason, Shed};
 use crate::stats::{RouteStats, ShedSamples};
@@ -164,6 +164,7 @@ impl RouteState {
     /// shadow mode reported is what enforcing sheds.
     pub fn build(
         route: &RouteConfig,
+        store: StoreKind,
         max_clients: usize,
         previous: Option<&RouteState>,
         samples: &Arc<ShedSamples>,
@@ -198,6 +199,10 @@ impl RouteState {
                 _ => AuthGuard::new(&route.name, &route.auth_guard, table.clone()),
             });
         let stats: Arc<RouteStats> = previous.map(|p| p.stats.clone()).unwrap_or_default();
+        let mut limits = RouteLimits::with_modes(&route.name, &route.limits, &route.limit_modes);
+        if let Some(table) = clients.as_ref().filter(|_| route.buckets_in_client_table(store)) {
+            limits = limits.in_table(table.clone());
+        }
         RouteState {
             name: Arc::from(route.name.as_str()),
             shadow: match previous {
@@ -205,7 +210,7 @@ impl RouteState {
                 None => Shadow::new(&route.name, stats.clone(), samples.clone()),
             },
             stats,
-            limits: Arc::new(RouteLimits::with_modes(&route.name, &route.limits, &route.limit_modes)),
+            limits: Arc::new(limits),
             clients,
             storm,
             guard,
@@ -373,7 +378,7 @@ mode = "shadow"
         )
         .unwrap();
         let route = &config.routes[0];
-        let state = RouteState::build(route, 1000, None, &Default::default());
+        let state = RouteState::build(route, StoreKind::Memory, 1000, None, &Default::default());
         let upstream = Arc::new(Upstream::new(config.upstreams[0].clone()));
         let store = Store::start(config.store.clone());
         let inner = Innermost(|_req: Request<Body>| -> BoxFuture<Answer> {
@@ -384,6 +389,50 @@ mode = "shadow"
         let size = std::mem::size_of_val(&future);
         // 448 bytes when written (release and test builds alike), 4,224 before.
         assert!(size <= 768, "the request's future is {size} bytes");
+    }
+
+    /// Where a route's buckets live, and that a reload keeps them: in the
+    /// route's client table on the memory store with a storm detector and at
+    /// most two limits, so a reload that keeps the route (the table goes to
+    /// the new state) keeps every client's buckets; in the store's own table
+    /// otherwise (a third limit, or Redis).
+    #[tokio::test]
+    async fn a_reload_keeps_the_buckets_in_the_client_table() {
+        use crate::context::ClientKey;
+        use tokio::time::Instant;
+        let route = |limits: &str| {
+            let toml = format!(
+                "[upstreams.u]\nendpoints = [\"127.0.0.1:1\"]\n[[routes]]\nname = \"reload-buckets\"\n\
+                 path_prefix = \"/\"\nupstream = \"u\"\n{limits}"
+            );
+            crate::config::parse(&toml, std::path::Path::new("."), &|_| None).unwrap().routes.remove(0)
+        };
+        let two = route("[[routes.limits]]\nrate = \"1/m\"\n[[routes.limits]]\nrate = \"100/h\"\n");
+        let one = route("[[routes.limits]]\nrate = \"100/h\"\n[[routes.limits]]\nrate = \"1/m\"\n");
+        let three = route(
+            "[[routes.limits]]\nrate = \"1/m\"\n[[routes.limits]]\nrate = \"100/h\"\n\
+             [[routes.limits]]\nrate = \"10000/h\"\n",
+        );
+        let samples = Default::default();
+        let store =
+            Store::start(crate::config::parse("", std::path::Path::new("."), &|_| None).unwrap().store);
+        let client = ClientKey::from_text("reload-buckets-device");
+        let first = RouteState::build(&two, StoreKind::Memory, 1000, None, &samples);
+        assert!(first.limits.in_client_table());
+        let now = Instant::now();
+        assert!(store.check(&first.limits, &client, now).await.unwrap().allowed);
+        assert!(!store.check(&first.limits, &client, now).await.unwrap().allowed, "1/m: refused");
+        // The same limits reordered: the same table, the same buckets.
+        let reloaded = RouteState::build(&one, StoreKind::Memory, 1000, Some(&first), &samples);
+        assert!(Arc::ptr_eq(reloaded.clients.as_ref().unwrap(), first.clients.as_ref().unwrap()));
+        assert!(!store.check(&reloaded.limits, &client, now).await.unwrap().allowed, "still refused");
+        assert_eq!(store.tracked_limiter(), 0);
+        // Three limits do not fit the entry, nor does Redis keep them there.
+        let third = RouteState::build(&three, StoreKind::Memory, 1000, Some(&reloaded), &samples);
+        assert!(!third.limits.in_client_table());
+        assert!(!RouteState::build(&two, StoreKind::Redis, 1000, None, &samples).limits.in_client_table());
+        assert!(store.check(&third.limits, &client, now).await.unwrap().allowed, "the store's table, afresh");
+        assert_eq!(store.tracked_limiter(), 1);
     }
 
     /// The README's number: six routes with limits, storm detection and the
@@ -397,10 +446,11 @@ mode = "shadow"
         use crate::store::budget::Shares;
         use http::{Method, StatusCode, Uri};
         use tokio::time::Instant;
-        // By construction: the largest slot (the limiter's, 56 bytes) in a
-        // table at least 3/8 full (doubling while it grows, at most 3/4 full):
-        // 149. Measured here: 51 (80 with power-of-two tables and a padded
-        // reference bit).
+        // By construction: the largest slot (the client entry or the store's
+        // own, 56 bytes) in a table at least 3/8 full (doubling while it
+        // grows, at most 3/4 full): 149. Measured here: 45 (51 with the
+        // buckets in the store's own table, 80 with power-of-two tables and a
+        // padded reference bit).
         const BYTES_PER_CLIENT: usize = 176;
         let max_clients = 60_000;
         let mut toml =
@@ -412,20 +462,22 @@ mode = "shadow"
         let config = crate::config::parse(&toml, std::path::Path::new("."), &|_| None).unwrap();
         let store = Store::start(config.store.clone());
         let shares = store.plan_budget(&config.routes);
-        // Six routes, each with its limits, its client table and its storm
-        // detector's requests: 18 shares.
-        assert_eq!(shares, Shares { per_map: max_clients / 18, limiter: max_clients / 18 * 6 });
+        // Six routes, each with its client table (which holds the buckets of
+        // its two limits, on the memory store) and its storm detector's
+        // requests: 12 shares, and none for the store's own table.
+        assert_eq!(shares, Shares { per_map: max_clients / 12, limiter: 0 });
         let uri: Uri = "/x".parse().unwrap();
         let now = Instant::now();
         let mut routes = Vec::new();
         for r in &config.routes {
-            let clients = RouteClients::new(shares.per_map);
-            let storm = Storm::start(&r.name, &r.storm, clients.clone(), shares.per_map);
-            let guard = AuthGuard::new(&r.name, &r.auth_guard, clients.clone());
-            for m in [storm.budget_map(), clients.budget_map()] {
+            // As the runtime builds a route.
+            let state = RouteState::build(r, store.kind(), shares.per_map, None, &Default::default());
+            assert!(state.limits.in_client_table(), "the buckets are in the client entry");
+            let (storm, guard) = (state.storm.clone().unwrap(), state.guard.clone().unwrap());
+            for m in [storm.budget_map(), state.clients.as_ref().unwrap().budget_map()] {
                 store.budget().adopt(&m);
             }
-            routes.push((RouteLimits::new(&r.name, &r.limits), storm, guard));
+            routes.push((state.limits.clone(), storm, guard));
         }
         for i in 0..3 * max_clients {
             let client = ClientKey::from_text(&format!("client-{i}"));
@@ -440,15 +492,19 @@ mode = "shadow"
         let tracked = store.tracked();
         assert!(tracked <= max_clients, "{tracked} entries > max_clients {max_clients}");
         // A finished request that did not fail leaves no entry in the storm
-        // detector's request table (`Storm::finish`): those 6 of the 18 shares
+        // detector's request table (`Storm::finish`): those 6 of the 12 shares
         // stay empty, and every other map fills its share.
         for (_, storm, _) in &routes {
             assert_eq!(storm.budget_map().tracked(), 0, "finished requests hold no entry");
         }
-        assert!(tracked >= max_clients * 12 / 18 * 9 / 10, "{tracked}: the shares are used");
+        assert_eq!(store.tracked_limiter(), 0, "no bucket in the store's own table");
+        assert!(tracked >= max_clients * 6 / 12 * 9 / 10, "{tracked}: the shares are used");
         let bytes = store.bytes();
         let per_client = bytes / max_clients;
-        println!("{tracked} entries, {bytes} bytes of tables: {per_client} bytes per tracked client");
+        println!(
+            "{tracked} entries, {bytes} bytes of tables: {per_client} bytes per unit of max_clients, {} per tracked client",
+            bytes / tracked.max(1)
+        );
         assert!(per_client <= BYTES_PER_CLIENT, "{per_client} bytes per client");
     }
 }

@@ -34,10 +34,12 @@ impl std::fmt::Debug for Warm {
 
 impl Warm {
     /// The tables the route's stages read: the store's (when the route has
-    /// limits) and the route's client table (when it has a storm detector or
-    /// an auth guard). `None` when the route reads none: nothing to warm.
+    /// limits whose buckets are not in its client table) and the route's
+    /// client table (when it has a storm detector or an auth guard). `None`
+    /// when the route reads none: nothing to warm.
     pub fn new(limits: &RouteLimits, store: Arc<Store>, clients: Option<Arc<RouteClients>>) -> Option<Self> {
-        let warm = Warm { limiter: (!limits.is_empty()).then(|| (store, limits.route.clone())), clients };
+        let in_store = !limits.is_empty() && !limits.in_client_table();
+        let warm = Warm { limiter: in_store.then(|| (store, limits.route.clone())), clients };
         (warm.limiter.is_some() || warm.clients.is_some()).then_some(warm)
     }
 

@@ -10,8 +10,10 @@
 //! guard could hold nineteen times the budget.
 //!
 //! The split is static and proportional, recomputed on every reload: each
-//! route map counts one share, the limiter's map one share per route with
-//! limits (it holds an entry per route and client), and a share is
+//! route map counts one share, the limiter's map one share per route whose
+//! buckets it holds (an entry per route and client; a route that keeps them
+//! in its client table, `RouteConfig::buckets_in_client_table`, adds none),
+//! and a share is
 //! `max_clients / shares`. A static split is what keeps a flood on one route
 //! from evicting another route's state (a shared pool with global eviction
 //! would let it), and it costs nothing on the request path: a map past its
@@ -26,7 +28,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-use crate::config::RouteConfig;
+use crate::config::{RouteConfig, StoreKind};
 
 /// A bounded map of per-client state whose cap the budget sets.
 pub trait Tracked: Send + Sync {
@@ -43,14 +45,15 @@ pub trait Tracked: Send + Sync {
 pub struct Shares {
     /// The cap of each per-route map (storm, auth guard).
     pub per_map: usize,
-    /// The cap of the limiter's map (one share per route with limits).
+    /// The cap of the limiter's map (one share per route whose buckets it holds).
     pub limiter: usize,
 }
 
 impl Shares {
-    /// The split of `max_clients` over the per-client maps `routes` need.
-    pub fn of(max_clients: usize, routes: &[RouteConfig]) -> Shares {
-        let limited = routes.iter().filter(|r| !r.limits.is_empty()).count();
+    /// The split of `max_clients` over the per-client maps `routes` need on `store`.
+    pub fn of(max_clients: usize, store: StoreKind, routes: &[RouteConfig]) -> Shares {
+        let limited =
+            routes.iter().filter(|r| !r.limits.is_empty() && !r.buckets_in_client_table(store)).count();
         let per_route: usize = routes
             .iter()
             .map(|r| usize::from(r.storm.enabled) + usize::from(r.storm.enabled || r.auth_guard.enabled))
@@ -74,8 +77,8 @@ impl ClientBudget {
     }
 
     /// Applies a new split to every live map (a reload); returns it.
-    pub fn plan(&self, max_clients: usize, routes: &[RouteConfig]) -> Shares {
-        let shares = Shares::of(max_clients, routes);
+    pub fn plan(&self, max_clients: usize, store: StoreKind, routes: &[RouteConfig]) -> Shares {
+        let shares = Shares::of(max_clients, store, routes);
         self.per_map.store(shares.per_map, Ordering::Relaxed);
         let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
         maps.retain(|m| match m.upgrade() {

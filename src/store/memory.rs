@@ -18,8 +18,12 @@
 //!   ([`limit_id`]), so a reload that reorders, adds or removes limits keeps
 //!   the state of every limit that still exists, and a changed limit starts
 //!   afresh (SPEC: limiter state belongs to a limit).
-//! - **Memory:** one slot is 64 bytes (key, 4 ids, 4 `tat`s, flags; a cache
-//!   line); measured in `benches/store.rs` (see the README).
+//! - **Memory:** one slot is 56 bytes (key, 4 ids, 4 `tat`s); measured in
+//!   `benches/store.rs` (see the README).
+//! - **Not every route's buckets are here:** a route on this store with a
+//!   storm detector and at most two limits keeps them in its client table,
+//!   in the entry of its other per-client state (`stack/clients.rs`), and
+//!   the store decides on that entry with the same [`Tats::decide`].
 
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
@@ -33,22 +37,56 @@ use crate::context::ClientKey;
 pub use crate::config::MAX_LIMITS;
 
 /// The state of one client on one route: the `tat` of each limit (0: full
-/// bucket), next to the id of the limit it belongs to (0: unused).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Tats {
-    pub ids: [u32; MAX_LIMITS],
-    pub tats: [u64; MAX_LIMITS],
+/// bucket), next to the id of the limit it belongs to (0: unused). `N`
+/// slots: [`MAX_LIMITS`] in the store's own table, fewer where a route keeps
+/// its clients' buckets in its client table (`stack/clients.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tats<const N: usize = MAX_LIMITS> {
+    pub ids: [u32; N],
+    pub tats: [u64; N],
 }
 
-impl Tats {
+impl<const N: usize> Default for Tats<N> {
+    fn default() -> Self {
+        Tats { ids: [0; N], tats: [0; N] }
+    }
+}
+
+impl<const N: usize> Tats<N> {
     /// The `tat` of the limit `id` (0 when it has none: a full bucket).
     pub fn of(&self, id: u32) -> u64 {
         self.ids.iter().position(|&i| i == id && id != 0).map_or(0, |k| self.tats[k])
     }
 
     /// Whether any bucket is still not full at `now`.
-    fn live(&self, now: u64) -> bool {
+    pub fn live(&self, now: u64) -> bool {
         self.tats.iter().any(|&t| t > now)
+    }
+
+    /// Decides one request at `now` (ticks) against `limits` (at most `N`;
+    /// `ids[i]` is the [`limit_id`] of `limits[i]`) and records it when
+    /// allowed. The entry is rewritten with these limits first; the state of
+    /// other limits (a reload in progress, a limit removed and maybe coming
+    /// back, the route's limits of the other mode) is kept in the free slots
+    /// while it still holds anything.
+    pub fn decide(&mut self, limits: &[Gcra], ids: &[u32], now: u64) -> Outcome {
+        let n = limits.len().min(ids.len()).min(N);
+        let mut next = Tats::<N>::default();
+        for (i, &id) in ids[..n].iter().enumerate() {
+            next.ids[i] = id;
+            next.tats[i] = self.of(id);
+        }
+        let out = gcra::decide(&limits[..n], &mut next.tats[..n], now);
+        let mut free = n;
+        for (&id, &tat) in self.ids.iter().zip(&self.tats) {
+            if free < N && id != 0 && tat > now && !ids[..n].contains(&id) {
+                next.ids[free] = id;
+                next.tats[free] = tat;
+                free += 1;
+            }
+        }
+        *self = next;
+        out
     }
 }
 
@@ -96,31 +134,10 @@ impl MemoryStore {
         u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX).max(1)
     }
 
-    /// Decides one request of `key` at `now` (ticks) against `limits` (at most
-    /// [`MAX_LIMITS`]; `ids[i]` is the [`limit_id`] of `limits[i]`) and records
-    /// it when allowed. The entry is rewritten with these limits first; the
-    /// state of other limits (a reload in progress, a limit removed and maybe
-    /// coming back) is kept in the free slots while it still holds anything.
+    /// Decides one request of `key` at `now` (ticks) against `limits`
+    /// ([`Tats::decide`]).
     pub fn check(&self, key: u64, limits: &[Gcra], ids: &[u32], now: u64) -> Outcome {
-        let n = limits.len().min(ids.len()).min(MAX_LIMITS);
-        self.map.with(key, |entry| {
-            let mut next = Tats::default();
-            for (i, &id) in ids[..n].iter().enumerate() {
-                next.ids[i] = id;
-                next.tats[i] = entry.of(id);
-            }
-            let out = gcra::decide(&limits[..n], &mut next.tats[..n], now);
-            let mut free = n;
-            for (&id, &tat) in entry.ids.iter().zip(&entry.tats) {
-                if free < MAX_LIMITS && id != 0 && tat > now && !ids[..n].contains(&id) {
-                    next.ids[free] = id;
-                    next.tats[free] = tat;
-                    free += 1;
-                }
-            }
-            *entry = next;
-            out
-        })
+        self.map.with(key, |entry| entry.decide(limits, ids, now))
     }
 
     /// Starts loading `key`'s slot into the cache ([`ClockMap::prefetch`]).

@@ -63,6 +63,31 @@ pub struct RouteLimits {
     pub identities: Vec<String>,
     /// Each limit's identity as the memory store's 32-bit id.
     ids: Vec<u32>,
+    /// Where the route keeps its clients' buckets instead of the memory
+    /// store's table (`RouteConfig::buckets_in_client_table`).
+    table: Option<Arc<dyn ClientBuckets>>,
+}
+
+impl std::fmt::Debug for dyn ClientBuckets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientBuckets")
+    }
+}
+
+/// A route's own table of its clients, which can hold the buckets of a few
+/// limits in each client's entry beside the route's other per-client state
+/// (`stack/clients.rs`): one entry, one key and one lookup per client where
+/// the store's table would add another of each. The store decides on it
+/// exactly as on its own table ([`memory::Tats::decide`]), on the table's
+/// clock, in nanoseconds.
+pub trait ClientBuckets: Send + Sync {
+    /// Decides one request of `client` ([`memory::Tats::decide`]).
+    fn decide(&self, client: &ClientKey, limits: &[Gcra], ids: &[u32], now: Instant) -> gcra::Outcome;
+    /// The client's `tat` for each of `ids` and `now` on the table's clock,
+    /// or `None` when the client has no entry.
+    fn peek(&self, client: &ClientKey, ids: &[u32], now: Instant) -> Option<(Vec<u64>, u64)>;
+    /// Forgets the client's buckets; true when any held something.
+    fn forget(&self, client: &ClientKey) -> bool;
 }
 
 /// A limit's identity: what its state belongs to.
@@ -102,7 +127,19 @@ impl RouteLimits {
             limits,
             modes,
             policies,
+            table: None,
         }
+    }
+
+    /// The same limits with their clients' buckets kept in `table`.
+    pub fn in_table(mut self, table: Arc<dyn ClientBuckets>) -> Self {
+        self.table = Some(table);
+        self
+    }
+
+    /// Whether the route's client table holds the buckets.
+    pub fn in_client_table(&self) -> bool {
+        self.table.is_some()
     }
 
     /// The limits in `mode` alone, decided on their own (same identities,
@@ -110,7 +147,8 @@ impl RouteLimits {
     pub fn only(&self, mode: Mode) -> RouteLimits {
         let limits: Vec<Limit> =
             self.limits.iter().zip(&self.modes).filter(|(_, m)| **m == mode).map(|(l, _)| *l).collect();
-        RouteLimits::with_modes(&self.route, &limits, &vec![mode; limits.len()])
+        let only = RouteLimits::with_modes(&self.route, &limits, &vec![mode; limits.len()]);
+        RouteLimits { table: self.table.clone(), ..only }
     }
 
     /// Whether every limit is in `mode`.
@@ -177,7 +215,7 @@ impl Store {
     /// limiter's share applies now, as does every live route map's; the maps
     /// of the routes about to be built take theirs through [`Store::budget`].
     pub fn plan_budget(&self, routes: &[crate::config::RouteConfig]) -> Shares {
-        let shares = self.budget.plan(self.config.max_clients, routes);
+        let shares = self.budget.plan(self.config.max_clients, self.config.kind, routes);
         match &self.redis {
             // The limiter's share is split between its two maps: the local
             // buckets (`on_failure = "local"`) and the remembered refusals.
@@ -297,8 +335,13 @@ impl Store {
     }
 
     fn check_local(&self, limits: &RouteLimits, client: &ClientKey, now: Instant) -> Decision {
-        let key = self.memory.key(&limits.route, client);
-        let o = self.memory.check(key, &limits.ns, &limits.ids, self.memory.ticks(now));
+        let o = match &limits.table {
+            Some(table) => table.decide(client, &limits.ns, &limits.ids, now),
+            None => {
+                let key = self.memory.key(&limits.route, client);
+                self.memory.check(key, &limits.ns, &limits.ids, self.memory.ticks(now))
+            }
+        };
         Decision {
             allowed: o.allowed,
             retry_after: Duration::from_nanos(o.wait),
@@ -321,10 +364,16 @@ impl Store {
                 let (now, tats) = redis.peek(&keys).await.ok()?;
                 (tats, now, &limits.us)
             }
-            _ => {
-                let entry = self.memory.peek(self.memory.key(&limits.route, client))?;
-                (limits.ids.iter().map(|&id| entry.of(id)).collect(), self.memory.ticks(now), &limits.ns)
-            }
+            _ => match &limits.table {
+                Some(table) => {
+                    let (tats, now) = table.peek(client, &limits.ids, now)?;
+                    (tats, now, &limits.ns)
+                }
+                None => {
+                    let entry = self.memory.peek(self.memory.key(&limits.route, client))?;
+                    (limits.ids.iter().map(|&id| entry.of(id)).collect(), self.memory.ticks(now), &limits.ns)
+                }
+            },
         };
         if tats.iter().all(|&t| t <= now_ticks) {
             return None;
@@ -352,6 +401,9 @@ impl Store {
     /// pub/sub). Returns whether anything was tracked.
     pub async fn reset(&self, limits: &RouteLimits, client: &ClientKey) -> bool {
         let mut found = self.memory.remove(self.memory.key(&limits.route, client));
+        if let Some(table) = &limits.table {
+            found |= table.forget(client);
+        }
         if let Some(redis) = &self.redis {
             found |= redis.refusals.forget(&limits.route, client);
             let keys = RedisStore::keys(&limits.route, client.as_str(), &limits.identities);

@@ -23,7 +23,7 @@
 //! quarantine are still counted, so a client still multiplying when released
 //! is caught again at once.
 
-/// Per-client growth and quarantine state: 24 bytes.
+/// Per-client growth and quarantine state: 20 bytes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Growth {
     /// Index of the interval `cur` counts.
@@ -37,13 +37,31 @@ pub struct Growth {
     /// another detector wrote (before a reload that changed the settings)
     /// reads as none (`stack/clients.rs`).
     pub owner: u16,
-    /// Milliseconds on the detector's clock; 0: never quarantined. Relapses
-    /// are told from it: a new quarantine soon after it ended is one.
-    pub quarantined_until: u64,
+    /// The quarantine's end in deciseconds on the detector's clock, rounded
+    /// up (32 bits last 13.6 years; milliseconds would wrap in 49 days);
+    /// 0: never quarantined. Relapses are told from it: a new quarantine
+    /// soon after it ended is one.
+    quarantine_end: u32,
 }
 
 // The size the module docs and the README state (a table slot adds the 8-byte key).
-const _: () = assert!(std::mem::size_of::<Growth>() == 24);
+const _: () = assert!(std::mem::size_of::<Growth>() == 20);
+
+impl Growth {
+    /// A fresh record written by the detector `owner`.
+    pub fn new(owner: u16) -> Growth {
+        Growth { owner, ..Growth::default() }
+    }
+
+    /// When the last quarantine ends (ended), in milliseconds; 0: never.
+    pub fn quarantined_until(&self) -> u64 {
+        u64::from(self.quarantine_end) * 100
+    }
+
+    fn quarantine_until(&mut self, ms: u64) {
+        self.quarantine_end = u32::try_from(ms.div_ceil(100)).unwrap_or(u32::MAX);
+    }
+}
 
 /// The rules of one route, in the detector's units.
 #[derive(Debug, Clone, Copy)]
@@ -104,15 +122,16 @@ impl GrowthRules {
             s.interval = idx;
         }
         s.cur = s.cur.saturating_add(1);
-        if now_ms < s.quarantined_until {
-            return Verdict::Quarantined { left_ms: s.quarantined_until - now_ms, new: false };
+        let until = s.quarantined_until();
+        if now_ms < until {
+            return Verdict::Quarantined { left_ms: until - now_ms, new: false };
         }
         if self.grew(s.cur, s.prev) && s.streak.saturating_add(1) >= needed.max(1) {
             let soon = self.relapse_window_ms();
-            let relapse = s.quarantined_until > 0 && now_ms < s.quarantined_until + soon;
+            let relapse = until > 0 && now_ms < until + soon;
             s.strikes = if relapse { s.strikes.saturating_add(1).min(6) } else { 0 };
             let length = self.quarantine_ms << s.strikes;
-            s.quarantined_until = now_ms + length;
+            s.quarantine_until(now_ms + length);
             return Verdict::Quarantined { left_ms: length, new: true };
         }
         Verdict::Pass
@@ -272,7 +291,7 @@ mod tests {
         };
         assert_eq!(first, Verdict::Quarantined { left_ms: 2000, new: true });
         // Silence until released, then an honest request passes.
-        let released = s.quarantined_until;
+        let released = s.quarantined_until();
         assert_eq!(r.observe(&mut s, released + 1, 3), Verdict::Pass);
         // It bombs again at once: the second quarantine is twice as long.
         let mut sec = released / 1000 + 1;

@@ -166,7 +166,7 @@ impl Storm {
         let needed = if alarm { 1 } else { self.growth.intervals };
         let verdict = self.clients.with(client, |c| {
             if c.growth.owner != self.id {
-                c.growth = Growth { owner: self.id, ..Growth::default() };
+                c.growth = Growth::new(self.id);
             }
             self.growth.observe(&mut c.growth, now_ms, needed)
         });
@@ -229,7 +229,7 @@ impl Storm {
     pub fn client_state(&self, client: &ClientKey, now: Instant) -> Option<serde_json::Value> {
         let g = self.growth_of(client)?;
         let now_ms = self.ms(now);
-        let left = g.quarantined_until.saturating_sub(now_ms);
+        let left = g.quarantined_until().saturating_sub(now_ms);
         Some(serde_json::json!({
             "requests_this_interval": g.cur,
             "requests_last_interval": g.prev,
@@ -248,7 +248,7 @@ impl Storm {
             if tracked {
                 c.growth = Growth::default();
             }
-            c.growth.owner != 0 || c.authorized_ms != 0
+            !c.is_empty()
         });
         tracked
     }
@@ -260,23 +260,27 @@ async fn sweep(storm: Weak<Storm>) {
     loop {
         tick.tick().await;
         let Some(s) = storm.upgrade() else { return };
-        let now_ms = s.ms(Instant::now());
+        let now = Instant::now();
+        let (now_ms, ticks) = (s.ms(now), s.clients.ticks(now));
         let (interval, window) = (s.growth.interval_ms, s.dups.window_ms);
         let bombs = AtomicUsize::new(0);
         s.clients
             .retain_yielding(|c| {
                 let g = &c.growth;
                 let mine = g.owner == s.id;
-                let quarantined = mine && g.quarantined_until > now_ms;
+                let quarantined = mine && g.quarantined_until() > now_ms;
                 bombs.fetch_add(usize::from(quarantined), Ordering::Relaxed);
                 // Keep what can still matter: a quarantine (and its relapse
-                // window), recent counts, or the auth guard's record. (A growth
+                // window), recent counts, the auth guard's record, or a
+                // bucket of the route's limits not yet full. (A growth
                 // record kept only for the guard decides as a fresh one: its
                 // interval is long past and its quarantine beyond relapse.)
                 let recent = u64::from(g.interval).saturating_add(2).saturating_mul(interval) >= now_ms;
-                let relapse = g.quarantined_until != 0
-                    && g.quarantined_until.saturating_add(s.growth.relapse_window_ms()) > now_ms;
-                (mine && (quarantined || recent || relapse)) || s.clients.authorized_lately(c, now_ms)
+                let relapse = g.quarantined_until() != 0
+                    && g.quarantined_until().saturating_add(s.growth.relapse_window_ms()) > now_ms;
+                (mine && (quarantined || recent || relapse))
+                    || s.clients.authorized_lately(c, now_ms)
+                    || c.buckets.live(ticks)
             })
             .await;
         let storms = AtomicUsize::new(0);

@@ -181,6 +181,10 @@ async fn max_clients_bounds_the_whole_node_over_six_routes_with_storm_and_guard(
     let state = Client::new().get(gw.admin, "/api/v1/state").await.json();
     let tracked = state["store"]["tracked_clients"].as_u64().unwrap();
     assert!(tracked <= 1000, "{tracked} per-client entries with max_clients = 1000");
-    // Every kind of map holds some: the budget is shared, not starved.
-    assert!(tracked >= 500, "only {tracked} entries: the maps do not use their shares");
+    // The budget is shared, not starved. Twelve shares of 83: each route's
+    // client table (its clients' buckets, growth and last 2xx in one entry)
+    // and its storm detector's request table, which finished requests leave
+    // empty. The six client tables fill theirs: 498.
+    let filled = 6 * (1000 / 12);
+    assert!(tracked >= filled * 9 / 10, "only {tracked} entries: the client tables do not use their shares");
 }
