@@ -315,6 +315,34 @@ mod identity_tests {
         assert_eq!(e.of(hid), after.of(hid), "the hourly limit's state is kept meanwhile");
     }
 
+    proptest::proptest! {
+        /// Why a route's two limits may live in its client entry
+        /// (`Tats<2>`, `stack/clients.rs`) instead of the store's table
+        /// (`Tats<4>`): any sequence of decisions on them, both together,
+        /// either alone (a route with a shadow limit decides its modes apart)
+        /// or reordered (a reload), gives the same outcomes in both.
+        #[test]
+        fn two_slots_decide_as_four_for_two_limits(
+            steps in proptest::collection::vec((0usize..4, 0u64..400_000_000), 1..60),
+        ) {
+            let (a, b) = (g(5, 1, 3), g(100, 60, 10));
+            let (ia, ib) = (limit_id("5/s:b3"), limit_id("100/m:b10"));
+            let (mut two, mut four) = (Tats::<2>::default(), Tats::<4>::default());
+            let mut now = 1;
+            for (pick, dt) in steps {
+                now += dt;
+                let (limits, ids): (&[Gcra], &[u32]) = match pick {
+                    0 => (&[a, b], &[ia, ib]),
+                    1 => (&[b, a], &[ib, ia]),
+                    2 => (&[a], &[ia]),
+                    _ => (&[b], &[ib]),
+                };
+                proptest::prop_assert_eq!(two.decide(limits, ids, now), four.decide(limits, ids, now));
+                proptest::prop_assert_eq!((two.of(ia), two.of(ib)), (four.of(ia), four.of(ib)));
+            }
+        }
+    }
+
     #[test]
     fn limit_ids_differ_and_are_never_zero() {
         let ids: std::collections::HashSet<u32> =
