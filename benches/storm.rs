@@ -21,6 +21,7 @@ use levee::context::ClientKey;
 use levee::stack::auth_guard::AuthGuard;
 use levee::stack::clients::RouteClients;
 use levee::stack::storm::Storm;
+use levee::store::memory::Adopt;
 use levee::store::ClientBuckets;
 use tokio::time::Instant;
 
@@ -132,7 +133,7 @@ pub fn bench(c: &mut Criterion) {
     let limits = crate::store::limits();
     let now = Instant::now();
     for client in &clients {
-        table.decide(client, &limits, &crate::store::IDS, now);
+        table.decide(client, &limits, &crate::store::IDS, now, Adopt::Never);
         let fp = storm.fingerprint(client, &Method::GET, &uri, None);
         let _ = storm.observe(client, fp, now);
         storm.finish(fp, false);
@@ -169,7 +170,7 @@ pub fn bench(c: &mut Criterion) {
             let client = &order[i];
             table.prefetch(client);
             let at = Instant::now();
-            let limited = table.decide(client, &limits, &crate::store::IDS, at);
+            let limited = table.decide(client, &limits, &crate::store::IDS, at, Adopt::Never);
             let fp = storm.fingerprint(client, &Method::GET, &uri, None);
             let verdict = storm.observe(client, fp, at).is_ok();
             storm.finish(fp, false);

@@ -32,7 +32,7 @@ use crate::context::ClientKey;
 use crate::store::budget::Tracked;
 use crate::store::clock::ClockMap;
 use crate::store::gcra::{Gcra, Outcome};
-use crate::store::memory::Tats;
+use crate::store::memory::{Adopt, Tats};
 use crate::store::ClientBuckets;
 
 /// One client on one route: 48 bytes.
@@ -146,9 +146,16 @@ impl RouteClients {
 }
 
 impl ClientBuckets for RouteClients {
-    fn decide(&self, client: &ClientKey, limits: &[Gcra], ids: &[u32], now: Instant) -> Outcome {
+    fn decide(
+        &self,
+        client: &ClientKey,
+        limits: &[Gcra],
+        ids: &[u32],
+        now: Instant,
+        adopt: Adopt<'_>,
+    ) -> Option<Outcome> {
         let now = self.ticks(now);
-        self.with(client, |c| c.buckets.decide(limits, ids, now))
+        self.with(client, |c| c.buckets.decide_adopting(limits, ids, now, adopt))
     }
 
     fn peek(&self, client: &ClientKey, ids: &[u32], now: Instant) -> Option<(Vec<u64>, u64)> {

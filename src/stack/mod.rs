@@ -203,6 +203,9 @@ impl RouteState {
         if let Some(table) = clients.as_ref().filter(|_| route.buckets_in_client_table(store)) {
             limits = limits.in_table(table.clone());
         }
+        if let Some(previous) = previous {
+            limits = limits.after(&previous.limits, tokio::time::Instant::now());
+        }
         RouteState {
             name: Arc::from(route.name.as_str()),
             shadow: match previous {
@@ -393,9 +396,9 @@ mode = "shadow"
 
     /// Where a route's buckets live, and that a reload keeps them: in the
     /// route's client table on the memory store with a storm detector and at
-    /// most two limits, so a reload that keeps the route (the table goes to
-    /// the new state) keeps every client's buckets; in the store's own table
-    /// otherwise (a third limit, or Redis).
+    /// most two limits (the table goes to the new state), in the store's own
+    /// table otherwise (a third limit, no storm detector, or Redis); and a
+    /// reload that moves them from one to the other keeps them too.
     #[tokio::test]
     async fn a_reload_keeps_the_buckets_in_the_client_table() {
         use crate::context::ClientKey;
@@ -427,12 +430,35 @@ mode = "shadow"
         assert!(Arc::ptr_eq(reloaded.clients.as_ref().unwrap(), first.clients.as_ref().unwrap()));
         assert!(!store.check(&reloaded.limits, &client, now).await.unwrap().allowed, "still refused");
         assert_eq!(store.tracked_limiter(), 0);
-        // Three limits do not fit the entry, nor does Redis keep them there.
+        // Three limits do not fit the entry, nor does Redis keep them there;
+        // a reload that moves the buckets keeps them all the same: a client's
+        // first decision in the new home takes them from the old one.
         let third = RouteState::build(&three, StoreKind::Memory, 1000, Some(&reloaded), &samples);
         assert!(!third.limits.in_client_table());
         assert!(!RouteState::build(&two, StoreKind::Redis, 1000, None, &samples).limits.in_client_table());
-        assert!(store.check(&third.limits, &client, now).await.unwrap().allowed, "the store's table, afresh");
+        assert!(
+            !store.check(&third.limits, &client, now).await.unwrap().allowed,
+            "moved to the store's table"
+        );
         assert_eq!(store.tracked_limiter(), 1);
+        // And back: a client refused in the store's table stays refused.
+        let other = ClientKey::from_text("reload-buckets-other");
+        assert!(store.check(&third.limits, &other, now).await.unwrap().allowed);
+        assert!(!store.check(&third.limits, &other, now).await.unwrap().allowed);
+        let back = RouteState::build(&two, StoreKind::Memory, 1000, Some(&third), &samples);
+        assert!(back.limits.in_client_table());
+        assert!(!store.check(&back.limits, &other, now).await.unwrap().allowed, "moved back to the entry");
+        // The storm detector turned off: the buckets go to the store's table, kept.
+        let mut no_storm = two.clone();
+        no_storm.storm.enabled = false;
+        let plain = RouteState::build(&no_storm, StoreKind::Memory, 1000, Some(&back), &samples);
+        assert!(!plain.limits.in_client_table());
+        let third_client = ClientKey::from_text("reload-buckets-third");
+        assert!(store.check(&back.limits, &third_client, now).await.unwrap().allowed);
+        assert!(!store.check(&plain.limits, &third_client, now).await.unwrap().allowed, "kept without storm");
+        // A reset during a move forgets the client in both homes.
+        assert!(store.reset(&plain.limits, &third_client).await);
+        assert!(store.check(&plain.limits, &third_client, now).await.unwrap().allowed, "reset is reset");
     }
 
     /// The README's number: six routes with limits, storm detection and the

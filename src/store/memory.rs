@@ -63,6 +63,42 @@ impl<const N: usize> Tats<N> {
         self.tats.iter().any(|&t| t > now)
     }
 
+    /// [`Tats::decide`], after taking the buckets this entry lacks from
+    /// the route's previous home (`adopt`; see [`Adopt`]). `None` (and the
+    /// entry unchanged) when `adopt` is [`Adopt::IfComplete`] and some limit
+    /// of `ids` has no slot here.
+    pub fn decide_adopting(
+        &mut self,
+        limits: &[Gcra],
+        ids: &[u32],
+        now: u64,
+        adopt: Adopt<'_>,
+    ) -> Option<Outcome> {
+        let n = limits.len().min(ids.len()).min(N);
+        let lacks = |t: &Self, id: u32| !t.ids.contains(&id);
+        match adopt {
+            Adopt::Never => {}
+            Adopt::IfComplete if ids[..n].iter().any(|&id| lacks(self, id)) => return None,
+            Adopt::IfComplete => {}
+            Adopt::From(left) => {
+                for (&id, &left) in ids[..n].iter().zip(left) {
+                    if !lacks(self, id) {
+                        continue;
+                    }
+                    // A free slot, or one of a limit not decided now.
+                    let slot = (0..N)
+                        .find(|&k| self.ids[k] == 0)
+                        .or_else(|| (0..N).find(|&k| !ids[..n].contains(&self.ids[k])));
+                    if let Some(k) = slot {
+                        self.ids[k] = id;
+                        self.tats[k] = if left > 0 { now.saturating_add(left) } else { 0 };
+                    }
+                }
+            }
+        }
+        Some(self.decide(limits, ids, now))
+    }
+
     /// Decides one request at `now` (ticks) against `limits` (at most `N`;
     /// `ids[i]` is the [`limit_id`] of `limits[i]`) and records it when
     /// allowed. The entry is rewritten with these limits first; the state of
@@ -88,6 +124,21 @@ impl<const N: usize> Tats<N> {
         *self = next;
         out
     }
+}
+
+/// What a decision does with the limits an entry has no bucket for, while
+/// a reload's move of the route's buckets from one home to the other (the
+/// store's table, the route's client table) is recent: their state may still
+/// be in the previous home (`store::Moved`).
+#[derive(Debug, Clone, Copy)]
+pub enum Adopt<'a> {
+    /// A missing bucket is a full one (no move under way).
+    Never,
+    /// Decide only when every bucket is here; otherwise change nothing.
+    IfComplete,
+    /// A missing bucket takes the state the previous home had for it: the
+    /// ticks left until it is full (`left[i]` of `ids[i]`; 0: full).
+    From(&'a [u64]),
 }
 
 /// The memory store's id of a limit: a hash of its identity (`2/s:b4`), never 0.
@@ -138,6 +189,19 @@ impl MemoryStore {
     /// ([`Tats::decide`]).
     pub fn check(&self, key: u64, limits: &[Gcra], ids: &[u32], now: u64) -> Outcome {
         self.map.with(key, |entry| entry.decide(limits, ids, now))
+    }
+
+    /// [`MemoryStore::check`] during a move of the route's buckets
+    /// ([`Tats::decide_adopting`]).
+    pub fn check_adopting(
+        &self,
+        key: u64,
+        limits: &[Gcra],
+        ids: &[u32],
+        now: u64,
+        adopt: Adopt<'_>,
+    ) -> Option<Outcome> {
+        self.map.with(key, |entry| entry.decide_adopting(limits, ids, now, adopt))
     }
 
     /// Starts loading `key`'s slot into the cache ([`ClockMap::prefetch`]).
@@ -341,6 +405,27 @@ mod identity_tests {
                 proptest::prop_assert_eq!((two.of(ia), two.of(ib)), (four.of(ia), four.of(ib)));
             }
         }
+    }
+
+    /// During a move, an entry that lacks a bucket declines to decide (and
+    /// changes nothing) until it is handed the previous home's state, which
+    /// it then decides on; a bucket it has is never overwritten.
+    #[test]
+    fn a_moved_bucket_is_adopted_once() {
+        let (a, b) = (g(1, 60, 1), g(100, 3600, 100));
+        let (ia, ib) = (limit_id("1/m:b1"), limit_id("100/h:b100"));
+        let mut t = Tats::<2>::default();
+        let now = 5_000_000_000;
+        assert_eq!(t.decide_adopting(&[a, b], &[ia, ib], now, Adopt::IfComplete), None);
+        assert_eq!(t, Tats::default(), "unchanged");
+        // The previous home: the per-minute bucket empty for 30 s more.
+        let left = [30_000_000_000, 0];
+        let o = t.decide_adopting(&[a, b], &[ia, ib], now, Adopt::From(&left)).unwrap();
+        assert!(!o.allowed, "refused on the adopted state");
+        assert_eq!(t.of(ia), now + 30_000_000_000);
+        let o = t.decide_adopting(&[a, b], &[ia, ib], now, Adopt::From(&[0, 0])).unwrap();
+        assert!(!o.allowed, "a bucket it has is kept");
+        assert!(t.decide_adopting(&[a, b], &[ia, ib], now, Adopt::IfComplete).is_some());
     }
 
     #[test]

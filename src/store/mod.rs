@@ -26,7 +26,7 @@ use crate::context::ClientKey;
 use crate::metrics as m;
 use budget::{ClientBudget, Shares};
 use gcra::Gcra;
-use memory::MemoryStore;
+use memory::{Adopt, MemoryStore};
 use redis::RedisStore;
 
 pub use memory::MAX_LIMITS;
@@ -66,6 +66,28 @@ pub struct RouteLimits {
     /// Where the route keeps its clients' buckets instead of the memory
     /// store's table (`RouteConfig::buckets_in_client_table`).
     table: Option<Arc<dyn ClientBuckets>>,
+    /// Where they were before a recent reload moved them, if one did.
+    moved: Option<Moved>,
+}
+
+/// A recent move of a route's buckets between the store's table and its
+/// client table (a reload that gave it a third limit, or took its storm
+/// detector away, or the reverse). Until every bucket the previous home held
+/// could have filled up again (`until`), a client's first decision in the new
+/// home takes its buckets from the previous one, so a move keeps the state of
+/// every limit that still exists, as any reload must (SPEC: limiter state
+/// belongs to a limit).
+#[derive(Debug, Clone)]
+pub struct Moved {
+    from: Home,
+    until: Instant,
+}
+
+/// Where a route's buckets were.
+#[derive(Debug, Clone)]
+enum Home {
+    Store,
+    Table(Arc<dyn ClientBuckets>),
 }
 
 impl std::fmt::Debug for dyn ClientBuckets {
@@ -81,8 +103,15 @@ impl std::fmt::Debug for dyn ClientBuckets {
 /// exactly as on its own table ([`memory::Tats::decide`]), on the table's
 /// clock, in nanoseconds.
 pub trait ClientBuckets: Send + Sync {
-    /// Decides one request of `client` ([`memory::Tats::decide`]).
-    fn decide(&self, client: &ClientKey, limits: &[Gcra], ids: &[u32], now: Instant) -> gcra::Outcome;
+    /// Decides one request of `client` ([`memory::Tats::decide_adopting`]).
+    fn decide(
+        &self,
+        client: &ClientKey,
+        limits: &[Gcra],
+        ids: &[u32],
+        now: Instant,
+        adopt: Adopt<'_>,
+    ) -> Option<gcra::Outcome>;
     /// The client's `tat` for each of `ids` and `now` on the table's clock,
     /// or `None` when the client has no entry.
     fn peek(&self, client: &ClientKey, ids: &[u32], now: Instant) -> Option<(Vec<u64>, u64)>;
@@ -128,6 +157,7 @@ impl RouteLimits {
             modes,
             policies,
             table: None,
+            moved: None,
         }
     }
 
@@ -142,13 +172,45 @@ impl RouteLimits {
         self.table.is_some()
     }
 
+    /// The same limits, the route's limits before this reload being
+    /// `previous`: when their buckets lived elsewhere, clients' first
+    /// decisions take them from there for as long as any could hold
+    /// something ([`Moved`]); a move still under way carries over.
+    pub fn after(mut self, previous: &RouteLimits, now: Instant) -> Self {
+        let was = |l: &RouteLimits| l.table.clone().map_or(Home::Store, Home::Table);
+        let same = match (&previous.table, &self.table) {
+            (Some(a), Some(b)) => std::ptr::addr_eq(Arc::as_ptr(a), Arc::as_ptr(b)),
+            (a, b) => a.is_none() && b.is_none(),
+        };
+        self.moved = if same {
+            previous.moved.clone().filter(|m| now < m.until)
+        } else if previous.is_empty() {
+            None
+        } else {
+            // A bucket of a limit that still exists is full again within its
+            // capacity (burst × interval); the margin covers the clock's
+            // reads between a decision and this one.
+            let longest = previous.ns.iter().map(|g| g.capacity).max().unwrap_or(0);
+            let span = Duration::from_nanos(longest).saturating_add(Duration::from_secs(1));
+            // (A span past what an `Instant` can hold: a year is as good as forever here.)
+            let until = now.checked_add(span).or_else(|| now.checked_add(Duration::from_secs(365 * 86_400)));
+            Some(Moved { from: was(previous), until: until.unwrap_or(now) })
+        };
+        self
+    }
+
+    /// The move under way at `now`, if any.
+    fn moving(&self, now: Instant) -> Option<&Moved> {
+        self.moved.as_ref().filter(|m| now < m.until)
+    }
+
     /// The limits in `mode` alone, decided on their own (same identities,
     /// so the same state as when decided with the others).
     pub fn only(&self, mode: Mode) -> RouteLimits {
         let limits: Vec<Limit> =
             self.limits.iter().zip(&self.modes).filter(|(_, m)| **m == mode).map(|(l, _)| *l).collect();
         let only = RouteLimits::with_modes(&self.route, &limits, &vec![mode; limits.len()]);
-        RouteLimits { table: self.table.clone(), ..only }
+        RouteLimits { table: self.table.clone(), moved: self.moved.clone(), ..only }
     }
 
     /// Whether every limit is in `mode`.
@@ -335,13 +397,25 @@ impl Store {
     }
 
     fn check_local(&self, limits: &RouteLimits, client: &ClientKey, now: Instant) -> Decision {
-        let o = match &limits.table {
-            Some(table) => table.decide(client, &limits.ns, &limits.ids, now),
+        let decide = |adopt: Adopt<'_>| match &limits.table {
+            Some(table) => table.decide(client, &limits.ns, &limits.ids, now, adopt),
             None => {
                 let key = self.memory.key(&limits.route, client);
-                self.memory.check(key, &limits.ns, &limits.ids, self.memory.ticks(now))
+                self.memory.check_adopting(key, &limits.ns, &limits.ids, self.memory.ticks(now), adopt)
             }
         };
+        let o = match limits.moving(now) {
+            None => decide(Adopt::Never),
+            // Each client asks the previous home once: when its entry here
+            // lacks a bucket.
+            Some(moved) => decide(Adopt::IfComplete).or_else(|| {
+                let left = self.left_in(&moved.from, limits, client, now);
+                decide(Adopt::From(&left))
+            }),
+        };
+        // Only `Adopt::IfComplete` declines, and its `None` is answered above;
+        // a decline here would be a bug, answered as a fresh client would be.
+        let o = o.unwrap_or_else(|| gcra::decide(&limits.ns, &mut vec![0; limits.ns.len()], 0));
         Decision {
             allowed: o.allowed,
             retry_after: Duration::from_nanos(o.wait),
@@ -349,6 +423,20 @@ impl Store {
             remaining: o.remaining,
             reset: Duration::from_nanos(o.reset),
         }
+    }
+
+    /// What `home` holds for `client` on each of `limits`: ticks until each
+    /// bucket is full again (0: full or unknown). Times as distances, since
+    /// each table keeps its own clock.
+    fn left_in(&self, home: &Home, limits: &RouteLimits, client: &ClientKey, now: Instant) -> Vec<u64> {
+        let (tats, at) = match home {
+            Home::Table(table) => table.peek(client, &limits.ids, now).unwrap_or_default(),
+            Home::Store => match self.memory.peek(self.memory.key(&limits.route, client)) {
+                Some(entry) => (limits.ids.iter().map(|&id| entry.of(id)).collect(), self.memory.ticks(now)),
+                None => (Vec::new(), 0),
+            },
+        };
+        (0..limits.ids.len()).map(|i| tats.get(i).map_or(0, |&t| t.saturating_sub(at))).collect()
     }
 
     /// The client's state on each limit, or `None` when nothing is tracked.
@@ -364,16 +452,26 @@ impl Store {
                 let (now, tats) = redis.peek(&keys).await.ok()?;
                 (tats, now, &limits.us)
             }
-            _ => match &limits.table {
-                Some(table) => {
-                    let (tats, now) = table.peek(client, &limits.ids, now)?;
-                    (tats, now, &limits.ns)
+            _ => {
+                let here = match &limits.table {
+                    Some(table) => table.peek(client, &limits.ids, now),
+                    None => self.memory.peek(self.memory.key(&limits.route, client)).map(|entry| {
+                        (limits.ids.iter().map(|&id| entry.of(id)).collect(), self.memory.ticks(now))
+                    }),
+                };
+                // A bucket not yet taken from the previous home of a recent
+                // move is where the next decision will find it.
+                let (mut tats, at) = here.unwrap_or_else(|| (vec![0; limits.ids.len()], 1));
+                if let Some(moved) = limits.moving(now) {
+                    let left = self.left_in(&moved.from, limits, client, now);
+                    for (t, &left) in tats.iter_mut().zip(&left) {
+                        if *t <= at && left > 0 {
+                            *t = at + left;
+                        }
+                    }
                 }
-                None => {
-                    let entry = self.memory.peek(self.memory.key(&limits.route, client))?;
-                    (limits.ids.iter().map(|&id| entry.of(id)).collect(), self.memory.ticks(now), &limits.ns)
-                }
-            },
+                (tats, at, &limits.ns)
+            }
         };
         if tats.iter().all(|&t| t <= now_ticks) {
             return None;
@@ -401,7 +499,13 @@ impl Store {
     /// pub/sub). Returns whether anything was tracked.
     pub async fn reset(&self, limits: &RouteLimits, client: &ClientKey) -> bool {
         let mut found = self.memory.remove(self.memory.key(&limits.route, client));
-        if let Some(table) = &limits.table {
+        // The client's table, and the one its buckets left in a recent move,
+        // which its next decision would take them back from.
+        let moved = limits.moved.as_ref().and_then(|m| match &m.from {
+            Home::Table(table) => Some(table),
+            Home::Store => None,
+        });
+        for table in limits.table.iter().chain(moved) {
             found |= table.forget(client);
         }
         if let Some(redis) = &self.redis {
