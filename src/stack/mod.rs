@@ -402,6 +402,7 @@ mode = "shadow"
     #[tokio::test]
     async fn a_reload_keeps_the_buckets_in_the_client_table() {
         use crate::context::ClientKey;
+        use std::time::Duration;
         use tokio::time::Instant;
         let route = |limits: &str| {
             let toml = format!(
@@ -448,6 +449,16 @@ mode = "shadow"
         let back = RouteState::build(&two, StoreKind::Memory, 1000, Some(&third), &samples);
         assert!(back.limits.in_client_table());
         assert!(!store.check(&back.limits, &other, now).await.unwrap().allowed, "moved back to the entry");
+        // Moved twice within the window (table, store, table): the buckets
+        // taken by the store's table left the client table, so the move back
+        // takes them again, not the stale copy (which had the per-minute
+        // bucket full again at `t2`).
+        let twice = ClientKey::from_text("reload-buckets-twice");
+        let (t1, t2) = (now + Duration::from_secs(61), now + Duration::from_secs(62));
+        assert!(store.check(&reloaded.limits, &twice, now).await.unwrap().allowed);
+        assert!(store.check(&third.limits, &twice, t1).await.unwrap().allowed, "a minute later");
+        let last = store.check(&back.limits, &twice, t2).await.unwrap();
+        assert!(!last.allowed, "a second after that: the store's table's state came back");
         // The storm detector turned off: the buckets go to the store's table, kept.
         let mut no_storm = two.clone();
         no_storm.storm.enabled = false;

@@ -407,9 +407,18 @@ impl Store {
         let o = match limits.moving(now) {
             None => decide(Adopt::Never),
             // Each client asks the previous home once: when its entry here
-            // lacks a bucket.
+            // lacks a bucket. What it takes leaves the old home, so a move
+            // back within the window finds the buckets here, not a stale copy.
             Some(moved) => decide(Adopt::IfComplete).or_else(|| {
                 let left = self.left_in(&moved.from, limits, client, now);
+                match &moved.from {
+                    Home::Table(table) => {
+                        table.forget(client);
+                    }
+                    Home::Store => {
+                        self.memory.remove(self.memory.key(&limits.route, client));
+                    }
+                }
                 decide(Adopt::From(&left))
             }),
         };
