@@ -177,7 +177,6 @@ impl RouteLimits {
     /// decisions take them from there for as long as any could hold
     /// something ([`Moved`]); a move still under way carries over.
     pub fn after(mut self, previous: &RouteLimits, now: Instant) -> Self {
-        let was = |l: &RouteLimits| l.table.clone().map_or(Home::Store, Home::Table);
         let same = match (&previous.table, &self.table) {
             (Some(a), Some(b)) => std::ptr::addr_eq(Arc::as_ptr(a), Arc::as_ptr(b)),
             (a, b) => a.is_none() && b.is_none(),
@@ -194,9 +193,14 @@ impl RouteLimits {
             let span = Duration::from_nanos(longest).saturating_add(Duration::from_secs(1));
             // (A span past what an `Instant` can hold: a year is as good as forever here.)
             let until = now.checked_add(span).or_else(|| now.checked_add(Duration::from_secs(365 * 86_400)));
-            Some(Moved { from: was(previous), until: until.unwrap_or(now) })
+            Some(Moved { from: previous.home(), until: until.unwrap_or(now) })
         };
         self
+    }
+
+    /// Where the buckets live.
+    fn home(&self) -> Home {
+        self.table.clone().map_or(Home::Store, Home::Table)
     }
 
     /// The move under way at `now`, if any.
@@ -411,14 +415,7 @@ impl Store {
             // back within the window finds the buckets here, not a stale copy.
             Some(moved) => decide(Adopt::IfComplete).or_else(|| {
                 let left = self.left_in(&moved.from, limits, client, now);
-                match &moved.from {
-                    Home::Table(table) => {
-                        table.forget(client);
-                    }
-                    Home::Store => {
-                        self.memory.remove(self.memory.key(&limits.route, client));
-                    }
-                }
+                self.forget_in(&moved.from, limits, client);
                 decide(Adopt::From(&left))
             }),
         };
@@ -431,6 +428,15 @@ impl Store {
             tightest: Some(o.tightest),
             remaining: o.remaining,
             reset: Duration::from_nanos(o.reset),
+        }
+    }
+
+    /// Forgets `client`'s buckets on `limits`' route in `home`; true when
+    /// any were tracked.
+    fn forget_in(&self, home: &Home, limits: &RouteLimits, client: &ClientKey) -> bool {
+        match home {
+            Home::Table(table) => table.forget(client),
+            Home::Store => self.memory.remove(self.memory.key(&limits.route, client)),
         }
     }
 
@@ -507,15 +513,11 @@ impl Store {
     /// refusal memory, and in every other replica's refusal memory through
     /// pub/sub). Returns whether anything was tracked.
     pub async fn reset(&self, limits: &RouteLimits, client: &ClientKey) -> bool {
-        let mut found = self.memory.remove(self.memory.key(&limits.route, client));
-        // The client's table, and the one its buckets left in a recent move,
-        // which its next decision would take them back from.
-        let moved = limits.moved.as_ref().and_then(|m| match &m.from {
-            Home::Table(table) => Some(table),
-            Home::Store => None,
-        });
-        for table in limits.table.iter().chain(moved) {
-            found |= table.forget(client);
+        // The route's home, and the one its buckets left in a recent move,
+        // which the client's next decision would take them back from.
+        let mut found = self.forget_in(&limits.home(), limits, client);
+        if let Some(moved) = &limits.moved {
+            found |= self.forget_in(&moved.from, limits, client);
         }
         if let Some(redis) = &self.redis {
             found |= redis.refusals.forget(&limits.route, client);
