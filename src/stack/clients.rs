@@ -53,11 +53,11 @@ const _: () = assert!(std::mem::size_of::<RouteClient>() == 48);
 impl RouteClient {
     /// When the auth guard last saw a 2xx, in the table's milliseconds (0: never).
     pub fn authorized_ms(&self) -> u64 {
-        u64::from(self.authorized) * 100
+        super::from_deciseconds(self.authorized)
     }
 
     pub fn set_authorized(&mut self, now_ms: u64) {
-        self.authorized = u32::try_from(now_ms.div_ceil(100)).unwrap_or(u32::MAX);
+        self.authorized = super::to_deciseconds(now_ms);
     }
 
     /// Whether the entry holds nothing for anyone.

@@ -296,6 +296,18 @@ pub(crate) fn millis_since(epoch: tokio::time::Instant, now: tokio::time::Instan
     u64::try_from(now.saturating_duration_since(epoch).as_millis()).unwrap_or(u64::MAX).saturating_add(1)
 }
 
+/// A time on a per-client table's millisecond clock as the 32-bit
+/// deciseconds an entry keeps (13.6 years; milliseconds would wrap in 49
+/// days), rounded up so that a stored time is never earlier than the real one.
+pub(crate) fn to_deciseconds(ms: u64) -> u32 {
+    u32::try_from(ms.div_ceil(100)).unwrap_or(u32::MAX)
+}
+
+/// [`to_deciseconds`] back in milliseconds.
+pub(crate) fn from_deciseconds(ds: u32) -> u64 {
+    u64::from(ds) * 100
+}
+
 /// Sets a route-wide flag that every request or response decides anew (the
 /// storm detector's alarm, the auth guard's trip); true when this call changed
 /// it. Read first: a swap is a write, and on every request it would move the

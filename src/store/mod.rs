@@ -440,17 +440,29 @@ impl Store {
         }
     }
 
+    /// The `tat` `home` holds for `client` on each of `limits`, and `now` on
+    /// that home's clock; `None` when the client has no entry there.
+    fn tats_in(
+        &self,
+        home: &Home,
+        limits: &RouteLimits,
+        client: &ClientKey,
+        now: Instant,
+    ) -> Option<(Vec<u64>, u64)> {
+        match home {
+            Home::Table(table) => table.peek(client, &limits.ids, now),
+            Home::Store => self
+                .memory
+                .peek(self.memory.key(&limits.route, client))
+                .map(|entry| (limits.ids.iter().map(|&id| entry.of(id)).collect(), self.memory.ticks(now))),
+        }
+    }
+
     /// What `home` holds for `client` on each of `limits`: ticks until each
     /// bucket is full again (0: full or unknown). Times as distances, since
     /// each table keeps its own clock.
     fn left_in(&self, home: &Home, limits: &RouteLimits, client: &ClientKey, now: Instant) -> Vec<u64> {
-        let (tats, at) = match home {
-            Home::Table(table) => table.peek(client, &limits.ids, now).unwrap_or_default(),
-            Home::Store => match self.memory.peek(self.memory.key(&limits.route, client)) {
-                Some(entry) => (limits.ids.iter().map(|&id| entry.of(id)).collect(), self.memory.ticks(now)),
-                None => (Vec::new(), 0),
-            },
-        };
+        let (tats, at) = self.tats_in(home, limits, client, now).unwrap_or_default();
         (0..limits.ids.len()).map(|i| tats.get(i).map_or(0, |&t| t.saturating_sub(at))).collect()
     }
 
@@ -468,12 +480,7 @@ impl Store {
                 (tats, now, &limits.us)
             }
             _ => {
-                let here = match &limits.table {
-                    Some(table) => table.peek(client, &limits.ids, now),
-                    None => self.memory.peek(self.memory.key(&limits.route, client)).map(|entry| {
-                        (limits.ids.iter().map(|&id| entry.of(id)).collect(), self.memory.ticks(now))
-                    }),
-                };
+                let here = self.tats_in(&limits.home(), limits, client, now);
                 // A bucket not yet taken from the previous home of a recent
                 // move is where the next decision will find it.
                 let (mut tats, at) = here.unwrap_or_else(|| (vec![0; limits.ids.len()], 1));

@@ -2,9 +2,9 @@
 //!
 //! Each client's requests are counted per `interval` (intervals aligned on the
 //! detector's clock). A completed interval *grew* when its count is at least
-//! `min_rate` and at least `growth_factor` times the previous one (less one
-//! request of counting noise: a doubling rate split across interval borders
-//! can count 31 after 16). `growth_intervals` growths in a row is a bomb. The
+//! `min_rate` and at least `growth_factor` times the previous one, less a
+//! tenth of that as counting noise (at least one request: a doubling rate
+//! split across interval borders can count 22 after 12). `growth_intervals` growths in a row is a bomb. The
 //! interval that completes the streak does not have to finish: the client is
 //! quarantined on the request that makes it grow, so a client doubling from
 //! 2/s is caught at 32 requests in its 32/s second, long before a static limit
@@ -55,11 +55,11 @@ impl Growth {
 
     /// When the last quarantine ends (ended), in milliseconds; 0: never.
     pub fn quarantined_until(&self) -> u64 {
-        u64::from(self.quarantine_end) * 100
+        crate::stack::from_deciseconds(self.quarantine_end)
     }
 
     fn quarantine_until(&mut self, ms: u64) {
-        self.quarantine_end = u32::try_from(ms.div_ceil(100)).unwrap_or(u32::MAX);
+        self.quarantine_end = crate::stack::to_deciseconds(ms);
     }
 }
 

@@ -266,9 +266,9 @@ async fn sweep(storm: Weak<Storm>) {
         let bombs = AtomicUsize::new(0);
         s.clients
             .retain_yielding(|c| {
-                let g = &c.growth;
+                let (g, until) = (&c.growth, c.growth.quarantined_until());
                 let mine = g.owner == s.id;
-                let quarantined = mine && g.quarantined_until() > now_ms;
+                let quarantined = mine && until > now_ms;
                 bombs.fetch_add(usize::from(quarantined), Ordering::Relaxed);
                 // Keep what can still matter: a quarantine (and its relapse
                 // window), recent counts, the auth guard's record, or a
@@ -276,8 +276,7 @@ async fn sweep(storm: Weak<Storm>) {
                 // record kept only for the guard decides as a fresh one: its
                 // interval is long past and its quarantine beyond relapse.)
                 let recent = u64::from(g.interval).saturating_add(2).saturating_mul(interval) >= now_ms;
-                let relapse = g.quarantined_until() != 0
-                    && g.quarantined_until().saturating_add(s.growth.relapse_window_ms()) > now_ms;
+                let relapse = until != 0 && until.saturating_add(s.growth.relapse_window_ms()) > now_ms;
                 (mine && (quarantined || recent || relapse))
                     || s.clients.authorized_lately(c, now_ms)
                     || c.buckets.live(ticks)
