@@ -145,12 +145,21 @@ pub async fn send(
     let version = if grpc { Version::HTTP_2 } else { Version::HTTP_11 };
     prepare_request(&mut req, endpoint, ctx, version, pool.is_none());
     let rsp = match pool {
-        Some(pool) => match tokio::time::timeout(timeout, pool.send(req)).await {
-            Err(_) => return Err(ForwardError::Timeout(timeout)),
-            Ok(Err(PoolError::Connect(e))) => return Err(ForwardError::Connect(e)),
-            Ok(Err(PoolError::Send(e))) => return Err(ForwardError::BadResponse(e.into())),
-            Ok(Ok(rsp)) => rsp,
-        },
+        Some(pool) => {
+            // A body in memory (none, or read whole) goes on the lean client;
+            // a streaming one on hyper's (`pool.rs`).
+            let sent = match ctx.body_buffered {
+                true => tokio::time::timeout(timeout, pool.send_buffered(req)).await,
+                false => tokio::time::timeout(timeout, pool.send(req)).await,
+            };
+            match sent {
+                Err(_) => return Err(ForwardError::Timeout(timeout)),
+                Ok(Err(PoolError::Connect(e))) => return Err(ForwardError::Connect(e)),
+                Ok(Err(PoolError::Send(e))) => return Err(ForwardError::BadResponse(e.into())),
+                Ok(Err(PoolError::Exchange(e))) => return Err(ForwardError::BadResponse(e.into())),
+                Ok(Ok(rsp)) => rsp,
+            }
+        }
         None => {
             let client = if grpc { &clients.h2 } else { &clients.http1 };
             match tokio::time::timeout(timeout, client.request(req)).await {

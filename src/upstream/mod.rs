@@ -11,6 +11,7 @@ pub mod balance;
 pub mod circuit_breaker;
 pub mod concurrency;
 pub mod forward;
+pub mod h1;
 pub mod outlier;
 pub mod pool;
 pub mod retry_budget;

@@ -31,6 +31,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::body::Body;
+use crate::upstream::h1::{self, Conn, Framing, H1Error};
 
 /// Idle connections kept per endpoint, as the legacy client's `pool_max_idle_per_host`.
 pub const MAX_IDLE: usize = 1024;
@@ -49,6 +50,9 @@ pub enum PoolError {
     /// The connection failed while sending the request or reading the head.
     #[error("invalid or broken response: {0}")]
     Send(hyper::Error),
+    /// The same, on the lean client's connection (`h1.rs`).
+    #[error("invalid or broken response: {0}")]
+    Exchange(H1Error),
 }
 
 struct Idle {
@@ -56,18 +60,103 @@ struct Idle {
     since: Instant,
 }
 
-/// The idle connections of one endpoint, most recently used last.
+/// A lean client's idle connection (`h1.rs`).
+struct IdleConn {
+    conn: Conn,
+    since: Instant,
+}
+
+/// The idle connections of one endpoint, most recently used last: hyper's
+/// (requests with a streaming body) and the lean client's (every other).
 pub struct EndpointPool {
     /// `host:port`, resolved on every new connection (so DNS changes are followed).
     target: String,
     connect_timeout: Duration,
     idle: Mutex<VecDeque<Idle>>,
+    lean: Mutex<VecDeque<IdleConn>>,
 }
 
 impl EndpointPool {
     pub fn new(authority: &http::uri::Authority, connect_timeout: Duration) -> Arc<Self> {
         let target = format!("{}:{}", authority.host(), authority.port_u16().unwrap_or(80));
-        Arc::new(EndpointPool { target, connect_timeout, idle: Mutex::new(VecDeque::new()) })
+        Arc::new(EndpointPool {
+            target,
+            connect_timeout,
+            idle: Mutex::new(VecDeque::new()),
+            lean: Mutex::new(VecDeque::new()),
+        })
+    }
+
+    /// Sends `req`, whose body is in memory (none, or read whole), on the
+    /// lean client (`h1.rs`): a pooled connection or a new one, driven by
+    /// this task. A reused connection that fails before any of the response
+    /// arrived was most likely closed by the upstream's keep-alive timeout
+    /// as it was reused: an idempotent request is sent once more on a new
+    /// connection (nginx does the same for its cached connections); any
+    /// other gets the error, as it would from hyper's client once sent.
+    pub async fn send_buffered(self: &Arc<Self>, req: Request<Body>) -> Result<Response<Body>, PoolError> {
+        use http_body_util::BodyExt;
+        let (parts, body) = req.into_parts();
+        // Empty or `Full`: ready at once.
+        let body =
+            body.collect().await.map_err(|e| PoolError::Exchange(H1Error::Io(io_error(e))))?.to_bytes();
+        let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let head = h1::write_head(&parts.method, target, &parts.headers, body.len());
+        let mut retried = false;
+        loop {
+            let pooled = if retried { None } else { self.checkout_lean() };
+            let reused = pooled.is_some();
+            let mut conn = match pooled {
+                Some(conn) => conn,
+                None => Conn::new(self.connect_stream().await?),
+            };
+            match conn.exchange(head.clone(), &body, &parts.method).await {
+                Ok(head) => {
+                    let mut lean = LeanBody {
+                        conn: Some(conn),
+                        framing: head.framing,
+                        reuse: head.reuse,
+                        pool: self.clone(),
+                    };
+                    if lean.framing == Framing::Done {
+                        // No body: the connection is free at once.
+                        lean.release();
+                    }
+                    let mut rsp = Response::new(crate::body::boxed(lean));
+                    *rsp.status_mut() = head.status;
+                    *rsp.version_mut() = head.version;
+                    *rsp.headers_mut() = head.headers;
+                    return Ok(rsp);
+                }
+                Err((_, false)) if reused && !retried && parts.method.is_idempotent() => retried = true,
+                Err((error, _)) => return Err(PoolError::Exchange(error)),
+            }
+        }
+    }
+
+    /// The most recently used idle lean connection that is still open and
+    /// young enough; the others met on the way are closed.
+    fn checkout_lean(&self) -> Option<Conn> {
+        let now = Instant::now();
+        let mut idle = self.lean.lock().ok()?;
+        while let Some(idle_conn) = idle.pop_back() {
+            if now.saturating_duration_since(idle_conn.since) < IDLE_TIMEOUT && idle_conn.conn.is_reusable() {
+                return Some(idle_conn.conn);
+            }
+        }
+        None
+    }
+
+    /// A lean connection back to the pool after a complete response.
+    fn put_lean(&self, conn: Conn) {
+        let now = Instant::now();
+        let Ok(mut idle) = self.lean.lock() else { return };
+        while idle.front().is_some_and(|c| now.saturating_duration_since(c.since) >= IDLE_TIMEOUT) {
+            idle.pop_front();
+        }
+        if idle.len() < MAX_IDLE {
+            idle.push_back(IdleConn { conn, since: now });
+        }
     }
 
     /// Sends `req` (origin-form target, `Host` set) on a pooled or a new
@@ -146,18 +235,26 @@ impl EndpointPool {
         if let Ok(mut idle) = self.idle.lock() {
             idle.retain(|c| !c.sender.is_closed() && now.saturating_duration_since(c.since) < IDLE_TIMEOUT);
         }
+        if let Ok(mut idle) = self.lean.lock() {
+            idle.retain(|c| now.saturating_duration_since(c.since) < IDLE_TIMEOUT && c.conn.is_reusable());
+        }
     }
 
-    /// A new connection within `connect_timeout`, its task spawned.
-    async fn connect(&self) -> Result<http1::SendRequest<Body>, PoolError> {
-        let stream = match tokio::time::timeout(self.connect_timeout, self.open()).await {
-            Ok(stream) => stream?,
+    /// A new TCP connection within `connect_timeout`.
+    async fn connect_stream(&self) -> Result<TcpStream, PoolError> {
+        match tokio::time::timeout(self.connect_timeout, self.open()).await {
+            Ok(stream) => stream,
             Err(_) => {
                 let msg =
                     format!("tcp connect to {} timed out after {:?}", self.target, self.connect_timeout);
-                return Err(PoolError::Connect(msg.into()));
+                Err(PoolError::Connect(msg.into()))
             }
-        };
+        }
+    }
+
+    /// A new hyper connection within `connect_timeout`, its task spawned.
+    async fn connect(&self) -> Result<http1::SendRequest<Body>, PoolError> {
+        let stream = self.connect_stream().await?;
         let (sender, conn) =
             http1::handshake(TokioIo::new(stream)).await.map_err(|e| PoolError::Connect(e.into()))?;
         tokio::spawn(async move {
@@ -268,4 +365,70 @@ impl Drop for PooledBody {
             self.release();
         }
     }
+}
+
+/// A response body read by the lean client: hands the connection back when
+/// the body ends cleanly; dropped before that, the connection closes with it.
+struct LeanBody {
+    /// `None` once handed back or broken.
+    conn: Option<Conn>,
+    framing: Framing,
+    reuse: bool,
+    pool: Arc<EndpointPool>,
+}
+
+impl LeanBody {
+    fn release(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            if self.reuse && h1::ended_clean(&conn) {
+                self.pool.put_lean(conn);
+            }
+        }
+    }
+}
+
+impl HttpBody for LeanBody {
+    type Data = Bytes;
+    type Error = H1Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
+        let this = self.get_mut();
+        let Some(conn) = this.conn.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = h1::poll_body(conn, &mut this.framing, cx);
+        match polled {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(data)) => {
+                // Handed back as soon as the last byte is in: hyper's server
+                // does not poll a body that says it has ended.
+                if this.framing == Framing::Done {
+                    this.release();
+                }
+                Poll::Ready(data.map(|d| Ok(Frame::data(d))))
+            }
+            Poll::Ready(Err(e)) => {
+                this.conn = None;
+                this.framing = Framing::Done;
+                Poll::Ready(Some(Err(e)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.framing == Framing::Done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Done => SizeHint::with_exact(0),
+            Framing::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+/// A request body's error as an I/O error (an in-memory body has none).
+fn io_error(e: BoxError) -> std::io::Error {
+    std::io::Error::other(e)
 }
