@@ -97,6 +97,16 @@ impl Conn {
         matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
+    /// Ready to wait in the pool: a read buffer grown for a large body is
+    /// let go (and the reads start small again), so an idle connection holds
+    /// at most a small one, not the largest body it ever carried.
+    pub fn settle(&mut self) {
+        if self.buf.capacity() > 4 * FIRST_READ {
+            self.buf = BytesMut::new();
+            self.read_size = FIRST_READ;
+        }
+    }
+
     /// Reads once more into the buffer; `Ok(0)` is the end of the stream.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         if self.buf.capacity() - self.buf.len() < self.read_size / 2 {

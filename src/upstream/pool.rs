@@ -148,7 +148,8 @@ impl EndpointPool {
     }
 
     /// A lean connection back to the pool after a complete response.
-    fn put_lean(&self, conn: Conn) {
+    fn put_lean(&self, mut conn: Conn) {
+        conn.settle();
         let now = Instant::now();
         let Ok(mut idle) = self.lean.lock() else { return };
         while idle.front().is_some_and(|c| now.saturating_duration_since(c.since) >= IDLE_TIMEOUT) {

@@ -25,5 +25,6 @@ mod retry;
 mod shadow;
 mod storm;
 mod tls;
+mod upstream_framing;
 mod upstream_tls;
 mod websocket;
