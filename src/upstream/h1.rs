@@ -108,9 +108,17 @@ impl Conn {
     }
 
     /// Reads once more into the buffer; `Ok(0)` is the end of the stream.
-    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.buf.capacity() - self.buf.len() < self.read_size / 2 {
-            self.buf.reserve(self.read_size);
+    /// `left`: how much of a body with a known length is still to come, so
+    /// that a large one is read in few large reads from the first (and a
+    /// small one allocates no more than it needs); otherwise the reads grow
+    /// as they fill.
+    fn poll_fill(&mut self, cx: &mut Context<'_>, left: Option<u64>) -> Poll<io::Result<usize>> {
+        let want = match left {
+            Some(left) => usize::try_from(left).unwrap_or(MAX_READ).clamp(1024, MAX_READ),
+            None => self.read_size,
+        };
+        if self.buf.capacity() - self.buf.len() < want / 2 {
+            self.buf.reserve(want);
         }
         let room = self.buf.capacity() - self.buf.len();
         loop {
@@ -128,7 +136,7 @@ impl Conn {
     }
 
     async fn fill(&mut self) -> io::Result<usize> {
-        std::future::poll_fn(|cx| self.poll_fill(cx)).await
+        std::future::poll_fn(|cx| self.poll_fill(cx, None)).await
     }
 
     /// Sends a request (`head` from [`write_head`], then `body`) and reads
@@ -464,7 +472,11 @@ pub fn poll_body(
                 }
             }
         }
-        match ready!(conn.poll_fill(cx)) {
+        let left = match framing {
+            Framing::Length(left) => Some(*left),
+            _ => None,
+        };
+        match ready!(conn.poll_fill(cx, left)) {
             Ok(0) if *framing == Framing::Close => {
                 *framing = Framing::Done;
                 return Poll::Ready(Ok(None));
