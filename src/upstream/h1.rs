@@ -31,6 +31,7 @@
 
 use std::io;
 use std::mem::MaybeUninit;
+use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -121,18 +122,15 @@ impl Conn {
             self.buf.reserve(want);
         }
         let room = self.buf.capacity() - self.buf.len();
-        loop {
-            match self.stream.try_read_buf(&mut self.buf) {
-                Ok(n) => {
-                    if n == room && self.read_size < MAX_READ {
-                        self.read_size *= 2;
-                    }
-                    return Poll::Ready(Ok(n));
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready!(self.stream.poll_read_ready(cx))?,
-                Err(e) => return Poll::Ready(Err(e)),
-            }
+        // `AsyncRead`, not `try_read_buf`: a read that leaves room tells
+        // tokio the socket is drained, so the next read (or the pool's
+        // check) waits for epoll instead of trying `recvfrom` for an
+        // `EAGAIN`, one system call per request.
+        let n = ready!(tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.buf))?;
+        if n == room && self.read_size < MAX_READ {
+            self.read_size *= 2;
         }
+        Poll::Ready(Ok(n))
     }
 
     async fn fill(&mut self) -> io::Result<usize> {
@@ -145,17 +143,21 @@ impl Conn {
     /// upstream's keep-alive close racing the reuse.
     pub async fn exchange(
         &mut self,
-        mut head: Vec<u8>,
+        head: &[u8],
         body: &Bytes,
         method: &Method,
     ) -> Result<Head, (H1Error, bool)> {
-        let nothing = |e: H1Error| (e, false);
-        if body.len() <= COALESCE_BODY {
-            head.extend_from_slice(body);
-            self.stream.write_all(&head).await.map_err(|e| nothing(e.into()))?;
+        let nothing = |e: io::Error| (H1Error::Io(e), false);
+        if body.is_empty() {
+            self.stream.write_all(head).await.map_err(nothing)?;
+        } else if body.len() <= COALESCE_BODY {
+            let mut one = Vec::with_capacity(head.len() + body.len());
+            one.extend_from_slice(head);
+            one.extend_from_slice(body);
+            self.stream.write_all(&one).await.map_err(nothing)?;
         } else {
-            self.stream.write_all(&head).await.map_err(|e| nothing(e.into()))?;
-            self.stream.write_all(body).await.map_err(|e| nothing(e.into()))?;
+            self.stream.write_all(head).await.map_err(nothing)?;
+            self.stream.write_all(body).await.map_err(nothing)?;
         }
         let mut received = false;
         loop {
@@ -272,8 +274,11 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, H1E
     let mut fields = Vec::with_capacity(rsp.headers.len());
     for h in rsp.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| H1Error::Invalid("header name"))?;
-        let start = h.value.as_ptr() as usize - base;
-        fields.push((name, start, start + h.value.len()));
+        // httparse's values are slices of the head; anything else (an empty
+        // value may be a slice of nothing) is taken as empty.
+        let start = (h.value.as_ptr() as usize).checked_sub(base).filter(|s| s + h.value.len() <= len);
+        let range = start.map_or((0, 0), |s| (s, s + h.value.len()));
+        fields.push((name, range.0, range.1));
     }
     let head = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(fields.len());
@@ -558,6 +563,17 @@ mod tests {
             Method::PUT,
         );
         assert_eq!(h.status, StatusCode::CREATED, "interim responses are skipped");
+    }
+
+    #[test]
+    fn header_values_are_kept_as_sent_empty_ones_included() {
+        let raw = b"HTTP/1.1 200 OK\r\nx-empty:\r\nx-blank: \r\nX-Case: Some Value\r\nx-a: 1\r\nx-a: 2\r\ncontent-length: 0\r\n\r\n";
+        let h = parse(raw, Method::GET).unwrap().unwrap();
+        assert_eq!(h.headers["x-empty"], "");
+        assert_eq!(h.headers["x-blank"], "");
+        assert_eq!(h.headers["x-case"], "Some Value", "names lowercased, values as sent");
+        let all: Vec<_> = h.headers.get_all("x-a").iter().collect();
+        assert_eq!(all, ["1", "2"], "repeated fields kept in order");
     }
 
     #[test]

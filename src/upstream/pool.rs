@@ -110,7 +110,7 @@ impl EndpointPool {
                 Some(conn) => conn,
                 None => Conn::new(self.connect_stream().await?),
             };
-            match conn.exchange(head.clone(), &body, &parts.method).await {
+            match conn.exchange(&head, &body, &parts.method).await {
                 Ok(head) => {
                     let mut lean = LeanBody {
                         conn: Some(conn),
