@@ -641,4 +641,74 @@ mod tests {
         trailers.extend_from_slice(&vec![b'x'; MAX_TRAILER_BYTES + 1]);
         assert!(decode_chunked(&mut Chunk::Size, &mut trailers).is_err(), "trailers are bounded");
     }
+
+    proptest::proptest! {
+        /// Whatever an upstream sends after a status line, the head parser
+        /// answers (a head, more, or an error) without panicking, and what it
+        /// takes out of the buffer is never more than was there.
+        #[test]
+        fn any_head_an_upstream_sends_is_answered_without_a_panic(
+            fields in "([ -~]{0,40}(\r\n|\n|\r)?){0,12}",
+            status in 0u16..1000,
+            head_method in proptest::bool::ANY,
+        ) {
+            let raw = format!("HTTP/1.1 {status} X\r\n{fields}\r\n\r\nbody");
+            let mut buf = BytesMut::from(raw.as_bytes());
+            let method = if head_method { Method::HEAD } else { Method::GET };
+            let before = buf.len();
+            if let Ok(Some(_)) = parse_head(&mut buf, &method) {
+                proptest::prop_assert!(buf.len() < before);
+            }
+        }
+
+        /// Any chunked body, cut into any two reads, with extensions and
+        /// trailers, decodes to its data; arbitrary bytes in its place end in
+        /// an error or a wait, never a panic.
+        #[test]
+        fn chunked_bodies_round_trip_and_garbage_never_panics(
+            chunks in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 1..300), 0..6),
+            ext in proptest::bool::ANY,
+            trailer in proptest::bool::ANY,
+            cut in 0usize..4000,
+            garbage in proptest::collection::vec(proptest::num::u8::ANY, 0..200),
+        ) {
+            let mut wire = Vec::new();
+            for c in &chunks {
+                wire.extend_from_slice(format!("{:X}{}\r\n", c.len(), if ext { ";a=b" } else { "" }).as_bytes());
+                wire.extend_from_slice(c);
+                wire.extend_from_slice(b"\r\n");
+            }
+            wire.extend_from_slice(b"0\r\n");
+            if trailer {
+                wire.extend_from_slice(b"x-t: 1\r\n");
+            }
+            wire.extend_from_slice(b"\r\n");
+            let cut = cut.min(wire.len());
+            let (mut buf, mut state, mut out, mut ended) = (BytesMut::new(), Chunk::Size, Vec::new(), false);
+            for piece in [&wire[..cut], &wire[cut..]] {
+                buf.extend_from_slice(piece);
+                loop {
+                    match decode_chunked(&mut state, &mut buf) {
+                        Ok(Step::Data(d)) => out.extend_from_slice(&d),
+                        Ok(Step::More) => break,
+                        Ok(Step::End) => {
+                            ended = true;
+                            break;
+                        }
+                        Err(e) => proptest::prop_assert!(false, "{e}"),
+                    }
+                }
+            }
+            proptest::prop_assert!(ended);
+            proptest::prop_assert_eq!(out, chunks.concat());
+
+            let (mut buf, mut state) = (BytesMut::from(&garbage[..]), Chunk::Size);
+            for _ in 0..garbage.len() + 2 {
+                match decode_chunked(&mut state, &mut buf) {
+                    Ok(Step::Data(_)) => {}
+                    _ => break,
+                }
+            }
+        }
+    }
 }
