@@ -301,11 +301,26 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, H1E
                 .ok()
                 .and_then(|v| v.rsplit(',').next())
                 .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
+            // The framing is this client's to undo, and hop-by-hop: the
+            // client's framing is hyper's server's to choose.
+            continue;
         } else if name == CONNECTION {
+            let mut names_others = false;
             for token in value.to_str().unwrap_or("").split(',').map(str::trim) {
-                close |= token.eq_ignore_ascii_case("close");
-                keep_alive |= token.eq_ignore_ascii_case("keep-alive");
+                let (c, k) = (token.eq_ignore_ascii_case("close"), token.eq_ignore_ascii_case("keep-alive"));
+                (close, keep_alive) = (close | c, keep_alive | k);
+                names_others |= !c && !k && !token.is_empty();
             }
+            // Hop-by-hop, and `forward.rs` would remove it (and what it
+            // names) from the map: a field with only `close` or
+            // `keep-alive` is not put in (one insert and one removal fewer on
+            // nearly every response); one naming other fields is, for the
+            // removal to find them.
+            if !names_others {
+                continue;
+            }
+        } else if name.as_str() == "keep-alive" {
+            continue;
         }
         headers.append(name, value);
     }
@@ -554,6 +569,12 @@ mod tests {
         assert_eq!((h.framing, h.reuse), (Framing::Close, false), "no length: to the close");
         let h = head("HTTP/1.1 200 OK\r\nConnection: Close\r\ncontent-length: 0\r\n\r\n", Method::GET);
         assert_eq!((h.framing, h.reuse), (Framing::Done, false));
+        assert!(h.headers.get(CONNECTION).is_none(), "hop-by-hop, and nothing for forward.rs to remove");
+        let h = head("HTTP/1.1 200 OK\r\nconnection: keep-alive, x-hop\r\nkeep-alive: timeout=5\r\nx-hop: 1\r\ncontent-length: 0\r\n\r\n", Method::GET);
+        assert_eq!(h.headers[CONNECTION], "keep-alive, x-hop", "kept: forward.rs removes what it names");
+        assert!(h.headers.get("keep-alive").is_none());
+        let h = head("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n", Method::GET);
+        assert!(h.headers.get(TRANSFER_ENCODING).is_none(), "the framing is undone here");
         let h = head("HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n", Method::GET);
         assert_eq!((h.version, h.reuse), (Version::HTTP_10, false), "HTTP/1.0 closes by default");
         let h = head("HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 1\r\n\r\n", Method::GET);

@@ -20,7 +20,7 @@ struct Seen {
 
 /// A raw backend. Per path, the bytes of its answer:
 /// `/chunked`, `/head` (for `HEAD`), `/nocontent`, `/continue` (a 100 before
-/// a 201), `/length`, `/close` (a body to the close, then it closes),
+/// a 201), `/length`, `/hop` (hop-by-hop fields, one named by `Connection`), `/close` (a body to the close, then it closes),
 /// `/short` (says 10 bytes, sends 3, closes), `/garbage` (not HTTP);
 /// `/drop-second` answers the first request of a connection and closes the
 /// connection, unanswered, on its second.
@@ -92,6 +92,7 @@ async fn serve(mut sock: tokio::net::TcpStream, seen: Arc<Mutex<Vec<Seen>>>) {
             "/nocontent" => b"HTTP/1.1 204 No Content\r\n\r\n",
             "/continue" => b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok",
             "/length" => b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n0123456789",
+            "/hop" => b"HTTP/1.1 200 OK\r\nconnection: keep-alive, x-secret\r\nkeep-alive: timeout=5\r\nx-secret: 1\r\nx-end: 1\r\ncontent-length: 2\r\n\r\nok",
             "/close" => b"HTTP/1.1 200 OK\r\n\r\nto the close",
             "/short" => b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc",
             "/garbage" => b"HTTX/1.1 200 OK\r\n\r\n",
@@ -139,7 +140,13 @@ async fn every_framing_of_a_response_is_relayed_whole_on_one_kept_alive_connecti
 
     let rsp = client.get(gw.http, "/length").await;
     assert_eq!(rsp.text(), "0123456789");
-    assert_eq!(backend.accepted(), 1, "five framings, one kept-alive upstream connection");
+    let rsp = client.get(gw.http, "/hop").await;
+    assert_eq!(rsp.text(), "ok");
+    for hop in ["connection", "keep-alive", "x-secret"] {
+        assert!(rsp.headers.get(hop).is_none(), "{hop} is hop-by-hop (x-secret named by Connection)");
+    }
+    assert_eq!(rsp.headers["x-end"], "1");
+    assert_eq!(backend.accepted(), 1, "six answers, one kept-alive upstream connection");
 
     let rsp = client.get(gw.http, "/close").await;
     assert_eq!((rsp.status.as_u16(), rsp.text().as_str()), (200, "to the close"), "a body to the close");
