@@ -55,15 +55,50 @@ pub enum PoolError {
     Exchange(H1Error),
 }
 
-struct Idle {
-    sender: http1::SendRequest<Body>,
-    since: Instant,
+/// The idle connections of one kind, most recently used last, each with
+/// when it went idle: at most [`MAX_IDLE`], none kept past [`IDLE_TIMEOUT`].
+struct IdleList<C> {
+    list: Mutex<VecDeque<(C, Instant)>>,
 }
 
-/// A lean client's idle connection (`h1.rs`).
-struct IdleConn {
-    conn: Conn,
-    since: Instant,
+impl<C> IdleList<C> {
+    fn new() -> Self {
+        IdleList { list: Mutex::new(VecDeque::new()) }
+    }
+
+    /// The most recently used connection that is young enough and `usable`;
+    /// the others met on the way are dropped (closed).
+    fn take(&self, usable: impl Fn(&C) -> bool) -> Option<C> {
+        let now = Instant::now();
+        let mut idle = self.list.lock().ok()?;
+        while let Some((conn, since)) = idle.pop_back() {
+            if now.saturating_duration_since(since) < IDLE_TIMEOUT && usable(&conn) {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    /// Back after a complete response; the oldest past [`IDLE_TIMEOUT`] are
+    /// closed on the way.
+    fn put(&self, conn: C) {
+        let now = Instant::now();
+        let Ok(mut idle) = self.list.lock() else { return };
+        while idle.front().is_some_and(|(_, since)| now.saturating_duration_since(*since) >= IDLE_TIMEOUT) {
+            idle.pop_front();
+        }
+        if idle.len() < MAX_IDLE {
+            idle.push_back((conn, now));
+        }
+    }
+
+    /// Keeps the young enough and `usable` ones (a quiet pool's, which no `put` meets).
+    fn retain(&self, usable: impl Fn(&C) -> bool) {
+        let now = Instant::now();
+        if let Ok(mut idle) = self.list.lock() {
+            idle.retain(|(conn, since)| now.saturating_duration_since(*since) < IDLE_TIMEOUT && usable(conn));
+        }
+    }
 }
 
 /// The idle connections of one endpoint, most recently used last: hyper's
@@ -72,19 +107,14 @@ pub struct EndpointPool {
     /// `host:port`, resolved on every new connection (so DNS changes are followed).
     target: String,
     connect_timeout: Duration,
-    idle: Mutex<VecDeque<Idle>>,
-    lean: Mutex<VecDeque<IdleConn>>,
+    idle: IdleList<http1::SendRequest<Body>>,
+    lean: IdleList<Conn>,
 }
 
 impl EndpointPool {
     pub fn new(authority: &http::uri::Authority, connect_timeout: Duration) -> Arc<Self> {
         let target = format!("{}:{}", authority.host(), authority.port_u16().unwrap_or(80));
-        Arc::new(EndpointPool {
-            target,
-            connect_timeout,
-            idle: Mutex::new(VecDeque::new()),
-            lean: Mutex::new(VecDeque::new()),
-        })
+        Arc::new(EndpointPool { target, connect_timeout, idle: IdleList::new(), lean: IdleList::new() })
     }
 
     /// Sends `req`, whose body is in memory (none, or read whole), on the
@@ -137,27 +167,13 @@ impl EndpointPool {
     /// The most recently used idle lean connection that is still open and
     /// young enough; the others met on the way are closed.
     fn checkout_lean(&self) -> Option<Conn> {
-        let now = Instant::now();
-        let mut idle = self.lean.lock().ok()?;
-        while let Some(idle_conn) = idle.pop_back() {
-            if now.saturating_duration_since(idle_conn.since) < IDLE_TIMEOUT && idle_conn.conn.is_reusable() {
-                return Some(idle_conn.conn);
-            }
-        }
-        None
+        self.lean.take(Conn::is_reusable)
     }
 
     /// A lean connection back to the pool after a complete response.
     fn put_lean(&self, mut conn: Conn) {
         conn.settle();
-        let now = Instant::now();
-        let Ok(mut idle) = self.lean.lock() else { return };
-        while idle.front().is_some_and(|c| now.saturating_duration_since(c.since) >= IDLE_TIMEOUT) {
-            idle.pop_front();
-        }
-        if idle.len() < MAX_IDLE {
-            idle.push_back(IdleConn { conn, since: now });
-        }
+        self.lean.put(conn);
     }
 
     /// Sends `req` (origin-form target, `Host` set) on a pooled or a new
@@ -203,42 +219,22 @@ impl EndpointPool {
     /// The most recently used idle connection that is still open and young
     /// enough; older or closed ones met on the way are dropped (closed).
     fn checkout(&self) -> Option<http1::SendRequest<Body>> {
-        let now = Instant::now();
-        let mut idle = self.idle.lock().ok()?;
-        while let Some(conn) = idle.pop_back() {
-            if !conn.sender.is_closed() && now.saturating_duration_since(conn.since) < IDLE_TIMEOUT {
-                return Some(conn.sender);
-            }
-        }
-        None
+        self.idle.take(|sender| !sender.is_closed())
     }
 
     /// Back to the pool after a complete response; the oldest idle
     /// connections past [`IDLE_TIMEOUT`] are closed on the way.
     fn put(&self, sender: http1::SendRequest<Body>) {
-        if sender.is_closed() {
-            return;
-        }
-        let now = Instant::now();
-        let Ok(mut idle) = self.idle.lock() else { return };
-        while idle.front().is_some_and(|c| now.saturating_duration_since(c.since) >= IDLE_TIMEOUT) {
-            idle.pop_front();
-        }
-        if idle.len() < MAX_IDLE {
-            idle.push_back(Idle { sender, since: now });
+        if !sender.is_closed() {
+            self.idle.put(sender);
         }
     }
 
     /// Closes the idle connections past [`IDLE_TIMEOUT`] (a quiet pool's
     /// connections, which no `put` meets).
     pub fn close_expired(&self) {
-        let now = Instant::now();
-        if let Ok(mut idle) = self.idle.lock() {
-            idle.retain(|c| !c.sender.is_closed() && now.saturating_duration_since(c.since) < IDLE_TIMEOUT);
-        }
-        if let Ok(mut idle) = self.lean.lock() {
-            idle.retain(|c| now.saturating_duration_since(c.since) < IDLE_TIMEOUT && c.conn.is_reusable());
-        }
+        self.idle.retain(|sender| !sender.is_closed());
+        self.lean.retain(Conn::is_reusable);
     }
 
     /// A new TCP connection within `connect_timeout`.
