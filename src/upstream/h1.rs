@@ -91,11 +91,18 @@ impl Conn {
     /// system call; a close the reactor has not seen yet shows when the
     /// request is sent (see [`crate::upstream::pool`]).
     pub fn is_reusable(&self) -> bool {
-        if !self.buf.is_empty() {
+        if !self.drained() {
             return false;
         }
         let mut probe = [0u8; 1];
         matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    /// Whether everything read has been consumed: a response that ended
+    /// with bytes after it (an upstream that sent more than it framed) leaves
+    /// the connection unusable.
+    pub fn drained(&self) -> bool {
+        self.buf.is_empty()
     }
 
     /// Ready to wait in the pool: a read buffer grown for a large body is
@@ -508,11 +515,6 @@ pub fn poll_body(
             Err(e) => return Poll::Ready(Err(e.into())),
         }
     }
-}
-
-/// Whether a connection whose response ended can take another request.
-pub fn ended_clean(conn: &Conn) -> bool {
-    conn.buf.is_empty()
 }
 
 #[cfg(test)]

@@ -128,8 +128,11 @@ impl EndpointPool {
         use http_body_util::BodyExt;
         let (parts, body) = req.into_parts();
         // Empty or `Full`: ready at once.
-        let body =
-            body.collect().await.map_err(|e| PoolError::Exchange(H1Error::Io(io_error(e))))?.to_bytes();
+        let body = body
+            .collect()
+            .await
+            .map_err(|e| PoolError::Exchange(H1Error::Io(std::io::Error::other(e))))?
+            .to_bytes();
         let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
         let head = h1::write_head(&parts.method, target, &parts.headers, body.len());
         let mut retried = false;
@@ -158,7 +161,8 @@ impl EndpointPool {
                     *rsp.headers_mut() = head.headers;
                     return Ok(rsp);
                 }
-                Err((_, false)) if reused && !retried && parts.method.is_idempotent() => retried = true,
+                // (A reused connection is never a retry's: it takes a new one.)
+                Err((_, false)) if reused && parts.method.is_idempotent() => retried = true,
                 Err((error, _)) => return Err(PoolError::Exchange(error)),
             }
         }
@@ -377,7 +381,7 @@ struct LeanBody {
 impl LeanBody {
     fn release(&mut self) {
         if let Some(conn) = self.conn.take() {
-            if self.reuse && h1::ended_clean(&conn) {
+            if self.reuse && conn.drained() {
                 self.pool.put_lean(conn);
             }
         }
@@ -423,9 +427,4 @@ impl HttpBody for LeanBody {
             _ => SizeHint::default(),
         }
     }
-}
-
-/// A request body's error as an I/O error (an in-memory body has none).
-fn io_error(e: BoxError) -> std::io::Error {
-    std::io::Error::other(e)
 }
