@@ -21,8 +21,8 @@
 //!   the lock, so a request can start every load when it learns who its
 //!   client is (`stack::warm`) and pay for about one.
 
+use parking_lot::{Mutex, MutexGuard};
 use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard};
 
 /// Keys are never 0: 0 marks an empty slot.
 const EMPTY: u64 = 0;
@@ -284,7 +284,7 @@ struct Cell<V> {
 
 impl<V> Cell<V> {
     fn lock(&self) -> MutexGuard<'_, Shard<V>> {
-        self.shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.shard.lock()
     }
 
     /// Publishes where `shard` (this cell's, locked) keeps its slots, after
