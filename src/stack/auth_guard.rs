@@ -58,6 +58,8 @@ pub struct AuthGuard {
     /// every worker, adds to them. Bucketed in milliseconds on the client
     /// table's clock, which `observe` reads anyway.
     bucket_ms: u64,
+    /// `recently_authorized` in milliseconds.
+    recent_ms: u64,
     responses: Ring,
     unauthorized: Ring,
     tripped: AtomicBool,
@@ -67,12 +69,14 @@ impl AuthGuard {
     /// A guard for `route`, keeping its clients' last 2xx in the route's `clients` table.
     pub fn new(route: &str, config: &AuthGuardConfig, clients: Arc<RouteClients>) -> Arc<Self> {
         metrics::gauge!(m::AUTH_GUARD_TRIPPED, "route" => route.to_string()).set(0.0);
-        clients.guard_keeps_for(u64::try_from(config.recently_authorized.as_millis()).unwrap_or(u64::MAX));
+        let recent_ms = u64::try_from(config.recently_authorized.as_millis()).unwrap_or(u64::MAX);
+        clients.guard_keeps_for(recent_ms);
         Arc::new(AuthGuard {
             route: Arc::from(route),
             config: config.clone(),
             clients,
             bucket_ms: (u64::try_from(config.window.as_millis()).unwrap_or(u64::MAX) / BUCKETS as u64).max(1),
+            recent_ms,
             responses: Ring::default(),
             unauthorized: Ring::default(),
             tripped: AtomicBool::new(false),
@@ -87,7 +91,7 @@ impl AuthGuard {
     /// 401 must become 503 `upstream_auth_anomaly`.
     pub fn observe(&self, client: &ClientKey, status: StatusCode, now: Instant) -> bool {
         let now_ms = self.clients.ms(now);
-        let recent_ms = u64::try_from(self.config.recently_authorized.as_millis()).unwrap_or(u64::MAX);
+        let recent_ms = self.recent_ms;
         // One map operation: read the last 2xx and record this one (0: never).
         let success = status.is_success();
         let last = self.clients.with(client, |c| {
@@ -109,6 +113,14 @@ impl AuthGuard {
         self.responses.add(tick, 1);
         if unauthorized {
             self.unauthorized.add(tick, 1);
+        } else if !self.tripped() {
+            // Only a 401 raises the share of 401s; any other response can
+            // trip the guard only by way of older responses leaving the
+            // window, and a trip changes nothing but a 401's answer. So an
+            // untripped guard sums its window on 401s (the next one trips it
+            // as surely), and a tripped one on every response (a 2xx resets
+            // it as before): two ring sums fewer on nearly every response.
+            return false;
         }
         let (responses, unauthorized_count) = (self.responses.sum(tick), self.unauthorized.sum(tick));
         let trip = responses >= u64::from(self.config.min_responses)

@@ -107,6 +107,12 @@ impl<const N: usize> Tats<N> {
     /// while it still holds anything.
     pub fn decide(&mut self, limits: &[Gcra], ids: &[u32], now: u64) -> Outcome {
         let n = limits.len().min(ids.len()).min(N);
+        if self.ids[..n] == ids[..n] && self.ids[n..].iter().all(|&id| id == 0) {
+            // The entry holds exactly these limits, in this order (every
+            // request but the first after a reload): the rewrite below would
+            // copy it unchanged, so decide in place.
+            return gcra::decide(&limits[..n], &mut self.tats[..n], now);
+        }
         let mut next = Tats::<N>::default();
         for (i, &id) in ids[..n].iter().enumerate() {
             next.ids[i] = id;

@@ -100,9 +100,14 @@ impl GrowthRules {
     /// request of slack a single request that a delay moved across an
     /// interval's edge hid a bomb for three more intervals.
     fn grew(&self, cur: u32, prev: u32) -> bool {
+        // The integer tests first: nearly every request fails one of them,
+        // and then skips the floating-point division.
+        if cur < self.min_count || prev == 0 {
+            return false;
+        }
         let wanted = self.factor * f64::from(prev);
         let noise = (wanted / 10.0).max(1.0);
-        cur >= self.min_count && prev > 0 && f64::from(cur) + noise >= wanted
+        f64::from(cur) + noise >= wanted
     }
 
     /// Counts one request at `now_ms`. `needed` is the streak that makes a bomb
