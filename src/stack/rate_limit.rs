@@ -94,11 +94,10 @@ impl Stage for RateLimit {
         next: &'a N,
     ) -> impl Future<Output = Answer> + Send + 'a {
         let mut req = req;
-        let client = match super::identity(&req) {
-            Ok(identity) => identity.client.clone(),
+        let (client, now) = match super::identity(&req) {
+            Ok(identity) => (identity.client.clone(), identity.arrived),
             Err(shed) => return Either::Left(Either::Left(ready(Err(shed)))),
         };
-        let now = Instant::now();
         let admitted = match &self.split.enforce {
             None => None,
             Some(limits) => match self.store.check_now(limits, &client, now) {

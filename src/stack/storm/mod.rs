@@ -136,9 +136,8 @@ impl Storm {
         let mut h = self.seed.build_hasher();
         h.write_u64(client.hash64());
         h.write(method.as_str().as_bytes());
-        h.write(uri.path().as_bytes());
-        h.write_u8(b'?');
-        h.write(uri.query().unwrap_or("").as_bytes());
+        // Path and query as one slice (as they arrived: `/a?b`), one write.
+        h.write(uri.path_and_query().map_or(uri.path(), |pq| pq.as_str()).as_bytes());
         if let Some(b) = body {
             h.write_u8(0);
             h.write(b);
@@ -339,16 +338,16 @@ impl Stage for Detect {
         req: Request<Body>,
         next: &'a N,
     ) -> impl Future<Output = Answer> + Send + 'a {
-        let client = match super::identity(&req) {
-            Ok(identity) => identity.client.clone(),
+        let (client, arrived) = match super::identity(&req) {
+            Ok(identity) => (identity.client.clone(), identity.arrived),
             Err(shed) => return Either::Left(Either::Left(ready(Err(shed)))),
         };
         if !hashes_body(&req) {
-            return Either::Left(Either::Right(self.pass(req, client, None, next)));
+            return Either::Left(Either::Right(self.pass(req, client, arrived, None, next)));
         }
         Either::Right(Box::pin(async move {
             let (req, body) = small_body(req).await?;
-            self.pass(req, client, Some(&body), next).await
+            self.pass(req, client, arrived, Some(&body), next).await
         }) as StageFuture<'a>)
     }
 }
@@ -360,11 +359,12 @@ impl Detect {
         &'a self,
         mut req: Request<Body>,
         client: ClientKey,
+        arrived: Instant,
         body: Option<&[u8]>,
         next: &'a N,
     ) -> impl Future<Output = Answer> + Send + 'a {
         let fingerprint = self.storm.fingerprint(&client, req.method(), req.uri(), body);
-        let in_flight = match self.storm.observe(&client, fingerprint, Instant::now()) {
+        let in_flight = match self.storm.observe(&client, fingerprint, arrived) {
             Ok(_) => Some(InFlight { storm: &self.storm, fingerprint, failed: true }),
             Err(shed) if self.mode == Mode::Enforce => return Either::Left(ready(Err(shed.client(client)))),
             Err(shed) => {
