@@ -246,6 +246,30 @@ mod tests {
         assert_eq!(g.unauthorized.sum(tick), 0);
     }
 
+    /// The share of 401s can also rise by the 2xx leaving the window; a
+    /// 2xx then does not trip the guard (only a 401 sums the window while it
+    /// is not tripped), and the next 401 to an authorized client is rewritten
+    /// all the same.
+    #[tokio::test(start_paused = true)]
+    async fn a_share_raised_by_the_window_sliding_trips_at_the_next_401() {
+        let g = guard();
+        let client = |c: usize| ClientKey::from_text(&format!("slide{c}"));
+        let start = Instant::now();
+        for c in 0..200 {
+            g.observe(&client(c), StatusCode::OK, start);
+        }
+        // 60 of 260 responses are 401s: 23%, under the 30% that trips.
+        let five = start + Duration::from_secs(5);
+        assert!((0..60).all(|c| !g.observe(&client(c), StatusCode::UNAUTHORIZED, five)));
+        assert!(!g.tripped());
+        // The first second's 200 2xx leave the window: the 401s are now
+        // nearly all of it.
+        let later = start + Duration::from_millis(10_500);
+        assert!(!g.observe(&client(100), StatusCode::OK, later));
+        assert!(g.observe(&client(60), StatusCode::UNAUTHORIZED, later), "the next 401 is rewritten");
+        assert!(g.tripped());
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_lone_401_with_a_healthy_upstream_passes() {
         let g = guard();
