@@ -164,8 +164,22 @@ impl Conn {
             self.stream.write_all(&one).await.map_err(nothing)?;
         } else {
             self.stream.write_all(head).await.map_err(nothing)?;
-            self.stream.write_all(body).await.map_err(nothing)?;
+            if let Err(e) = self.stream.write_all(body).await {
+                // The upstream may have answered on the head (a 413, a 401)
+                // and closed with the body unread: its answer came before the
+                // reset that failed the write, and is still in the socket to
+                // read. The connection is done either way.
+                return match self.read_head(method).await {
+                    Ok(head) => Ok(Head { reuse: false, ..head }),
+                    Err((_, received)) => Err((H1Error::Io(e), received)),
+                };
+            }
         }
+        self.read_head(method).await
+    }
+
+    /// Reads the response head (skipping 1xx); `Err` as [`Conn::exchange`]'s.
+    async fn read_head(&mut self, method: &Method) -> Result<Head, (H1Error, bool)> {
         let mut received = false;
         loop {
             if !self.buf.is_empty() {

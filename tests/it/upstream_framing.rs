@@ -21,7 +21,8 @@ struct Seen {
 /// A raw backend. Per path, the bytes of its answer:
 /// `/chunked`, `/head` (for `HEAD`), `/nocontent`, `/continue` (a 100 before
 /// a 201), `/length`, `/hop` (hop-by-hop fields, one named by `Connection`), `/close` (a body to the close, then it closes),
-/// `/short` (says 10 bytes, sends 3, closes), `/garbage` (not HTTP);
+/// `/short` (says 10 bytes, sends 3, closes), `/garbage` (not HTTP),
+/// `/early` (a 413 on the head, and a close with the body unread);
 /// `/drop-second` answers the first request of a connection and closes the
 /// connection, unanswered, on its second.
 struct ScriptedBackend {
@@ -72,6 +73,13 @@ async fn serve(mut sock: tokio::net::TcpStream, seen: Arc<Mutex<Vec<Seen>>>) {
         };
         let head = String::from_utf8_lossy(&buf[..end]).into_owned();
         buf.drain(..end + 4);
+        if head.split(' ').nth(1) == Some("/early") {
+            // Refuses the upload on its head and closes with the body
+            // unread, which makes the kernel reset the connection.
+            seen.lock().unwrap().push(Seen { head, body: Vec::new() });
+            let _ = sock.write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 4\r\n\r\nbig!").await;
+            return;
+        }
         let length = head
             .lines()
             .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(str::to_string))
@@ -210,4 +218,23 @@ async fn a_reused_connection_dropped_unanswered_resends_only_idempotent_requests
     assert_eq!(rsp.status, 502, "a POST is not sent twice");
     assert_eq!(rsp.reason(), Some("bad_upstream_response"));
     assert_eq!(backend.accepted(), 2, "and no new connection was opened for it");
+}
+
+/// An upstream that refuses an upload on its head (a 413) and closes with
+/// the body unread, while levee still writes a body larger than the
+/// sockets' buffers: the write fails on the reset, and the answer that came
+/// before it is relayed, as hyper's client and nginx relay it, not a 502.
+#[tokio::test]
+async fn an_early_answer_to_a_large_upload_is_relayed() {
+    let backend = ScriptedBackend::start().await;
+    let toml = base_config().replace(
+        "shutdown_grace",
+        "buffer_body_bytes = \"32MiB\"\nmax_body_bytes = \"32MiB\"\nshutdown_grace",
+    ) + &upstream_and_route("fr-early-up", &[backend.addr], "fr-early", "/")
+        + "\n[upstreams.fr-early-up.retry]\nattempts = 1\n";
+    let gw = TestGateway::start(&toml).await;
+    let rsp = Client::new().post(gw.http, "/early", vec![b'x'; 24 << 20]).await;
+    assert_eq!((rsp.status.as_u16(), rsp.text().as_str()), (413, "big!"), "{:?}", rsp.headers);
+    assert_eq!(backend.last().head.split(' ').nth(1), Some("/early"));
+    assert_eq!(Client::new().get(gw.http, "/length").await.text(), "0123456789", "levee serves on");
 }
