@@ -57,6 +57,9 @@ const MAX_READ: usize = 256 * 1024;
 /// a larger one is written on its own rather than copied.
 const COALESCE_BODY: usize = 16 * 1024;
 
+/// The most fields levee adds to a response on its way to the client.
+const ADDED_BY_LEVEE: usize = 3;
+
 /// Why an exchange failed.
 #[derive(Debug, thiserror::Error)]
 pub enum H1Error {
@@ -302,7 +305,10 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, H1E
         fields.push((name, range.0, range.1));
     }
     let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(fields.len());
+    // Room for the fields levee adds to a response (`x-request-id`, and a
+    // limited route's `RateLimit-Policy` and `RateLimit`): a map filled to
+    // its capacity grows (every index rehashed) on the first of them.
+    let mut headers = HeaderMap::with_capacity(fields.len() + ADDED_BY_LEVEE);
     let (mut length, mut chunked, mut encoded, mut close, mut keep_alive) =
         (None, false, false, false, false);
     for (name, start, end) in fields {
