@@ -47,14 +47,16 @@ fn route_stack(config: &str) -> stack::RouteService {
     stack::build_on(route, upstream, &state, store, noop)
 }
 
-/// Thread `t` of [`two_threads`] serves `routes[t]` on a runtime of its own,
-/// each thread taking every other client of `ids`.
-/// The context of a request arriving now: `proxy.rs` reads the clock for
-/// every request, and the storm detector and the limits decide at that time.
+/// The context of a request arriving now (a bodiless one: whole at once):
+/// `proxy.rs` reads the clock for every request, and the storm detector and
+/// the limits decide at that time.
 fn arriving(ctx: &RequestContext) -> RequestContext {
-    RequestContext { started: tokio::time::Instant::now(), ..ctx.clone() }
+    let now = tokio::time::Instant::now();
+    RequestContext { started: now, whole: now, ..ctx.clone() }
 }
 
+/// Thread `t` of [`two_threads`] serves `routes[t]` on a runtime of its own,
+/// each thread taking every other client of `ids`.
 fn serve<'a>(
     routes: [&'a stack::RouteService; 2],
     ids: &'a [http::HeaderValue],
@@ -89,6 +91,7 @@ pub fn bench(c: &mut Criterion) {
         request_id: http::HeaderValue::from_static("bench"),
         route: Arc::from("device-api"),
         started: tokio::time::Instant::now(),
+        whole: tokio::time::Instant::now(),
         body_fault: Default::default(),
         body_buffered: true,
         upgrade: false,

@@ -160,9 +160,9 @@ pub fn bench(c: &mut Criterion) {
         // asked for as soon as the client is known.
         table.prefetch(client);
         // One clock read, as the stages make: the storm detector and the
-        // limits decide at the request's arrival, which `proxy.rs` reads for
-        // every request (`Identity::arrived`); the guard reads the clock
-        // when the response comes.
+        // limits decide when the request was whole, which `proxy.rs` reads
+        // for every request (`RequestContext::whole`); the guard reads the
+        // clock when the response comes.
         let at = Instant::now();
         let fp = storm.fingerprint(client, &Method::GET, &uri, None);
         let verdict = storm.observe(client, fp, at).is_ok();

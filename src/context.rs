@@ -183,6 +183,13 @@ pub struct RequestContext {
     pub request_id: http::HeaderValue,
     pub route: Arc<str>,
     pub started: Instant,
+    /// When the request was whole: `started`, or, for a body read whole
+    /// before the stack (`body_buffered`), when its last byte came. The storm
+    /// detector and the limits decide at it (`Identity::arrived`), so they
+    /// read no clock of their own. Not `started`: a body that trickles in for
+    /// seconds would have them decide in the past, where a bucket's cap falls
+    /// below what later requests left it at and a client's interval rolls back.
+    pub whole: Instant,
     /// Why the client's body failed, if it did (`body::ClientBody`).
     pub body_fault: Arc<BodyFault>,
     /// The body is in memory (empty, or read whole before the stack): it can

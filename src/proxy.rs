@@ -137,7 +137,8 @@ impl Proxy {
                 parts.uri = with_path(&parts.uri, &normal);
             }
             let fault = Arc::new(BodyFault::default());
-            let (body, buffered) = if incoming.is_end_stream() {
+            let bodiless = incoming.is_end_stream();
+            let (body, buffered) = if bodiless {
                 (body::empty(), true)
             } else {
                 let body = ClientBody::new(
@@ -161,6 +162,8 @@ impl Proxy {
                     _ => (body::boxed(body), false),
                 }
             };
+            // A body read whole took time since the head came (`RequestContext::whole`).
+            let whole = if buffered && !bodiless { Instant::now() } else { started };
             parts.extensions.insert(RequestContext {
                 peer: conn.peer,
                 peer_header: conn.peer_header.clone(),
@@ -170,6 +173,7 @@ impl Proxy {
                 request_id,
                 route: route.name.clone(),
                 started,
+                whole,
                 body_fault: fault.clone(),
                 body_buffered: buffered,
                 upgrade: upgrade.is_some(),

@@ -26,10 +26,10 @@ pub struct Identity {
     pub client: ClientKey,
     pub tenant: Option<ClientKey>,
     pub priority: Priority,
-    /// When the request arrived (`RequestContext::started`): the moment the
+    /// When the request was whole (`RequestContext::whole`): the moment the
     /// stages that decide on arrival (the storm detector, the limits) decide
     /// at, so a request reads the clock once, not once per stage. Nothing
-    /// between arrival and them waits: admission refuses rather than queues.
+    /// between it and them waits: admission refuses rather than queues.
     pub arrived: Instant,
 }
 
@@ -92,7 +92,7 @@ impl ClientId {
 impl super::Check for ClientId {
     fn check(&self, req: &mut Request<Body>) -> Result<(), Shed> {
         let ctx = super::context(req)?;
-        let identity = self.identify(req, ctx.client_ip, ctx.started)?;
+        let identity = self.identify(req, ctx.client_ip, ctx.whole)?;
         if let Some(warm) = &self.warm {
             warm.client(&identity.client);
         }
