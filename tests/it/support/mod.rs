@@ -16,6 +16,7 @@ pub use gateway::TestGateway;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -47,14 +48,27 @@ pub async fn poll_until<T>(within: Duration, what: &str, mut probe: impl AsyncFn
     panic!("not within {within:?}: {what}");
 }
 
-/// A fresh directory under the system temp dir for one test.
+/// A fresh directory for one test, inside the run's own directory
+/// (`levee-it-<pid>` in the system temp dir). A run's tests may read their
+/// files to its end, so the run leaves its directory; the next run's first
+/// test removes those of runs whose process is gone.
 pub fn temp_dir(name: &str) -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "levee-it-{}-{}-{name}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
+    static RUN: LazyLock<PathBuf> = LazyLock::new(|| {
+        let tmp = std::env::temp_dir();
+        for entry in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+            let name = entry.file_name();
+            // `levee-it-<pid>`, and `levee-it-<pid>-<n>-<name>` of older runs.
+            let pid = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("levee-it-")?.split('-').next()?.parse::<u32>().ok());
+            if pid.is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists()) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        tmp.join(format!("levee-it-{}", std::process::id()))
+    });
+    let dir = RUN.join(format!("{}-{name}", N.fetch_add(1, Ordering::Relaxed)));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
