@@ -126,7 +126,7 @@ impl Proxy {
             let mut req = req;
             let upgrade = match may_upgrade && crate::websocket::is_upgrade(&req) {
                 false => None,
-                true => match self.upgrade_slot(route, &req, client_ip, started) {
+                true => match self.upgrade_slot(route, &req, client_ip) {
                     Ok(slot) => Some((slot, hyper::upgrade::on(&mut req))),
                     Err(shed) => break 'dispatch Err((Some(route), shed)),
                 },
@@ -251,9 +251,8 @@ impl Proxy {
         route: &Route,
         req: &Request<B>,
         client_ip: std::net::IpAddr,
-        arrived: Instant,
     ) -> Result<Slot, Shed> {
-        let identity = route.client_id.identify(req, client_ip, arrived)?;
+        let identity = route.client_id.identify(req, client_ip)?;
         let client = identity.client.clone();
         route.upgraded.acquire(Arc::from(client.as_str())).ok_or_else(|| {
             Shed::new(Reason::TooManyConnections)

@@ -59,10 +59,10 @@ impl Stage for Breaker {
         next: &'a N,
     ) -> impl Future<Output = Answer> + Send + 'a {
         let breaker = &self.upstream.breaker;
-        // The request's arrival stands for "now": no stage before this one waits,
-        // and it saves a clock read on every request.
+        // The moment the request was whole stands for "now": no stage before
+        // this one waits, and it saves a clock read on every request.
         let arrived = match super::context(&req) {
-            Ok(ctx) => ctx.started,
+            Ok(ctx) => ctx.whole,
             Err(shed) => return Either::Right(std::future::ready(Err(shed))),
         };
         match breaker.admit(arrived) {

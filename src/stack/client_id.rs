@@ -9,7 +9,6 @@
 use std::net::IpAddr;
 
 use http::Request;
-use tokio::time::Instant;
 
 use super::warm::Warm;
 use crate::body::Body;
@@ -26,11 +25,6 @@ pub struct Identity {
     pub client: ClientKey,
     pub tenant: Option<ClientKey>,
     pub priority: Priority,
-    /// When the request was whole (`RequestContext::whole`): the moment the
-    /// stages that decide on arrival (the storm detector, the limits) decide
-    /// at, so a request reads the clock once, not once per stage. Nothing
-    /// between it and them waits: admission refuses rather than queues.
-    pub arrived: Instant,
 }
 
 /// The route's identification rules.
@@ -66,12 +60,7 @@ impl ClientId {
     /// `RequestContext::client_ip`: behind a trusted proxy, the one it
     /// vouched for); `Err` when the key is missing and the route says
     /// `client_key_fallback = "reject"`.
-    pub fn identify<B>(
-        &self,
-        req: &Request<B>,
-        client_ip: IpAddr,
-        arrived: Instant,
-    ) -> Result<Identity, Shed> {
+    pub fn identify<B>(&self, req: &Request<B>, client_ip: IpAddr) -> Result<Identity, Shed> {
         let client = match extract(&self.source, req, client_ip) {
             Some(k) => k,
             None => match self.fallback {
@@ -85,14 +74,14 @@ impl ClientId {
             },
         };
         let tenant = self.tenant.as_ref().and_then(|t| extract(t, req, client_ip));
-        Ok(Identity { client, tenant, priority: self.priority, arrived })
+        Ok(Identity { client, tenant, priority: self.priority })
     }
 }
 
 impl super::Check for ClientId {
     fn check(&self, req: &mut Request<Body>) -> Result<(), Shed> {
-        let ctx = super::context(req)?;
-        let identity = self.identify(req, ctx.client_ip, ctx.whole)?;
+        let client_ip = super::context(req)?.client_ip;
+        let identity = self.identify(req, client_ip)?;
         if let Some(warm) = &self.warm {
             warm.client(&identity.client);
         }
@@ -227,14 +216,8 @@ mod tests {
             priority: Priority::Normal,
             warm: None,
         };
-        assert_eq!(
-            route_id.identify(&req("/", &[]), peer(), Instant::now()).unwrap().client.as_str(),
-            "10.1.2.3"
-        );
+        assert_eq!(route_id.identify(&req("/", &[]), peer()).unwrap().client.as_str(), "10.1.2.3");
         route_id.fallback = KeyFallback::Reject;
-        assert_eq!(
-            route_id.identify(&req("/", &[]), peer(), Instant::now()).unwrap_err().reason,
-            Reason::BadRequest
-        );
+        assert_eq!(route_id.identify(&req("/", &[]), peer()).unwrap_err().reason, Reason::BadRequest);
     }
 }

@@ -324,6 +324,15 @@ pub fn context<B>(req: &Request<B>) -> Result<&RequestContext, Shed> {
         .ok_or_else(|| Shed::new(Reason::BadRequest).detail("request without context"))
 }
 
+/// Who is asking, and when the request was whole (`RequestContext::whole`):
+/// what the stages that decide on arrival (the storm detector, the limits)
+/// decide on, so a request reads the clock once for them, not once per
+/// stage. Nothing between that moment and them waits: admission refuses
+/// rather than queues.
+pub fn client_at<B>(req: &Request<B>) -> Result<(crate::context::ClientKey, tokio::time::Instant), Shed> {
+    Ok((identity(req)?.client.clone(), context(req)?.whole))
+}
+
 /// Who is asking, as the client-id stage (in every stack) found.
 pub fn identity<B>(req: &Request<B>) -> Result<&client_id::Identity, Shed> {
     req.extensions()

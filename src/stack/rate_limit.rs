@@ -94,8 +94,8 @@ impl Stage for RateLimit {
         next: &'a N,
     ) -> impl Future<Output = Answer> + Send + 'a {
         let mut req = req;
-        let (client, now) = match super::identity(&req) {
-            Ok(identity) => (identity.client.clone(), identity.arrived),
+        let (client, now) = match super::client_at(&req) {
+            Ok(found) => found,
             Err(shed) => return Either::Left(Either::Left(ready(Err(shed)))),
         };
         let admitted = match &self.split.enforce {

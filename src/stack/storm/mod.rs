@@ -338,8 +338,8 @@ impl Stage for Detect {
         req: Request<Body>,
         next: &'a N,
     ) -> impl Future<Output = Answer> + Send + 'a {
-        let (client, arrived) = match super::identity(&req) {
-            Ok(identity) => (identity.client.clone(), identity.arrived),
+        let (client, arrived) = match super::client_at(&req) {
+            Ok(found) => found,
             Err(shed) => return Either::Left(Either::Left(ready(Err(shed)))),
         };
         if !hashes_body(&req) {
