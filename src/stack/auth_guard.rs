@@ -58,8 +58,6 @@ pub struct AuthGuard {
     /// every worker, adds to them. Bucketed in milliseconds on the client
     /// table's clock, which `observe` reads anyway.
     bucket_ms: u64,
-    /// `recently_authorized` in milliseconds.
-    recent_ms: u64,
     responses: Ring,
     unauthorized: Ring,
     tripped: AtomicBool,
@@ -69,14 +67,12 @@ impl AuthGuard {
     /// A guard for `route`, keeping its clients' last 2xx in the route's `clients` table.
     pub fn new(route: &str, config: &AuthGuardConfig, clients: Arc<RouteClients>) -> Arc<Self> {
         metrics::gauge!(m::AUTH_GUARD_TRIPPED, "route" => route.to_string()).set(0.0);
-        let recent_ms = u64::try_from(config.recently_authorized.as_millis()).unwrap_or(u64::MAX);
-        clients.guard_keeps_for(recent_ms);
+        clients.guard_keeps_for(u64::try_from(config.recently_authorized.as_millis()).unwrap_or(u64::MAX));
         Arc::new(AuthGuard {
             route: Arc::from(route),
             config: config.clone(),
             clients,
             bucket_ms: (u64::try_from(config.window.as_millis()).unwrap_or(u64::MAX) / BUCKETS as u64).max(1),
-            recent_ms,
             responses: Ring::default(),
             unauthorized: Ring::default(),
             tripped: AtomicBool::new(false),
@@ -91,17 +87,15 @@ impl AuthGuard {
     /// 401 must become 503 `upstream_auth_anomaly`.
     pub fn observe(&self, client: &ClientKey, status: StatusCode, now: Instant) -> bool {
         let now_ms = self.clients.ms(now);
-        let recent_ms = self.recent_ms;
-        // One map operation: read the last 2xx and record this one (0: never).
+        // One map operation: read the last 2xx and record this one.
         let success = status.is_success();
-        let last = self.clients.with(client, |c| {
-            let last = c.authorized_ms();
+        let authorized = self.clients.with(client, |c| {
+            let authorized = self.clients.authorized_lately(c, now_ms);
             if success {
                 c.set_authorized(now_ms);
             }
-            last
+            authorized
         });
-        let authorized = last != 0 && now_ms.saturating_sub(last) <= recent_ms;
         if !success && !authorized {
             // Neither evidence of health nor of an anomaly: a client that
             // never succeeded, or a failure to someone not recently authorized.

@@ -128,7 +128,9 @@ impl RouteClients {
         self.recent_ms.store(recent_ms, Ordering::Relaxed);
     }
 
-    /// Whether the auth guard still needs the entry at `now_ms`.
+    /// Whether the client had a 2xx within the guard's `recently_authorized`
+    /// at `now_ms`: the guard's test of a response, and the sweep's of whether
+    /// the guard still needs the entry.
     pub fn authorized_lately(&self, c: &RouteClient, now_ms: u64) -> bool {
         c.authorized != 0
             && now_ms.saturating_sub(c.authorized_ms()) <= self.recent_ms.load(Ordering::Relaxed)
