@@ -28,7 +28,8 @@
 #            path-spelling flood and a million new client keys (over 6 limited routes) hit
 #            levee, and nobody scrapes /metrics. Per minute: the fleet's success and p99,
 #            levee's RSS (/proc), client connections, what the attackers got; then the
-#            issue's targets, met or not
+#            issue's targets, met or not. SIEGE_ARGS passes more options to siege.py (e.g.
+#            "--rr-rate 0" to leave one attack out; `python3 siege.py --help` lists them)
 #   cluster  levee only, three replicas (LEVEE_WORKERS=1 each, all on PROXY_CPU) sharing
 #            a throwaway Redis Cluster (3 masters + 3 replicas, on LOAD_CPU) with
 #            store.urls = all six nodes, on_failure = "local"; three wrk in parallel, one
@@ -81,8 +82,10 @@ set -euo pipefail
 
 # The exact command, for the results file (before the defaults below are filled in).
 CMD=""
-for v in ROUNDS PROFILES CLUSTER_CONNECTIONS IDLE_WAIT STORM_SECONDS SIEGE_SECONDS SIEGE_QUIET DURATION WARMUP CONNECTIONS THREADS PROXY_CPU LOAD_CPU LEVEE_BIN PERF PERF_DURATION; do
-  if [ -n "${!v+x}" ]; then CMD+="$v=${!v} "; fi
+for v in ROUNDS PROFILES CLUSTER_CONNECTIONS IDLE_WAIT STORM_SECONDS SIEGE_SECONDS SIEGE_QUIET SIEGE_ARGS DURATION WARMUP CONNECTIONS THREADS PROXY_CPU LOAD_CPU LEVEE_BIN PERF PERF_DURATION; do
+  if [ -n "${!v+x}" ]; then
+    case "${!v}" in *" "*) CMD+="$v=\"${!v}\" " ;; *) CMD+="$v=${!v} " ;; esac
+  fi
 done
 CMD+="bash benches/load/run.sh${*:+ $*}"
 
@@ -102,6 +105,7 @@ IDLE_WAIT=${IDLE_WAIT:-600}
 STORM_SECONDS=${STORM_SECONDS:-12}
 SIEGE_SECONDS=${SIEGE_SECONDS:-300}
 SIEGE_QUIET=${SIEGE_QUIET:-60}
+SIEGE_ARGS=${SIEGE_ARGS:-}
 CLUSTER_CONNECTIONS=${CLUSTER_CONNECTIONS:-22}
 PROFILES=${PROFILES:-}
 ROUNDS=${ROUNDS:-3}
@@ -1248,7 +1252,7 @@ for mode in "${MODES[@]}"; do
       python3 "$HERE/siege.py" "$SP" --pid "$SPID" --admin "$SA" --log "$TMP/levee.log" \
         --backend-log "$TMP/backend/siege.log" --seconds "$SIEGE_SECONDS" --quiet "$SIEGE_QUIET" \
         --max-connections "$SIEGE_MAX_CONNECTIONS" --max-clients "$SIEGE_MAX_CLIENTS" \
-        --proxy-cpu "$PROXY_CPU" --load-cpu "$LOAD_CPU" \
+        --proxy-cpu "$PROXY_CPU" --load-cpu "$LOAD_CPU" ${SIEGE_ARGS} \
         --md "$TMP/siege.md" --json "$TMP/siege.json" 2> >(tee "$TMP/siege.err" >&2) \
       || { tail -n 20 "$TMP/siege.err" >&2; die "siege.py failed"; }
     out ""

@@ -256,6 +256,16 @@ where
             async move {
                 // Moved whole (not just its field) so that it drops with the future.
                 let mut answering = answering;
+                if h2 {
+                    // A stream's work waits one turn of the runtime, so that
+                    // its connection reads what followed its HEADERS first.
+                    // hyper checks for a RST_STREAM only while the service's
+                    // future is pending: without this turn, a rapid-reset
+                    // client's cancelled streams ran the whole stack and
+                    // reached the upstream before their cancellation was read
+                    // (31,014 in a 90 s siege). Dropped now, they cost a task.
+                    tokio::task::yield_now().await;
+                }
                 let rsp = answer.await;
                 answering.done = true;
                 let (parts, body) = rsp.into_parts();

@@ -162,6 +162,52 @@ async fn an_idle_h2_connection_gets_goaway_after_idle_timeout() {
     assert_eq!(backend.requests(), 1);
 }
 
+/// Rapid reset as the siege sends it: HEADERS + RST_STREAM pairs in one
+/// write. h2 reads them all, then hands levee the streams it accepted,
+/// cancelled ones included; hyper looks for the cancellation only once
+/// levee's future is pending. Each cancelled stream had run the whole stack
+/// before that look (its limits, the upstream call: 31,014 reached the
+/// backend in a 90 s siege, on pooled connections). Now none runs it: the
+/// client's own limit is untouched by its 16 cancelled streams, so its next
+/// request passes, and only that one reaches the backend.
+#[tokio::test]
+async fn streams_cancelled_in_the_same_write_never_run_the_stack() {
+    let backend = Backend::start().await;
+    let route = upstream_and_route("b-paced-reset", &[backend.addr], "hostile-paced-reset", "/").replace(
+        "upstream = \"b-paced-reset\"",
+        "upstream = \"b-paced-reset\"\nclient_key = \"header:x-device-id\"",
+    );
+    let limit = "[[routes.limits]]\nrate = \"1/m\"\nburst = 3\n";
+    let gw = TestGateway::start(&(base_config() + &route + limit)).await;
+    let mut s = TcpStream::connect(gw.http).await.unwrap();
+    let mut flood = h2frame::start();
+    for i in 0..16u32 {
+        let id = 2 * i + 1;
+        let headers = h2frame::get_as(&format!("/reset/{i}"), "resetter");
+        flood.extend(frame(h2frame::HEADERS, h2frame::END_STREAM | h2frame::END_HEADERS, id, &headers));
+        flood.extend(frame(h2frame::RST_STREAM, 0, id, &8u32.to_be_bytes())); // CANCEL
+    }
+    s.write_all(&flood).await.unwrap();
+    // Once this stream's answer is here, every stream before it on the
+    // connection has been accepted and dropped.
+    let kept = frame(
+        h2frame::HEADERS,
+        h2frame::END_STREAM | h2frame::END_HEADERS,
+        33,
+        &h2frame::get_as("/kept", "resetter"),
+    );
+    s.write_all(&kept).await.unwrap();
+    let head = h2frame::read_answer_to(&mut s, 33, Duration::from_secs(10))
+        .await
+        .expect("no answer to the kept stream");
+    assert_eq!(
+        head.first(),
+        Some(&h2frame::STATUS_200),
+        "the cancelled streams took the client's tokens: {head:?}"
+    );
+    assert_eq!(backend.requests(), 1, "only the kept stream reached the backend");
+}
+
 #[tokio::test]
 async fn rapid_reset_gets_goaway_and_nothing_is_forwarded() {
     let backend = Backend::start().await;

@@ -44,6 +44,7 @@ pub async fn closed_within<R: AsyncRead + Unpin>(s: &mut R, within: Duration) ->
 /// attacker would, which no well-behaved client library does.
 pub mod h2frame {
     pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    pub const DATA: u8 = 0x0;
     pub const HEADERS: u8 = 0x1;
     pub const RST_STREAM: u8 = 0x3;
     pub const SETTINGS: u8 = 0x4;
@@ -66,6 +67,57 @@ pub mod h2frame {
         // :method GET, :scheme http, :path /, then :authority "t" as a literal.
         vec![0x82, 0x86, 0x84, 0x01, 0x01, b't']
     }
+
+    /// `GET path` for authority `t` from device `device` (`x-device-id`): the
+    /// path as a literal (`:path`'s static-table name), as a flood with a new
+    /// path per stream sends it.
+    pub fn get_as(path: &str, device: &str) -> Vec<u8> {
+        let lit = |b: &mut Vec<u8>, s: &str| {
+            assert!(s.len() < 127);
+            b.push(s.len() as u8);
+            b.extend_from_slice(s.as_bytes());
+        };
+        let mut b = vec![0x82, 0x86, 0x04];
+        lit(&mut b, path);
+        b.extend_from_slice(&[0x01, 0x01, b't', 0x00]);
+        lit(&mut b, "x-device-id");
+        lit(&mut b, device);
+        b
+    }
+
+    /// Reads frames until the whole answer on `stream` is here (a frame on
+    /// it that ends the stream); its response head's HPACK block, or `None`
+    /// on the end of the connection or after `within`.
+    pub async fn read_answer_to(
+        s: &mut tokio::net::TcpStream,
+        stream: u32,
+        within: std::time::Duration,
+    ) -> Option<Vec<u8>> {
+        use tokio::io::AsyncReadExt;
+        let deadline = tokio::time::Instant::now() + within;
+        let mut head = [0u8; 9];
+        let mut block = None;
+        loop {
+            tokio::time::timeout_at(deadline, s.read_exact(&mut head)).await.ok()?.ok()?;
+            let len = (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
+            let mut payload = vec![0u8; len];
+            tokio::time::timeout_at(deadline, s.read_exact(&mut payload)).await.ok()?.ok()?;
+            let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            if id != stream {
+                continue;
+            }
+            if head[3] == HEADERS && block.is_none() {
+                block = Some(payload);
+            }
+            if (head[3] == HEADERS || head[3] == DATA) && head[4] & END_STREAM != 0 {
+                return block;
+            }
+        }
+    }
+
+    /// HPACK's indexed `:status: 200` (static table entry 8), which h2
+    /// encodes first in a 200's head.
+    pub const STATUS_200: u8 = 0x88;
 
     /// The client's connection start: preface and empty SETTINGS.
     pub fn start() -> Vec<u8> {
