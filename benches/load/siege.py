@@ -255,7 +255,7 @@ async def drain_until_closed(r, deadline):
 
 
 async def idle_slot(a, i, end, mins, state):
-    kind = IDLE_KINDS[i % len(IDLE_KINDS)]
+    kind = a.idle_kinds[i % len(a.idle_kinds)]
     for _ in range(int(a.seconds) + 100):  # at most one reopen a second on average
         if time.monotonic() >= end:
             return
@@ -808,6 +808,8 @@ def main():
     ap.add_argument("--max-connections", type=int, default=2000)
     ap.add_argument("--idle-share", type=float, default=0.9)
     ap.add_argument("--hold-max", type=float, default=120, help="an idle socket levee keeps longer is reported")
+    ap.add_argument("--idle-kinds", type=lambda v: v.split(","), default=IDLE_KINDS,
+                    help="which idle sockets, comma-separated (default: " + ",".join(IDLE_KINDS) + ")")
     ap.add_argument("--stall", type=int, default=36)
     ap.add_argument("--rr-rate", type=float, default=1000)
     ap.add_argument("--flood-rate", type=float, default=100)
@@ -819,6 +821,9 @@ def main():
     ap.add_argument("--proxy-cpu", type=int, default=1, help="levee's core (busy %% in the table)")
     ap.add_argument("--load-cpu", type=int, default=0, help="the load's core (busy %% in the table)")
     a = ap.parse_args()
+    unknown = [k for k in a.idle_kinds if k not in IDLE_KINDS]
+    if unknown or not a.idle_kinds:
+        ap.error(f"--idle-kinds: unknown {unknown}; expected some of {','.join(IDLE_KINDS)}")
     if a.key_rate <= 0:
         a.key_rate = min(5000.0, a.keys / a.seconds)
 
