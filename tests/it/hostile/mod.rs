@@ -93,15 +93,10 @@ pub mod h2frame {
         stream: u32,
         within: std::time::Duration,
     ) -> Option<Vec<u8>> {
-        use tokio::io::AsyncReadExt;
         let deadline = tokio::time::Instant::now() + within;
-        let mut head = [0u8; 9];
         let mut block = None;
         loop {
-            tokio::time::timeout_at(deadline, s.read_exact(&mut head)).await.ok()?.ok()?;
-            let len = (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
-            let mut payload = vec![0u8; len];
-            tokio::time::timeout_at(deadline, s.read_exact(&mut payload)).await.ok()?.ok()?;
+            let (head, payload) = next_frame(s, deadline).await?;
             let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
             if id != stream {
                 continue;
@@ -128,23 +123,27 @@ pub mod h2frame {
 
     /// Reads frames until GOAWAY (its error code) or the end of the stream.
     pub async fn read_goaway(s: &mut tokio::net::TcpStream, within: std::time::Duration) -> Option<u32> {
-        use tokio::io::AsyncReadExt;
         let deadline = tokio::time::Instant::now() + within;
-        let mut head = [0u8; 9];
         loop {
-            match tokio::time::timeout_at(deadline, s.read_exact(&mut head)).await {
-                Ok(Ok(_)) => {}
-                _ => return None,
-            }
-            let len = (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
-            let mut payload = vec![0u8; len];
-            match tokio::time::timeout_at(deadline, s.read_exact(&mut payload)).await {
-                Ok(Ok(_)) => {}
-                _ => return None,
-            }
+            let (head, payload) = next_frame(s, deadline).await?;
             if head[3] == GOAWAY && payload.len() >= 8 {
                 return Some(u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]));
             }
         }
+    }
+
+    /// The next frame (its 9-byte head and its payload); `None` on the end
+    /// of the connection or after `deadline`.
+    async fn next_frame(
+        s: &mut tokio::net::TcpStream,
+        deadline: tokio::time::Instant,
+    ) -> Option<([u8; 9], Vec<u8>)> {
+        use tokio::io::AsyncReadExt;
+        let mut head = [0u8; 9];
+        tokio::time::timeout_at(deadline, s.read_exact(&mut head)).await.ok()?.ok()?;
+        let len = (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
+        let mut payload = vec![0u8; len];
+        tokio::time::timeout_at(deadline, s.read_exact(&mut payload)).await.ok()?.ok()?;
+        Some((head, payload))
     }
 }
