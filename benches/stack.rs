@@ -11,7 +11,7 @@ use std::sync::Arc;
 use criterion::{Criterion, Throughput};
 use http::{Request, Response};
 use levee::body::{self, Body};
-use levee::context::{RequestContext, Scheme};
+use levee::context::{Exchange, RequestContext, Scheme};
 use levee::respond::Shed;
 use levee::stack::{self, Innermost, RouteState};
 use levee::store::Store;
@@ -43,7 +43,14 @@ fn route_stack(config: &str) -> stack::RouteService {
     let state =
         RouteState::build(route, config.store.kind, config.store.max_clients, None, &Default::default());
     let upstream = Arc::new(Upstream::new(config.upstreams[0].clone()));
-    let noop = Innermost(|_req: Request<Body>| async { Ok::<_, Shed>(Response::new(body::empty())) });
+    // As `Upstream::forward` does, the no-op upstream reads the clock when
+    // it answers and leaves the time for the stages on the way back.
+    let noop = Innermost(|req: Request<Body>| async move {
+        if let Some(ctx) = req.extensions().get::<RequestContext>() {
+            ctx.exchange.answered_at(tokio::time::Instant::now());
+        }
+        Ok::<_, Shed>(Response::new(body::empty()))
+    });
     stack::build_on(route, upstream, &state, store, noop)
 }
 
@@ -52,7 +59,7 @@ fn route_stack(config: &str) -> stack::RouteService {
 /// the limits decide at that time.
 fn arriving(ctx: &RequestContext) -> RequestContext {
     let now = tokio::time::Instant::now();
-    RequestContext { started: now, whole: now, ..ctx.clone() }
+    RequestContext { started: now, whole: now, exchange: Arc::new(Exchange::new(now)), ..ctx.clone() }
 }
 
 /// Thread `t` of [`two_threads`] serves `routes[t]` on a runtime of its own,
@@ -92,7 +99,7 @@ pub fn bench(c: &mut Criterion) {
         route: Arc::from("device-api"),
         started: tokio::time::Instant::now(),
         whole: tokio::time::Instant::now(),
-        body_fault: Default::default(),
+        exchange: Arc::new(Exchange::new(tokio::time::Instant::now())),
         body_buffered: true,
         upgrade: false,
         grpc: false,

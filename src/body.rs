@@ -140,11 +140,18 @@ pub struct ClientBody {
     gap: Duration,
     /// The deadline of the next frame; reset on each one.
     stall: Pin<Box<tokio::time::Sleep>>,
-    fault: Arc<BodyFault>,
+    /// Where the fault is recorded: any shared cell that holds one (the
+    /// request's `context::Exchange`).
+    fault: Arc<dyn AsRef<BodyFault> + Send + Sync>,
 }
 
 impl ClientBody {
-    pub fn new(inner: Body, limit: u64, gap: Duration, fault: Arc<BodyFault>) -> Self {
+    pub fn new(
+        inner: Body,
+        limit: u64,
+        gap: Duration,
+        fault: Arc<dyn AsRef<BodyFault> + Send + Sync>,
+    ) -> Self {
         let stall = Box::pin(tokio::time::sleep(gap));
         ClientBody { inner, remaining: limit, limit, gap, stall, fault }
     }
@@ -164,7 +171,7 @@ impl http_body::Body for ClientBody {
                 if let Some(data) = frame.data_ref() {
                     let n = data.len() as u64;
                     if n > this.remaining {
-                        this.fault.set(BodyFault::TOO_LARGE);
+                        this.fault.as_ref().as_ref().set(BodyFault::TOO_LARGE);
                         return Poll::Ready(Some(Err(BodyTooLarge(this.limit).into())));
                     }
                     this.remaining -= n;
@@ -174,13 +181,13 @@ impl http_body::Body for ClientBody {
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
-                this.fault.set(BodyFault::CUT_OFF);
+                this.fault.as_ref().as_ref().set(BodyFault::CUT_OFF);
                 Poll::Ready(Some(Err(e)))
             }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => {
                 if this.stall.as_mut().poll(cx).is_ready() {
-                    this.fault.set(BodyFault::STALLED);
+                    this.fault.as_ref().as_ref().set(BodyFault::STALLED);
                     return Poll::Ready(Some(Err(BodyStalled(this.gap).into())));
                 }
                 Poll::Pending

@@ -13,8 +13,8 @@ use tokio::time::Instant;
 use http_body::Body as _;
 use http_body_util::BodyExt;
 
-use crate::body::{self, Body, BodyFault, ClientBody, Fault};
-use crate::context::{new_request_id, RequestContext, Scheme};
+use crate::body::{self, Body, ClientBody, Fault};
+use crate::context::{new_request_id, Exchange, RequestContext, Scheme};
 use crate::listener::{plain_http, ConnInfo, ConnLimits, Handler};
 use crate::metrics::CounterCache;
 use crate::respond::{Reason, Shed};
@@ -136,7 +136,7 @@ impl Proxy {
                 // The upstream receives the path levee routed and limited on.
                 parts.uri = with_path(&parts.uri, &normal);
             }
-            let fault = Arc::new(BodyFault::default());
+            let exchange = Arc::new(Exchange::new(started));
             let bodiless = incoming.is_end_stream();
             let (body, buffered) = if bodiless {
                 (body::empty(), true)
@@ -145,7 +145,7 @@ impl Proxy {
                     body::boxed(incoming),
                     server.max_body_bytes,
                     server.body_read_timeout,
-                    fault.clone(),
+                    exchange.clone(),
                 );
                 match declared {
                     // Read a small body whole before it takes an admission slot or a
@@ -155,7 +155,7 @@ impl Proxy {
                     Some(n) if n <= server.buffer_body_bytes => match Box::pin(body.collect()).await {
                         Ok(collected) => (body::full(collected.to_bytes()), true),
                         Err(_) => {
-                            let f = fault.get().unwrap_or(Fault::CutOff);
+                            let f = exchange.body_fault().unwrap_or(Fault::CutOff);
                             break 'dispatch Err((Some(route), client_fault(f, server)));
                         }
                     },
@@ -174,7 +174,7 @@ impl Proxy {
                 route: route.name.clone(),
                 started,
                 whole,
-                body_fault: fault.clone(),
+                exchange: exchange.clone(),
                 body_buffered: buffered,
                 upgrade: upgrade.is_some(),
                 grpc,
@@ -199,7 +199,9 @@ impl Proxy {
                     Ok((route, rsp))
                 }
                 // The upstream try failed because of the client's body: its fault.
-                Err(shed) => Err((Some(route), fault.get().map_or(shed, |f| client_fault(f, server)))),
+                Err(shed) => {
+                    Err((Some(route), exchange.body_fault().map_or(shed, |f| client_fault(f, server))))
+                }
             }
         };
         match dispatched {

@@ -157,12 +157,15 @@ impl Stage for Guard {
         next: &'a N,
     ) -> impl Future<Output = Answer> + Send + 'a {
         let client = super::identity(&req).ok().map(|i| i.client.clone());
+        let exchange = super::context(&req).ok().map(|c| c.exchange.clone());
         // `map`, not an async block: the block would hold the request beside
         // the next stage's future, which holds it too.
         next.run(req).map(move |answer| {
             let rsp = answer?;
             let Some(client) = client else { return Ok(rsp) };
-            if self.guard.observe(&client, rsp.status(), Instant::now()) {
+            // When the upstream's answer came, which it read anyway (`context::Exchange`).
+            let at = exchange.and_then(|e| e.answered()).unwrap_or_else(Instant::now);
+            if self.guard.observe(&client, rsp.status(), at) {
                 let retry = jitter(self.guard.config.window.max(Duration::from_secs(1)), 0.5);
                 let shed = Shed::new(Reason::UpstreamAuthAnomaly)
                     .retry_after(retry)

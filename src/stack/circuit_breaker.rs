@@ -22,6 +22,7 @@ use tokio::time::Instant;
 use super::{Answer, Next, Stage};
 use crate::body::Body;
 use crate::classify::Outcome;
+use crate::context::Exchange;
 use crate::respond::{Reason, Shed};
 use crate::upstream::circuit_breaker::Ticket;
 use crate::upstream::Upstream;
@@ -61,13 +62,13 @@ impl Stage for Breaker {
         let breaker = &self.upstream.breaker;
         // The moment the request was whole stands for "now": no stage before
         // this one waits, and it saves a clock read on every request.
-        let arrived = match super::context(&req) {
-            Ok(ctx) => ctx.whole,
+        let (arrived, exchange) = match super::context(&req) {
+            Ok(ctx) => (ctx.whole, ctx.exchange.clone()),
             Err(shed) => return Either::Right(std::future::ready(Err(shed))),
         };
         match breaker.admit(arrived) {
             Ok(ticket) => {
-                let pending = Pending { upstream: &self.upstream, ticket: Some(ticket) };
+                let pending = Pending { upstream: &self.upstream, ticket: Some(ticket), exchange };
                 // `map`, not an async block: see `Option<S>` in `stack/mod.rs`.
                 Either::Left(next.run(req).map(move |result| {
                     pending.finish(failed(&result));
@@ -86,13 +87,18 @@ impl Stage for Breaker {
 struct Pending<'a> {
     upstream: &'a Upstream,
     ticket: Option<Ticket>,
+    /// Where the upstream leaves the time of its answer, the outcome's "now".
+    exchange: Arc<Exchange>,
 }
 
 impl Pending<'_> {
     fn finish(mut self, failed: Option<bool>) {
         if let (Some(ticket), Some(failed)) = (self.ticket, failed) {
             self.ticket = None;
-            self.upstream.breaker.record(ticket, failed, Instant::now());
+            // The upstream's answer time, read by the upstream anyway; the
+            // clock only for an answer no try gave (a 503 `retry_budget`).
+            let now = self.exchange.answered().unwrap_or_else(Instant::now);
+            self.upstream.breaker.record(ticket, failed, now);
         }
     }
 }

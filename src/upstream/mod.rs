@@ -156,6 +156,7 @@ impl Upstream {
             forward::send(&self.clients, idx, &self.config.endpoints[idx], req, &ctx, self.config.timeout)
                 .await;
         let now = Instant::now();
+        ctx.exchange.answered_at(now);
         self.duration.record(now.duration_since(start));
         match result {
             Ok(rsp) => {
@@ -169,7 +170,7 @@ impl Upstream {
             Err(e) => {
                 // The try failed because the client's body did (too large,
                 // stalled, cut off): the client's fault, never the endpoint's.
-                if let Some(fault) = ctx.body_fault.get() {
+                if let Some(fault) = ctx.exchange.body_fault() {
                     self.count(idx, error_code("client_fault"));
                     return Err(Shed::new(Reason::from(fault)));
                 }

@@ -47,6 +47,14 @@ pub fn nanos_since(origin: Instant, now: Instant) -> u64 {
     u64::try_from(now.saturating_duration_since(origin).as_nanos()).unwrap_or(u64::MAX)
 }
 
+/// How far behind a bucket's tick an add may be and still count as late
+/// (dropped) rather than as a bucket 2^32 ticks old come round again (reset):
+/// 2^16 ticks, 65 s at the smallest bucket of a 10 ms window. Ticks wrap, so
+/// "behind" is a guess either way; a thread is not descheduled that long,
+/// and a bucket left alone for 2^32 - 2^16 ticks (50 days at 1 ms) drops
+/// adds for at most 2^16 ticks before counting again.
+const LATE_TICKS: u32 = 1 << 16;
+
 /// One count over a sliding window.
 #[derive(Debug, Default)]
 pub struct Ring {
@@ -62,12 +70,23 @@ fn unpack(word: u64) -> (u32, u32) {
 }
 
 impl Ring {
-    /// Adds `n` in the bucket of `tick`, resetting the bucket if it held an older tick.
+    /// Adds `n` in the bucket of `tick`, resetting the bucket if it held an
+    /// older tick. A late add, whose bucket a newer tick has taken since (its
+    /// time was read a lap or more before, by a thread that was descheduled
+    /// or by the upstream that answered: `context::Exchange`), is dropped:
+    /// it is out of every window still to be summed, and resetting the
+    /// bucket would lose the newer counts.
     pub fn add(&self, tick: u32, n: u32) {
         let slot = &self.slots[tick as usize % BUCKETS];
         let _ = slot.fetch_update(Ordering::AcqRel, Ordering::Acquire, |word| {
             let (t, c) = unpack(word);
-            Some(if t == tick { pack(tick, c.saturating_add(n)) } else { pack(tick, n) })
+            if t == tick {
+                Some(pack(tick, c.saturating_add(n)))
+            } else if c > 0 && t.wrapping_sub(tick) < LATE_TICKS {
+                None
+            } else {
+                Some(pack(tick, n))
+            }
         });
     }
 
@@ -128,6 +147,28 @@ mod tests {
         let later = clock.tick(start + Duration::from_secs(1));
         ring.add(later, 1);
         assert_eq!(ring.sum(later), 1);
+    }
+
+    #[test]
+    fn a_late_add_never_resets_a_newer_bucket() {
+        let ring = Ring::default();
+        ring.add(23, 4);
+        // Tick 13 shares tick 23's slot, a lap earlier: out of the window, dropped.
+        ring.add(13, 1);
+        assert_eq!(ring.sum(23), 4);
+        ring.add(3, 1);
+        assert_eq!(ring.sum(23), 4);
+        // A newer tick still takes the slot over.
+        ring.add(33, 2);
+        assert_eq!(ring.sum(33), 2);
+        // So does any tick when the slot is empty, and a newer tick across the ticks' wrap.
+        let empty = Ring::default();
+        empty.add(u32::MAX - 5, 1);
+        assert_eq!(empty.sum(u32::MAX - 5), 1);
+        let wrapped = Ring::default();
+        wrapped.add(u32::MAX - 3, 1);
+        wrapped.add(2, 1); // six ticks later, the same slot
+        assert_eq!(wrapped.sum(2), 1);
     }
 
     #[test]
