@@ -4,8 +4,6 @@
 
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri, Version};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -133,8 +131,7 @@ where
 }
 
 /// Rewrites `req` for endpoint `idx` and sends it; the response head must
-/// arrive within `timeout` of `sent` (the caller's clock read, so that the
-/// deadline and the pool's idle check cost none of their own).
+/// arrive within `timeout`.
 pub async fn send(
     clients: &Clients,
     idx: usize,
@@ -142,9 +139,7 @@ pub async fn send(
     mut req: Request<Body>,
     ctx: &RequestContext,
     timeout: Duration,
-    sent: Instant,
 ) -> Result<Response<Body>, ForwardError> {
-    let deadline = sent + timeout;
     let grpc = ctx.grpc;
     let pool = clients.pool(idx).filter(|_| !grpc && !ctx.upgrade);
     let version = if grpc { Version::HTTP_2 } else { Version::HTTP_11 };
@@ -154,8 +149,8 @@ pub async fn send(
             // A body in memory (none, or read whole) goes on the lean client;
             // a streaming one on hyper's (`pool.rs`).
             let sent = match ctx.body_buffered {
-                true => tokio::time::timeout_at(deadline, pool.send_buffered(req, sent)).await,
-                false => tokio::time::timeout_at(deadline, pool.send(req)).await,
+                true => tokio::time::timeout(timeout, pool.send_buffered(req)).await,
+                false => tokio::time::timeout(timeout, pool.send(req)).await,
             };
             match sent {
                 Err(_) => return Err(ForwardError::Timeout(timeout)),
@@ -167,7 +162,7 @@ pub async fn send(
         }
         None => {
             let client = if grpc { &clients.h2 } else { &clients.http1 };
-            match tokio::time::timeout_at(deadline, client.request(req)).await {
+            match tokio::time::timeout(timeout, client.request(req)).await {
                 Err(_) => return Err(ForwardError::Timeout(timeout)),
                 Ok(Err(e)) if e.is_connect() => return Err(ForwardError::Connect(e.into())),
                 Ok(Err(e)) => return Err(ForwardError::BadResponse(e.into())),

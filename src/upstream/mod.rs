@@ -152,16 +152,9 @@ impl Upstream {
         let endpoint = &self.endpoints[idx];
         let guard = InFlight::enter(self.clone(), idx);
         let start = Instant::now();
-        let result = forward::send(
-            &self.clients,
-            idx,
-            &self.config.endpoints[idx],
-            req,
-            &ctx,
-            self.config.timeout,
-            start,
-        )
-        .await;
+        let result =
+            forward::send(&self.clients, idx, &self.config.endpoints[idx], req, &ctx, self.config.timeout)
+                .await;
         let now = Instant::now();
         ctx.exchange.answered_at(now);
         self.duration.record(now.duration_since(start));

@@ -68,7 +68,8 @@ impl<C> IdleList<C> {
 
     /// The most recently used connection that is young enough and `usable`;
     /// the others met on the way are dropped (closed).
-    fn take(&self, now: Instant, usable: impl Fn(&C) -> bool) -> Option<C> {
+    fn take(&self, usable: impl Fn(&C) -> bool) -> Option<C> {
+        let now = Instant::now();
         let mut idle = self.list.lock().ok()?;
         while let Some((conn, since)) = idle.pop_back() {
             if now.saturating_duration_since(since) < IDLE_TIMEOUT && usable(&conn) {
@@ -123,12 +124,7 @@ impl EndpointPool {
     /// as it was reused: an idempotent request is sent once more on a new
     /// connection (nginx does the same for its cached connections); any
     /// other gets the error, as it would from hyper's client once sent.
-    /// `now`: the caller's clock read, for the idle connections' age.
-    pub async fn send_buffered(
-        self: &Arc<Self>,
-        req: Request<Body>,
-        now: Instant,
-    ) -> Result<Response<Body>, PoolError> {
+    pub async fn send_buffered(self: &Arc<Self>, req: Request<Body>) -> Result<Response<Body>, PoolError> {
         use http_body_util::BodyExt;
         let (parts, body) = req.into_parts();
         // Empty or `Full`: ready at once.
@@ -141,7 +137,7 @@ impl EndpointPool {
         let head = h1::write_head(&parts.method, target, &parts.headers, body.len());
         let mut retried = false;
         loop {
-            let pooled = if retried { None } else { self.checkout_lean(now) };
+            let pooled = if retried { None } else { self.checkout_lean() };
             let reused = pooled.is_some();
             let mut conn = match pooled {
                 Some(conn) => conn,
@@ -174,8 +170,8 @@ impl EndpointPool {
 
     /// The most recently used idle lean connection that is still open and
     /// young enough; the others met on the way are closed.
-    fn checkout_lean(&self, now: Instant) -> Option<Conn> {
-        self.lean.take(now, Conn::is_reusable)
+    fn checkout_lean(&self) -> Option<Conn> {
+        self.lean.take(Conn::is_reusable)
     }
 
     /// A lean connection back to the pool after a complete response.
@@ -227,7 +223,7 @@ impl EndpointPool {
     /// The most recently used idle connection that is still open and young
     /// enough; older or closed ones met on the way are dropped (closed).
     fn checkout(&self) -> Option<http1::SendRequest<Body>> {
-        self.idle.take(Instant::now(), |sender| !sender.is_closed())
+        self.idle.take(|sender| !sender.is_closed())
     }
 
     /// Back to the pool after a complete response; the oldest idle
