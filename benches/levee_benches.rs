@@ -12,5 +12,13 @@ mod storm;
 mod threads;
 mod upstream;
 
-criterion_group!(benches, router::bench, store::bench, storm::bench, storm::guard_threads, stack::bench);
+criterion_group!(
+    benches,
+    router::bench,
+    store::bench,
+    storm::bench,
+    storm::guard_threads,
+    stack::bench,
+    stack::per_client
+);
 criterion_main!(benches, upstream::benches);
