@@ -155,6 +155,10 @@ impl ClientBody {
         let stall = Box::pin(tokio::time::sleep(gap));
         ClientBody { inner, remaining: limit, limit, gap, stall, fault }
     }
+
+    fn fail(&self, fault: u8) {
+        (*self.fault).as_ref().set(fault);
+    }
 }
 
 impl http_body::Body for ClientBody {
@@ -171,7 +175,7 @@ impl http_body::Body for ClientBody {
                 if let Some(data) = frame.data_ref() {
                     let n = data.len() as u64;
                     if n > this.remaining {
-                        this.fault.as_ref().as_ref().set(BodyFault::TOO_LARGE);
+                        this.fail(BodyFault::TOO_LARGE);
                         return Poll::Ready(Some(Err(BodyTooLarge(this.limit).into())));
                     }
                     this.remaining -= n;
@@ -181,13 +185,13 @@ impl http_body::Body for ClientBody {
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
-                this.fault.as_ref().as_ref().set(BodyFault::CUT_OFF);
+                this.fail(BodyFault::CUT_OFF);
                 Poll::Ready(Some(Err(e)))
             }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => {
                 if this.stall.as_mut().poll(cx).is_ready() {
-                    this.fault.as_ref().as_ref().set(BodyFault::STALLED);
+                    this.fail(BodyFault::STALLED);
                     return Poll::Ready(Some(Err(BodyStalled(this.gap).into())));
                 }
                 Poll::Pending
