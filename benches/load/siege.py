@@ -444,6 +444,8 @@ async def attacks(a, t0, end, mins):
 # ---------------------------------------------------------------------------- processes
 def proc_main(name, a, t0, end, q):
     set_nice(0 if name == "steady" else a.nice)
+    if name != "steady" and a.sched_idle:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     mins = Minutes(t0, a.minute, end - t0)
     try:
         if name == "steady":
@@ -818,6 +820,8 @@ def main():
     ap.add_argument("--key-conns", type=int, default=24)
     ap.add_argument("--max-clients", type=int, default=100000)
     ap.add_argument("--nice", type=int, default=5)
+    ap.add_argument("--sched-idle", action="store_true",
+                    help="run the attackers under SCHED_IDLE: they never delay the steady fleet's process")
     ap.add_argument("--proxy-cpu", type=int, default=1, help="levee's core (busy %% in the table)")
     ap.add_argument("--load-cpu", type=int, default=0, help="the load's core (busy %% in the table)")
     a = ap.parse_args()
