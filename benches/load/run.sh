@@ -28,8 +28,11 @@
 #            path-spelling flood and a million new client keys (over 6 limited routes) hit
 #            levee, and nobody scrapes /metrics. Per minute: the fleet's success and p99,
 #            levee's RSS (/proc), client connections, what the attackers got; then the
-#            issue's targets, met or not. SIEGE_ARGS passes more options to siege.py (e.g.
-#            "--rr-rate 0" to leave one attack out; `python3 siege.py --help` lists them)
+#            issue's targets, met or not. The attackers run under SCHED_IDLE, so that on the
+#            shared load core they never delay the process that measures the fleet.
+#            SIEGE_ARGS passes more options to siege.py (e.g. "--rr-rate 0" to leave one
+#            attack out, "--no-sched-idle" for the attackers at nice +5 as before 2026-12-04;
+#            `python3 siege.py --help` lists them)
 #   cluster  levee only, three replicas (LEVEE_WORKERS=1 each, all on PROXY_CPU) sharing
 #            a throwaway Redis Cluster (3 masters + 3 replicas, on LOAD_CPU) with
 #            store.urls = all six nodes, on_failure = "local"; three wrk in parallel, one
@@ -1247,7 +1250,7 @@ for mode in "${MODES[@]}"; do
     [ "$(http_status "$SP" "x-device-id: check")" = 200 ] || die "mode siege: levee does not answer 200 through the proxy"
     : >"$TMP/backend/siege.log"
     wait_idle
-    say "  siege.py on core $LOAD_CPU (attackers at nice +5); levee pid $SPID"
+    say "  siege.py on core $LOAD_CPU (attackers under SCHED_IDLE, or at nice +5 with --no-sched-idle); levee pid $SPID"
     timeout $(( ${SIEGE_SECONDS%.*} + ${SIEGE_QUIET%.*} + 240 )) taskset -c "$LOAD_CPU" \
       python3 "$HERE/siege.py" "$SP" --pid "$SPID" --admin "$SA" --log "$TMP/levee.log" \
         --backend-log "$TMP/backend/siege.log" --seconds "$SIEGE_SECONDS" --quiet "$SIEGE_QUIET" \
@@ -1258,7 +1261,7 @@ for mode in "${MODES[@]}"; do
     out ""
     out "### siege: levee under every attack at once for ${SIEGE_SECONDS} s (quiet run: ${SIEGE_QUIET} s)"
     out ""
-    out "Config: max_connections $SIEGE_MAX_CONNECTIONS, header_read_timeout 10s, idle_timeout 60s, body_read_timeout 15s (other server keys as shipped), upstream max_concurrency 200, store.max_clients $SIEGE_MAX_CLIENTS; 6 routes \`/v1/{device,account,orders,feed,search,media}\` keyed on x-device-id, 10/s burst 20 + 5000/h, storm and auth guard as shipped, plus an unlimited \`default\` route. Load (\`siege.py\`, on core $LOAD_CPU; levee alone on core $PROXY_CPU, LEVEE_WORKERS=1): 1,000 steady clients at 1/s over 100 keep-alive connections; $((SIEGE_MAX_CONNECTIONS * 9 / 10)) idle sockets (silent, \`P\`, a partial head, the h2 preface + SETTINGS) reopened as levee closes them; 36 PUTs announcing 20000 body bytes and sending 100; rapid reset on h2c (1000 HEADERS+RST_STREAM pairs/s, a new x-device-id per stream, reconnecting after GOAWAY); one device sending \`//v1/device/..\`, \`/v1/%64evice/..\`, \`/v1/x/../device/..\` at 100/s; a new x-device-id per request at min(5000, 1,000,000 / ${SIEGE_SECONDS})/s over the 6 routes. Nobody reads /metrics until the end. Latency is from send to the whole answer; \"from schedule\" counts from when the request was due (a stall shows there). \"Waiting for a CPU\" is the run-queue delay of levee's threads (schedstat): when other work shares levee's core it inflates latency that levee did not cause. Client connections: ESTABLISHED sockets on levee's port less its accept queue (/proc/net/tcp, sampled each second while connections churn, so approximate)."
+    out "Config: max_connections $SIEGE_MAX_CONNECTIONS, header_read_timeout 10s, idle_timeout 60s, body_read_timeout 15s (other server keys as shipped), upstream max_concurrency 200, store.max_clients $SIEGE_MAX_CLIENTS; 6 routes \`/v1/{device,account,orders,feed,search,media}\` keyed on x-device-id, 10/s burst 20 + 5000/h, storm and auth guard as shipped, plus an unlimited \`default\` route. Load (\`siege.py\`, on core $LOAD_CPU, its attackers under SCHED_IDLE unless SIEGE_ARGS has --no-sched-idle; levee alone on core $PROXY_CPU, LEVEE_WORKERS=1): 1,000 steady clients at 1/s over 100 keep-alive connections; $((SIEGE_MAX_CONNECTIONS * 9 / 10)) idle sockets (silent, \`P\`, a partial head, the h2 preface + SETTINGS) reopened as levee closes them; 36 PUTs announcing 20000 body bytes and sending 100; rapid reset on h2c (1000 HEADERS+RST_STREAM pairs/s, a new x-device-id per stream, reconnecting after GOAWAY); one device sending \`//v1/device/..\`, \`/v1/%64evice/..\`, \`/v1/x/../device/..\` at 100/s; a new x-device-id per request at min(5000, 1,000,000 / ${SIEGE_SECONDS})/s over the 6 routes. Nobody reads /metrics until the end. Latency is from send to the whole answer; \"from schedule\" counts from when the request was due (a stall shows there). \"Waiting for a CPU\" is the run-queue delay of levee's threads (schedstat): when other work shares levee's core it inflates latency that levee did not cause. Client connections: ESTABLISHED sockets on levee's port less its accept queue (/proc/net/tcp, sampled each second while connections churn, so approximate)."
     out ""
     tee -a "$REPORT" <"$TMP/siege.md"
     [ -n "$NOTES" ] && { out ""; printf '%s' "$NOTES" | tee -a "$REPORT"; NOTES=""; }
