@@ -206,7 +206,6 @@ pub struct RequestContext {
     pub grpc: bool,
 }
 
-/// A new request id: 128 random bits in hex.
 /// What one request's parts tell each other after the request itself has
 /// moved down the stack, where a stage above can no longer read it: why the
 /// client's body failed (set by `body::ClientBody`, read when an upstream try
@@ -235,8 +234,7 @@ impl Exchange {
 
     /// The upstream answered (or failed) at `at`. A retry's answer replaces the try's before it.
     pub fn answered_at(&self, at: Instant) {
-        let nanos = u64::try_from(at.saturating_duration_since(self.started).as_nanos()).unwrap_or(u64::MAX);
-        self.answered.store(nanos.saturating_add(1), Ordering::Relaxed);
+        self.answered.store(crate::nanos_since(self.started, at).saturating_add(1), Ordering::Relaxed);
     }
 
     /// When the upstream last answered; `None` when no try has ended (the
@@ -255,6 +253,7 @@ impl AsRef<BodyFault> for Exchange {
     }
 }
 
+/// A new request id: 128 random bits in hex.
 pub fn new_request_id() -> http::HeaderValue {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     // Hex by hand: no formatter and no intermediate `String` on every request.

@@ -39,6 +39,13 @@
 /// above it name one type without importing each other.
 pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
 
+/// Nanoseconds from `origin` to `now` (0 when `now` is earlier), saturating:
+/// the clock of every table and window that keeps times as integers. Here,
+/// at the root, for the same reason as [`BoxFuture`].
+pub fn nanos_since(origin: tokio::time::Instant, now: tokio::time::Instant) -> u64 {
+    u64::try_from(now.saturating_duration_since(origin).as_nanos()).unwrap_or(u64::MAX)
+}
+
 pub mod admin;
 pub mod body;
 pub mod classify;

@@ -31,8 +31,8 @@ priority; the key sender and the other attacks run in two more under SCHED_IDLE 
 +--nice with --no-sched-idle), so a busy load core delays the attackers before it delays
 the measurement. At nice +5 it did not quite: an attacker waking with a sleeper's credit
 could hold the core while the fleet's process waited, and the 300 s siege's steady p99
-was 1.44 ms against 0.82 under SCHED_IDLE, at the same pressure (results.md, 2026-12-04). Every loop is
-bounded by the run's end and by a count. Writes a Markdown section (--md) and the raw
+was 1.44 ms against 0.82 under SCHED_IDLE, at the same pressure (results.md,
+2026-12-04). Every loop is bounded by the run's end and by a count. Writes a Markdown section (--md) and the raw
 numbers (--json); exits 0 whatever levee did (the verdicts are in the report).
 """
 import argparse

@@ -94,7 +94,7 @@ impl RouteClients {
 
     /// Nanoseconds on the table's clock (never 0): the buckets' time.
     pub fn ticks(&self, now: Instant) -> u64 {
-        u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX).max(1)
+        crate::nanos_since(self.epoch, now).max(1)
     }
 
     /// The table's key of `client`.

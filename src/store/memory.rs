@@ -188,7 +188,7 @@ impl MemoryStore {
 
     /// Nanoseconds since the store was created: the store's clock.
     pub fn ticks(&self, now: Instant) -> u64 {
-        u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX).max(1)
+        crate::nanos_since(self.epoch, now).max(1)
     }
 
     /// Decides one request of `key` at `now` (ticks) against `limits`

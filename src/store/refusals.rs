@@ -91,7 +91,7 @@ impl Refusals {
     }
 
     fn ticks(&self, now: Instant) -> u64 {
-        u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+        crate::nanos_since(self.epoch, now)
     }
 
     /// The refusal remembered for `client` on `route` with these `limits`

@@ -27,9 +27,10 @@ use std::time::Duration;
 use metrics::{Gauge, SharedString};
 use tokio::time::Instant;
 
-use super::window::{nanos_since, Clock, Ring};
+use super::window::{Clock, Ring};
 use crate::config::BreakerConfig;
 use crate::metrics as m;
+use crate::nanos_since;
 
 /// The breaker's state; the gauge values are the SPEC's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

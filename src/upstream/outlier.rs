@@ -24,9 +24,9 @@ use std::time::Duration;
 use metrics::{Gauge, SharedString};
 use tokio::time::Instant;
 
-use super::window::nanos_since;
 use crate::config::OutlierConfig;
 use crate::metrics as m;
+use crate::nanos_since;
 
 /// The cap on the ejection multiplier: at most `eject_for` × this.
 pub const MAX_MULTIPLIER: u32 = 10;

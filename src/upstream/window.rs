@@ -20,6 +20,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::nanos_since;
+
 /// Buckets per window.
 pub const BUCKETS: usize = 10;
 
@@ -40,11 +42,6 @@ impl Clock {
     pub fn tick(&self, now: Instant) -> u32 {
         (nanos_since(self.origin, now) / self.bucket_nanos) as u32
     }
-}
-
-/// Nanoseconds from `origin` to `now` (0 when `now` is earlier), saturating.
-pub fn nanos_since(origin: Instant, now: Instant) -> u64 {
-    u64::try_from(now.saturating_duration_since(origin).as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// How far behind a bucket's tick an add may be and still count as late
