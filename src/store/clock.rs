@@ -21,7 +21,7 @@
 //!   the lock, so a request can start every load when it learns who its
 //!   client is (`stack::warm`) and pay for about one.
 
-use parking_lot::{Mutex, MutexGuard};
+use super::spin::{Mutex, MutexGuard};
 use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 
 /// Keys are never 0: 0 marks an empty slot.

@@ -14,6 +14,7 @@ pub mod gcra;
 pub mod memory;
 pub mod redis;
 pub mod refusals;
+pub mod spin;
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
