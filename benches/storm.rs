@@ -19,7 +19,7 @@ use levee::config::units::Rate;
 use levee::config::{AuthGuardConfig, Mode, StormConfig};
 use levee::context::ClientKey;
 use levee::stack::auth_guard::AuthGuard;
-use levee::stack::clients::RouteClients;
+use levee::stack::clients::{Authorized, RouteClients};
 use levee::stack::storm::Storm;
 use levee::store::gcra::Gcra;
 use levee::store::memory::Adopt;
@@ -171,10 +171,13 @@ pub fn bench(c: &mut Criterion) {
         // asked for as soon as the client is known.
         table.prefetch(client);
         let fp = storm.fingerprint(client, &Method::GET, &uri, None);
-        let verdict = storm.observe(client, fp, now).is_ok();
+        let seen = storm.observe(client, fp, now);
         let limited = limits.map(|l| table.decide(client, l, &crate::store::IDS, now, Adopt::Never));
         storm.finish(fp, false);
-        (limited, verdict, guard.observe(client, StatusCode::OK, now))
+        // What the detector saw of the guard's record, as the request's
+        // exchange carries it to the guard.
+        let seen = seen.unwrap_or(Authorized::UNKNOWN);
+        (limited, seen, guard.observe_seen(client, StatusCode::OK, now, seen))
     };
     let mut g = c.benchmark_group("storm");
     g.throughput(Throughput::Elements(1));

@@ -5,7 +5,7 @@
 use std::fmt;
 use std::hash::BuildHasher;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
@@ -212,19 +212,39 @@ pub struct RequestContext {
 /// fails) and when the upstream last answered (set by `Upstream::forward`,
 /// which reads the clock then for its histogram; read on the way back by the
 /// circuit breaker and the auth guard, which would each read it again: a
-/// clock read costs 20-50 ns here, most of a per-client stage). One
-/// allocation per request, shared by reference count.
+/// clock read costs 20-50 ns here, most of a per-client stage), and what the
+/// client's entry in its route's table held of the auth guard's record when
+/// the storm detector looked it up (set by the detector, read by the guard,
+/// which then need not lock the entry again: `stack::clients::Authorized`).
+/// One allocation per request, shared by reference count.
 #[derive(Debug)]
 pub struct Exchange {
     body_fault: BodyFault,
     started: Instant,
     /// Nanoseconds from `started` to the upstream's last answer, plus one; 0: none yet.
     answered: AtomicU64,
+    /// `stack::clients::Authorized`, raw; 0: unknown.
+    authorized: AtomicU32,
 }
 
 impl Exchange {
     pub fn new(started: Instant) -> Self {
-        Exchange { body_fault: BodyFault::default(), started, answered: AtomicU64::new(0) }
+        Exchange {
+            body_fault: BodyFault::default(),
+            started,
+            answered: AtomicU64::new(0),
+            authorized: AtomicU32::new(0),
+        }
+    }
+
+    /// The client's entry held `raw` of the auth guard's record on arrival.
+    pub fn saw_authorized(&self, raw: u32) {
+        self.authorized.store(raw, Ordering::Relaxed);
+    }
+
+    /// What [`Exchange::saw_authorized`] left; 0: unknown.
+    pub fn authorized_seen(&self) -> u32 {
+        self.authorized.load(Ordering::Relaxed)
     }
 
     /// The client's fault, if its body failed.

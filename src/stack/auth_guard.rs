@@ -37,7 +37,7 @@ use futures_util::FutureExt;
 use http::{Request, StatusCode};
 use tokio::time::Instant;
 
-use super::clients::RouteClients;
+use super::clients::{Authorized, RouteClients};
 use super::shadow::Shadow;
 use super::{Answer, Next, Stage};
 use crate::body::Body;
@@ -86,16 +86,30 @@ impl AuthGuard {
     /// Looks at one relayed response status for `client`; `true` when this
     /// 401 must become 503 `upstream_auth_anomaly`.
     pub fn observe(&self, client: &ClientKey, status: StatusCode, now: Instant) -> bool {
+        self.observe_seen(client, status, now, Authorized::UNKNOWN)
+    }
+
+    /// [`AuthGuard::observe`], knowing what the client's entry held of its
+    /// last 2xx when the request arrived (`seen`): a 2xx within a second of
+    /// that record is counted without looking the client up again.
+    pub fn observe_seen(
+        &self,
+        client: &ClientKey,
+        status: StatusCode,
+        now: Instant,
+        seen: Authorized,
+    ) -> bool {
         let now_ms = self.clients.ms(now);
-        // One map operation: read the last 2xx and record this one.
         let success = status.is_success();
-        let authorized = self.clients.with(client, |c| {
-            let authorized = self.clients.authorized_lately(c, now_ms);
-            if success {
-                c.set_authorized(now_ms);
-            }
-            authorized
-        });
+        // One map operation, or none: read the last 2xx and record this one.
+        let authorized = (success && self.clients.recorded_lately(seen, now_ms))
+            || self.clients.with(client, |c| {
+                let authorized = self.clients.authorized_lately(c, now_ms);
+                if success {
+                    c.set_authorized(now_ms);
+                }
+                authorized
+            });
         if !success && !authorized {
             // Neither evidence of health nor of an anomaly: a client that
             // never succeeded, or a failure to someone not recently authorized.
@@ -164,8 +178,9 @@ impl Stage for Guard {
             let rsp = answer?;
             let Some(client) = client else { return Ok(rsp) };
             // When the upstream's answer came, which it read anyway (`context::Exchange`).
-            let at = exchange.and_then(|e| e.answered()).unwrap_or_else(Instant::now);
-            if self.guard.observe(&client, rsp.status(), at) {
+            let at = exchange.as_ref().and_then(|e| e.answered()).unwrap_or_else(Instant::now);
+            let seen = Authorized::from_raw(exchange.map_or(0, |e| e.authorized_seen()));
+            if self.guard.observe_seen(&client, rsp.status(), at, seen) {
                 let retry = jitter(self.guard.config.window.max(Duration::from_secs(1)), 0.5);
                 let shed = Shed::new(Reason::UpstreamAuthAnomaly)
                     .retry_after(retry)
@@ -217,6 +232,47 @@ mod tests {
         }
         assert!(!g.tripped());
         assert!(!g.observe(&ClientKey::from_text("c1"), StatusCode::UNAUTHORIZED, later));
+    }
+
+    /// A 2xx within a second of the record its request saw on arrival is
+    /// counted and leaves the entry as it is; a later one, or one whose
+    /// request saw nothing, records its time. Either way the client stays
+    /// recently authorized, and its 401s in a wave are rewritten as before.
+    #[tokio::test(start_paused = true)]
+    async fn a_2xx_right_after_the_last_one_is_counted_without_a_new_record() {
+        let g = guard();
+        let client = ClientKey::from_text("seen-ok");
+        let start = Instant::now();
+        let record = || g.clients.peek(&client).map(|c| c.authorized_ms());
+        g.observe(&client, StatusCode::OK, start);
+        let first = record().expect("recorded");
+        let seen = g.clients.peek(&client).map(|c| c.authorized()).expect("tracked");
+
+        let soon = start + Duration::from_millis(800);
+        g.observe_seen(&client, StatusCode::OK, soon, seen);
+        assert_eq!(record(), Some(first), "within a second of the record: not rewritten");
+        let tick = (g.clients.ms(soon) / g.bucket_ms) as u32;
+        assert_eq!(g.responses.sum(tick), 2, "both 2xx counted");
+
+        let later = start + Duration::from_millis(1500);
+        g.observe_seen(&client, StatusCode::OK, later, seen);
+        assert!(record().is_some_and(|ms| ms > first), "a second on: recorded again");
+        let again = record();
+        let after = start + Duration::from_millis(1600);
+        g.observe_seen(&client, StatusCode::OK, after, Authorized::UNKNOWN);
+        assert!(record() > again, "nothing seen on arrival: recorded");
+
+        // Still recently authorized: in a wave, its 401 is rewritten.
+        for c in 0..60 {
+            g.observe(&ClientKey::from_text(&format!("seen{c}")), StatusCode::OK, after);
+        }
+        let wave = (0..60)
+            .filter(|c| {
+                g.observe(&ClientKey::from_text(&format!("seen{c}")), StatusCode::UNAUTHORIZED, after)
+            })
+            .count();
+        assert!(g.tripped() && wave > 0, "{wave} rewritten");
+        assert!(g.observe(&client, StatusCode::UNAUTHORIZED, after));
     }
 
     /// Responses from many threads at once all count: every worker of the

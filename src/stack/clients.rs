@@ -60,11 +60,44 @@ impl RouteClient {
         self.authorized = super::to_deciseconds(now_ms);
     }
 
+    /// The guard's record, to carry to the response ([`Authorized`]).
+    pub fn authorized(&self) -> Authorized {
+        Authorized(self.authorized)
+    }
+
     /// Whether the entry holds nothing for anyone.
     pub fn is_empty(&self) -> bool {
         self.growth.owner == 0 && self.authorized == 0 && self.buckets == Tats::default()
     }
 }
+
+/// The auth guard's record of a client (its last 2xx) as the client's entry
+/// held it when the request's first stage looked the client up: the storm
+/// detector reads it under the lock it takes anyway and leaves it in the
+/// request's [`crate::context::Exchange`], so that the guard, on a 2xx,
+/// need not take the lock again only to write nearly the same time
+/// ([`RouteClients::recorded_lately`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Authorized(u32);
+
+impl Authorized {
+    /// Not known (no stage looked), or never authorized: the guard looks itself.
+    pub const UNKNOWN: Authorized = Authorized(0);
+
+    /// As carried in the request's exchange ([`Authorized::raw`]).
+    pub fn from_raw(raw: u32) -> Self {
+        Authorized(raw)
+    }
+
+    pub fn raw(self) -> u32 {
+        self.0
+    }
+}
+
+/// A 2xx within this many deciseconds of the last one recorded is not
+/// written again: a client's last 2xx is kept to the second, against a
+/// `recently_authorized` of minutes.
+const REWRITE_DS: u32 = 10;
 
 /// The per-client table of one route.
 pub struct RouteClients {
@@ -134,6 +167,13 @@ impl RouteClients {
     pub fn authorized_lately(&self, c: &RouteClient, now_ms: u64) -> bool {
         c.authorized != 0
             && now_ms.saturating_sub(c.authorized_ms()) <= self.recent_ms.load(Ordering::Relaxed)
+    }
+
+    /// Whether a 2xx at `now_ms` to a client whose entry held `seen` when
+    /// its request arrived may leave the entry as it is: the record is
+    /// already within a second of `now_ms`. Then the guard takes no lock.
+    pub fn recorded_lately(&self, seen: Authorized, now_ms: u64) -> bool {
+        seen.0 != 0 && super::to_deciseconds(now_ms).saturating_sub(seen.0) < REWRITE_DS
     }
 
     /// Keeps only the entries for which `keep` is true, a shard at a time.

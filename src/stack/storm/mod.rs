@@ -35,7 +35,7 @@ use http::Request;
 use http_body_util::BodyExt;
 use tokio::time::Instant;
 
-use super::clients::RouteClients;
+use super::clients::{Authorized, RouteClients};
 use super::shadow::Shadow;
 use super::{Answer, Next, Stage, StageFuture};
 use crate::body::{self, Body};
@@ -145,8 +145,10 @@ impl Storm {
         h.finish()
     }
 
-    /// Decides one request: `Err` sheds it, `Ok` admits it (then call [`Storm::finish`]).
-    pub fn observe(&self, client: &ClientKey, fingerprint: u64, now: Instant) -> Result<(), Shed> {
+    /// Decides one request: `Err` sheds it, `Ok` admits it (then call
+    /// [`Storm::finish`]) with the auth guard's record of the client as its
+    /// entry held it, which the request carries to the guard ([`Authorized`]).
+    pub fn observe(&self, client: &ClientKey, fingerprint: u64, now: Instant) -> Result<Authorized, Shed> {
         let now_ms = self.ms(now);
         let streak = self.route_growth.observe(&self.growth, now_ms, client.hash64());
         let alarm = streak >= u32::from(self.growth.intervals);
@@ -163,11 +165,11 @@ impl Storm {
             }
         }
         let needed = if alarm { 1 } else { self.growth.intervals };
-        let verdict = self.clients.with(client, |c| {
+        let (verdict, authorized) = self.clients.with(client, |c| {
             if c.growth.owner != self.id {
                 c.growth = Growth::new(self.id);
             }
-            self.growth.observe(&mut c.growth, now_ms, needed)
+            (self.growth.observe(&mut c.growth, now_ms, needed), c.authorized())
         });
         match verdict {
             Verdict::Pass => {}
@@ -189,7 +191,7 @@ impl Storm {
                 .retry_after(Duration::from_millis(backoff_ms))
                 .detail("the same request was re-sent too often while failing or in flight; back off"));
         }
-        Ok(())
+        Ok(authorized)
     }
 
     /// The admitted request with `fingerprint` finished. A fingerprint with
@@ -338,11 +340,13 @@ impl Stage for Detect {
         req: Request<Body>,
         next: &'a N,
     ) -> impl Future<Output = Answer> + Send + 'a {
-        let (client, arrived) = match super::client_at(&req) {
-            Ok(found) => found,
+        // Who and when (`stack::client_at`), and whether there is a body to hash.
+        let found = super::identity(&req).and_then(|id| Ok((id.client.clone(), super::context(&req)?)));
+        let (client, arrived, buffered) = match found {
+            Ok((client, ctx)) => (client, ctx.whole, ctx.body_buffered),
             Err(shed) => return Either::Left(Either::Left(ready(Err(shed)))),
         };
-        if !hashes_body(&req) {
+        if !hashes_body(buffered, &req) {
             return Either::Left(Either::Right(self.pass(req, client, arrived, None, next)));
         }
         Either::Right(Box::pin(async move {
@@ -365,7 +369,12 @@ impl Detect {
     ) -> impl Future<Output = Answer> + Send + 'a {
         let fingerprint = self.storm.fingerprint(&client, req.method(), req.uri(), body);
         let in_flight = match self.storm.observe(&client, fingerprint, arrived) {
-            Ok(_) => Some(InFlight { storm: &self.storm, fingerprint, failed: true }),
+            Ok(authorized) => {
+                if let Ok(ctx) = super::context(&req) {
+                    ctx.exchange.saw_authorized(authorized.raw());
+                }
+                Some(InFlight { storm: &self.storm, fingerprint, failed: true })
+            }
             Err(shed) if self.mode == Mode::Enforce => return Either::Left(ready(Err(shed.client(client)))),
             Err(shed) => {
                 // Shadow: recorded, and the request goes on as if unseen.
@@ -382,10 +391,10 @@ impl Detect {
     }
 }
 
-/// Whether the request has a small buffered body that its fingerprint
-/// includes ([`small_body`] reads it).
-fn hashes_body(req: &Request<Body>) -> bool {
-    let buffered = req.extensions().get::<crate::context::RequestContext>().is_some_and(|c| c.body_buffered);
+/// Whether the request has a small body, `buffered` before the stack
+/// (`RequestContext::body_buffered`), that its fingerprint includes
+/// ([`small_body`] reads it).
+fn hashes_body(buffered: bool, req: &Request<Body>) -> bool {
     let len = http_body::Body::size_hint(req.body()).exact();
     buffered && len.is_some_and(|n| n > 0 && n <= MAX_HASHED_BODY)
 }
