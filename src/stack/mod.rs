@@ -565,4 +565,68 @@ mode = "shadow"
         );
         assert!(per_client <= BYTES_PER_CLIENT, "{per_client} bytes per client");
     }
+
+    /// Through a route's whole stack: the storm detector leaves what the
+    /// client's entry held of the guard's record in the request's exchange,
+    /// and the guard, on a 2xx within a second of it, leaves the record as
+    /// it is; a second on, it records the new 2xx.
+    #[tokio::test(start_paused = true)]
+    async fn the_detector_hands_the_guard_the_record_it_saw() {
+        use crate::context::{ClientKey, Exchange, Scheme};
+        use std::time::Duration;
+        use tokio::time::Instant;
+        let config = crate::config::parse(
+            "[upstreams.u]\nendpoints = [\"127.0.0.1:9\"]\n[[routes]]\nname = \"handed\"\n\
+             path_prefix = \"/\"\nupstream = \"u\"\nclient_key = \"header:x-device-id\"\n",
+            std::path::Path::new("."),
+            &|_| None,
+        )
+        .unwrap();
+        let route = &config.routes[0];
+        assert!(route.storm.enabled && route.auth_guard.enabled, "both on as shipped");
+        let state = RouteState::build(route, StoreKind::Memory, 1000, None, &Default::default());
+        let upstream = Arc::new(Upstream::new(config.upstreams[0].clone()));
+        let inner = Innermost(|_req: Request<Body>| -> BoxFuture<Answer> {
+            Box::pin(async { Ok(Response::new(crate::body::empty())) })
+        });
+        let stack = compose(route, upstream, &state, Store::start(config.store.clone()), inner);
+        let table = state.clients.clone().expect("the route's client table");
+        let client = ClientKey::from_text("handed-device");
+        // One request of the client now; returns what its exchange carried.
+        let send = || async {
+            let now = Instant::now();
+            let exchange = Arc::new(Exchange::new(now));
+            let mut req = Request::get("/handed").body(crate::body::empty()).unwrap();
+            req.headers_mut().insert("x-device-id", http::HeaderValue::from_static("handed-device"));
+            req.extensions_mut().insert(RequestContext {
+                peer: "10.0.0.1:5555".parse().unwrap(),
+                peer_header: http::HeaderValue::from_static("10.0.0.1"),
+                client_ip: "10.0.0.1".parse().unwrap(),
+                peer_trusted: false,
+                scheme: Scheme::Http,
+                request_id: http::HeaderValue::from_static("handed"),
+                route: Arc::from("handed"),
+                started: now,
+                whole: now,
+                exchange: exchange.clone(),
+                body_buffered: true,
+                upgrade: false,
+                grpc: false,
+            });
+            let status = stack.run(req).await.expect("forwarded").status();
+            assert_eq!(status, http::StatusCode::OK);
+            exchange.authorized_seen()
+        };
+        let record = || table.peek(&client).map(|c| c.authorized()).expect("tracked");
+
+        assert_eq!(send().await, 0, "a new client: nothing to see");
+        let first = record();
+        assert_ne!(first, clients::Authorized::UNKNOWN, "its 2xx recorded");
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert_eq!(send().await, first.raw(), "the detector saw the record");
+        assert_eq!(record(), first, "half a second on: left as it is");
+        tokio::time::advance(Duration::from_millis(1000)).await;
+        assert_eq!(send().await, first.raw());
+        assert!(record().raw() > first.raw(), "a second and a half on: recorded again");
+    }
 }
