@@ -36,7 +36,12 @@ pub struct RawSpinLock(AtomicBool);
 unsafe impl lock_api::RawMutex for RawSpinLock {
     #[allow(clippy::declare_interior_mutable_const)] // `lock_api`'s pattern for a lock's initial state
     const INIT: RawSpinLock = RawSpinLock(AtomicBool::new(false));
-    type GuardMarker = lock_api::GuardSend;
+    /// A guard is not `Send`, as parking_lot's is not by default: a future
+    /// that held one across an `.await` does not compile for
+    /// `tokio::spawn`. (A task that waited with the lock held would leave
+    /// any other task of its worker waiting for it for good, as with any
+    /// blocking lock.)
+    type GuardMarker = lock_api::GuardNoSend;
 
     #[inline]
     fn lock(&self) {
