@@ -6,7 +6,9 @@
 //! levee remembers which clients got a 2xx within `recently_authorized`
 //! (bounded: in the route's client table, [`RouteClients`], beside the storm
 //! detector's record of the same client, capped at its share of
-//! `store.max_clients`, the node's one budget). Over a sliding
+//! `store.max_clients`, the node's one budget), to the second: a 2xx within
+//! a second of the client's record, as the storm detector saw it on
+//! arrival, is counted without a lookup of its own. Over a sliding
 //! `window` (ten buckets), it counts the responses to those clients (every 2xx
 //! counts, since it makes its client recently authorized) and the 401s among
 //! them.
