@@ -104,7 +104,7 @@ impl AuthGuard {
         let now_ms = self.clients.ms(now);
         let success = status.is_success();
         // One map operation, or none: read the last 2xx and record this one.
-        let authorized = (success && self.clients.recorded_lately(seen, now_ms))
+        let authorized = (success && seen.lately(now_ms))
             || self.clients.with(client, |c| {
                 let authorized = self.clients.authorized_lately(c, now_ms);
                 if success {

@@ -76,7 +76,7 @@ impl RouteClient {
 /// detector reads it under the lock it takes anyway and leaves it in the
 /// request's [`crate::context::Exchange`], so that the guard, on a 2xx,
 /// need not take the lock again only to write nearly the same time
-/// ([`RouteClients::recorded_lately`]).
+/// ([`Authorized::lately`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Authorized(u32);
 
@@ -91,6 +91,14 @@ impl Authorized {
 
     pub fn raw(self) -> u32 {
         self.0
+    }
+
+    /// Whether a 2xx at `now_ms` (the table's clock) to a client whose
+    /// entry held this when its request arrived may leave the entry as it
+    /// is: the record is already within a second of `now_ms`. Then the
+    /// guard takes no lock.
+    pub fn lately(self, now_ms: u64) -> bool {
+        self.0 != 0 && super::to_deciseconds(now_ms).saturating_sub(self.0) < REWRITE_DS
     }
 }
 
@@ -167,13 +175,6 @@ impl RouteClients {
     pub fn authorized_lately(&self, c: &RouteClient, now_ms: u64) -> bool {
         c.authorized != 0
             && now_ms.saturating_sub(c.authorized_ms()) <= self.recent_ms.load(Ordering::Relaxed)
-    }
-
-    /// Whether a 2xx at `now_ms` to a client whose entry held `seen` when
-    /// its request arrived may leave the entry as it is: the record is
-    /// already within a second of `now_ms`. Then the guard takes no lock.
-    pub fn recorded_lately(&self, seen: Authorized, now_ms: u64) -> bool {
-        seen.0 != 0 && super::to_deciseconds(now_ms).saturating_sub(seen.0) < REWRITE_DS
     }
 
     /// Keeps only the entries for which `keep` is true, a shard at a time.

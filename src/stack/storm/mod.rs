@@ -370,8 +370,12 @@ impl Detect {
         let fingerprint = self.storm.fingerprint(&client, req.method(), req.uri(), body);
         let in_flight = match self.storm.observe(&client, fingerprint, arrived) {
             Ok(authorized) => {
-                if let Ok(ctx) = super::context(&req) {
-                    ctx.exchange.saw_authorized(authorized.raw());
+                // Nothing to hand on (no guard on the route, or a client it
+                // never saw): the exchange says unknown already.
+                if authorized != Authorized::UNKNOWN {
+                    if let Ok(ctx) = super::context(&req) {
+                        ctx.exchange.saw_authorized(authorized.raw());
+                    }
                 }
                 Some(InFlight { storm: &self.storm, fingerprint, failed: true })
             }
