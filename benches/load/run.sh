@@ -47,7 +47,11 @@
 #            hot: user-space instructions per request (wrk -t1 -c8 for 8 s after a 4 s
 #            warm-up and zeroed counters; the whole process's count over wrk's requests).
 #            Deterministic to a few hundred where req/s moves by tens of percent from one
-#            hour to the next on a shared machine; run only when named
+#            hour to the next on a shared machine; run only when named. CACHE_SIM=1 adds
+#            callgrind's cache simulation (--cache-sim=yes, the host's L1 and last-level
+#            sizes, no prefetcher): L1 instruction misses, L1 data misses and last-level
+#            misses per request beside the instructions, for the time that instruction
+#            counts do not explain
 #
 # Environment: DURATION (10s) measured run, WARMUP (2s) before each, CONNECTIONS (64),
 # THREADS (1, wrk), PROXY_CPU (1), LOAD_CPU (0: wrk, backend, redis), LEVEE_BIN (skip
@@ -85,7 +89,7 @@ set -euo pipefail
 
 # The exact command, for the results file (before the defaults below are filled in).
 CMD=""
-for v in ROUNDS PROFILES CLUSTER_CONNECTIONS IDLE_WAIT STORM_SECONDS SIEGE_SECONDS SIEGE_QUIET SIEGE_ARGS DURATION WARMUP CONNECTIONS THREADS PROXY_CPU LOAD_CPU LEVEE_BIN PERF PERF_DURATION; do
+for v in ROUNDS PROFILES CLUSTER_CONNECTIONS IDLE_WAIT STORM_SECONDS SIEGE_SECONDS SIEGE_QUIET SIEGE_ARGS DURATION WARMUP CONNECTIONS THREADS PROXY_CPU LOAD_CPU LEVEE_BIN PERF PERF_DURATION CACHE_SIM; do
   if [ -n "${!v+x}" ]; then
     case "${!v}" in *" "*) CMD+="$v=\"${!v}\" " ;; *) CMD+="$v=${!v} " ;; esac
   fi
@@ -1037,6 +1041,7 @@ ir_measure() { # KIND LIMIT SCRIPT -> IR (instructions per request)
   local kind=$1 limit=$2 script=$3 port admin pid n tot f
   free_port; port=$PORT
   WRAP=(valgrind --tool=callgrind "--callgrind-out-file=$TMP/cg-$kind.%p") UP_WAIT=120
+  [ "${CACHE_SIM:-0}" = 1 ] && WRAP+=(--cache-sim=yes)
   if [ "$kind" = nginx ]; then
     NGINX_MASTER=off proxy_nginx_conf "$TMP/nginx-ir.conf" "$port" "$limit"
     start_nginx nginx "$PROXY_CPU" "$TMP/nginx-ir.conf" "$port"
@@ -1062,6 +1067,14 @@ ir_measure() { # KIND LIMIT SCRIPT -> IR (instructions per request)
   [ -n "$tot" ] && [ "${n:-0}" -gt 0 ] || die "mode instructions: no callgrind count for $kind ($f)"
   IR=$(( tot / n ))
   say "  $kind: $n requests, $tot instructions: $IR per request"
+  if [ "${CACHE_SIM:-0}" = 1 ]; then
+    # events: Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw (one totals line per dump part)
+    read -r I1 D1 LL < <(awk -v n="$n" '$1 == "events:" { for (i = 2; i <= NF; i++) col[$i] = i - 1 }
+      $1 == "totals:" || $1 == "summary:" { i1 = $(col["I1mr"] + 1); d1 = $(col["D1mr"] + 1) + $(col["D1mw"] + 1)
+        ll = $(col["ILmr"] + 1) + $(col["DLmr"] + 1) + $(col["DLmw"] + 1) }
+      END { printf "%.0f %.0f %.0f\n", i1 / n, d1 / n, ll / n }' "$f")
+    say "  $kind: $I1 L1 instruction misses, $D1 L1 data misses, $LL last-level misses per request"
+  fi
   forget "$pid"
 }
 
@@ -1174,15 +1187,26 @@ for mode in "${MODES[@]}"; do
   instructions)
     say "mode instructions: user-space instructions per request, each proxy under callgrind"
     out ""
-    out "### instructions per request (callgrind, wrk -t1 -c8, 8 s after a 4 s warm-up)"
-    out ""
-    out "| mode | nginx | levee | levee/nginx |"
-    out "|---|---:|---:|---:|"
+    if [ "${CACHE_SIM:-0}" = 1 ]; then
+      out "### instructions and simulated cache misses per request (callgrind --cache-sim=yes, wrk -t1 -c8, 8 s after a 4 s warm-up)"
+      out ""
+      out "| mode | nginx instructions | levee instructions | levee/nginx | nginx L1i misses | levee L1i misses | levee/nginx | nginx L1d misses | levee L1d misses | levee/nginx | nginx LL misses | levee LL misses | levee/nginx |"
+      out "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    else
+      out "### instructions per request (callgrind, wrk -t1 -c8, 8 s after a 4 s warm-up)"
+      out ""
+      out "| mode | nginx | levee | levee/nginx |"
+      out "|---|---:|---:|---:|"
+    fi
     for case_ in "proxy none clients" "clients clients clients" "hot hot hot"; do
       read -r label limit lua <<<"$case_"
-      ir_measure nginx "$limit" "$TMP/$lua.lua"; ng_ir=$IR
-      ir_measure levee "$limit" "$TMP/$lua.lua"; lv_ir=$IR
-      out "| $label | $ng_ir | $lv_ir | $(ratio "$lv_ir" "$ng_ir") |"
+      ir_measure nginx "$limit" "$TMP/$lua.lua"; ng_ir=$IR ng_i1=${I1:-} ng_d1=${D1:-} ng_ll=${LL:-}
+      ir_measure levee "$limit" "$TMP/$lua.lua"; lv_ir=$IR lv_i1=${I1:-} lv_d1=${D1:-} lv_ll=${LL:-}
+      if [ "${CACHE_SIM:-0}" = 1 ]; then
+        out "| $label | $ng_ir | $lv_ir | $(ratio "$lv_ir" "$ng_ir") | $ng_i1 | $lv_i1 | $(ratio "$lv_i1" "$ng_i1") | $ng_d1 | $lv_d1 | $(ratio "$lv_d1" "$ng_d1") | $ng_ll | $lv_ll | $(ratio "$lv_ll" "$ng_ll") |"
+      else
+        out "| $label | $ng_ir | $lv_ir | $(ratio "$lv_ir" "$ng_ir") |"
+      fi
     done
     ;;
   cluster)
