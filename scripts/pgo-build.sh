@@ -35,12 +35,21 @@ say() { echo "pgo-build: $*" >&2; }
 major=$(rustc -vV | awk '/^LLVM version:/ { split($3, v, "."); print v[1] }')
 [ -n "$major" ] || { say "cannot tell rustc's LLVM version from 'rustc -vV'"; exit 1; }
 profdata=llvm-profdata-$major
+# A plain `llvm-profdata` of the same major version does as well.
+if ! command -v "$profdata" >/dev/null 2>&1 \
+  && llvm-profdata --version 2>/dev/null | grep -q "LLVM version $major\."; then
+  profdata=llvm-profdata
+fi
 if ! command -v "$profdata" >/dev/null 2>&1; then
+  command -v apt-get >/dev/null 2>&1 \
+    || { say "needs llvm-profdata of LLVM $major (rustc's): install it and run again"; exit 1; }
   say "installing llvm-$major for $profdata (rustc uses LLVM $major; a profile from another major version is refused)"
   SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "llvm-$major" >/dev/null \
-    || { say "could not install llvm-$major: install llvm-profdata $major by hand and run again"; exit 1; }
+  if ! { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+    $SUDO apt-get install -y -qq --no-install-recommends "llvm-$major" >/dev/null; }; then
+    say "could not install llvm-$major: install llvm-profdata of LLVM $major by hand and run again"
+    exit 1
+  fi
 fi
 
 say "1/4 instrumented build ($GEN)"
