@@ -9,8 +9,8 @@
 # Why: `cargo build --release` lays code out without knowing which paths are
 # hot. callgrind's cache simulation (`CACHE_SIM=1 bash benches/load/run.sh
 # instructions`) shows levee at 2-3x nginx's L1 instruction misses per request
-# with about the same instruction count; the PGO build serves 7-11% more
-# requests per second than the plain one on the same machine (README,
+# with about the same instruction count; the PGO build serves 12% more
+# proxied requests per second than the plain one on the same machine (README,
 # "Benchmarks").
 #
 # The training traffic is not the traffic the load bench measures: the
@@ -22,7 +22,7 @@
 #
 # Needs llvm-profdata of the LLVM major version rustc was built with
 # (`rustc -vV`); when missing, it is installed from Debian's packages
-# (llvm-N), as root or through sudo. Takes about 10 minutes on 2 cores.
+# (llvm-N), as root or through sudo. Takes about 8 minutes on 2 cores.
 # Environment: OUT (target/pgo: the optimized build's target dir).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,15 +41,9 @@ if ! command -v "$profdata" >/dev/null 2>&1 \
   profdata=llvm-profdata
 fi
 if ! command -v "$profdata" >/dev/null 2>&1; then
-  command -v apt-get >/dev/null 2>&1 \
-    || { say "needs llvm-profdata of LLVM $major (rustc's): install it and run again"; exit 1; }
   say "installing llvm-$major for $profdata (rustc uses LLVM $major; a profile from another major version is refused)"
-  SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
-  if ! { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-    $SUDO apt-get install -y -qq --no-install-recommends "llvm-$major" >/dev/null; }; then
-    say "could not install llvm-$major: install llvm-profdata of LLVM $major by hand and run again"
-    exit 1
-  fi
+  scripts/apt-install.sh "llvm-$major" \
+    || { say "could not install llvm-$major: install llvm-profdata of LLVM $major by hand and run again"; exit 1; }
 fi
 
 say "1/4 instrumented build ($GEN)"

@@ -13,12 +13,6 @@ if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi
 
-if [ "$(id -u)" -ne 0 ]; then
-  SUDO=sudo
-else
-  SUDO=
-fi
 echo "test-deps: installing ${need[*]} (apt-get)"
-$SUDO apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+"$(dirname "$0")/apt-install.sh" "${need[@]}"
 echo "test-deps: installed ${need[*]}"

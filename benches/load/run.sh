@@ -115,6 +115,7 @@ SIEGE_QUIET=${SIEGE_QUIET:-60}
 SIEGE_ARGS=${SIEGE_ARGS:-}
 CLUSTER_CONNECTIONS=${CLUSTER_CONNECTIONS:-22}
 PROFILES=${PROFILES:-}
+CACHE_SIM=${CACHE_SIM:-0}
 ROUNDS=${ROUNDS:-3}
 CLIENTS=10000
 
@@ -1041,7 +1042,7 @@ ir_measure() { # KIND LIMIT SCRIPT -> IR (instructions per request)
   local kind=$1 limit=$2 script=$3 port admin pid n tot f
   free_port; port=$PORT
   WRAP=(valgrind --tool=callgrind "--callgrind-out-file=$TMP/cg-$kind.%p") UP_WAIT=120
-  [ "${CACHE_SIM:-0}" = 1 ] && WRAP+=(--cache-sim=yes)
+  [ "$CACHE_SIM" = 1 ] && WRAP+=(--cache-sim=yes)
   if [ "$kind" = nginx ]; then
     NGINX_MASTER=off proxy_nginx_conf "$TMP/nginx-ir.conf" "$port" "$limit"
     start_nginx nginx "$PROXY_CPU" "$TMP/nginx-ir.conf" "$port"
@@ -1067,7 +1068,7 @@ ir_measure() { # KIND LIMIT SCRIPT -> IR (instructions per request)
   [ -n "$tot" ] && [ "${n:-0}" -gt 0 ] || die "mode instructions: no callgrind count for $kind ($f)"
   IR=$(( tot / n ))
   say "  $kind: $n requests, $tot instructions: $IR per request"
-  if [ "${CACHE_SIM:-0}" = 1 ]; then
+  if [ "$CACHE_SIM" = 1 ]; then
     # events: Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw (one totals line per dump part)
     read -r I1 D1 LL < <(awk -v n="$n" '$1 == "events:" { for (i = 2; i <= NF; i++) col[$i] = i - 1 }
       $1 == "totals:" || $1 == "summary:" { i1 = $(col["I1mr"] + 1); d1 = $(col["D1mr"] + 1) + $(col["D1mw"] + 1)
@@ -1187,7 +1188,7 @@ for mode in "${MODES[@]}"; do
   instructions)
     say "mode instructions: user-space instructions per request, each proxy under callgrind"
     out ""
-    if [ "${CACHE_SIM:-0}" = 1 ]; then
+    if [ "$CACHE_SIM" = 1 ]; then
       out "### instructions and simulated cache misses per request (callgrind --cache-sim=yes, wrk -t1 -c8, 8 s after a 4 s warm-up)"
       out ""
       out "| mode | nginx instructions | levee instructions | levee/nginx | nginx L1i misses | levee L1i misses | levee/nginx | nginx L1d misses | levee L1d misses | levee/nginx | nginx LL misses | levee LL misses | levee/nginx |"
@@ -1202,7 +1203,7 @@ for mode in "${MODES[@]}"; do
       read -r label limit lua <<<"$case_"
       ir_measure nginx "$limit" "$TMP/$lua.lua"; ng_ir=$IR ng_i1=${I1:-} ng_d1=${D1:-} ng_ll=${LL:-}
       ir_measure levee "$limit" "$TMP/$lua.lua"; lv_ir=$IR lv_i1=${I1:-} lv_d1=${D1:-} lv_ll=${LL:-}
-      if [ "${CACHE_SIM:-0}" = 1 ]; then
+      if [ "$CACHE_SIM" = 1 ]; then
         out "| $label | $ng_ir | $lv_ir | $(ratio "$lv_ir" "$ng_ir") | $ng_i1 | $lv_i1 | $(ratio "$lv_i1" "$ng_i1") | $ng_d1 | $lv_d1 | $(ratio "$lv_d1" "$ng_d1") | $ng_ll | $lv_ll | $(ratio "$lv_ll" "$ng_ll") |"
       else
         out "| $label | $ng_ir | $lv_ir | $(ratio "$lv_ir" "$ng_ir") |"
