@@ -13,7 +13,7 @@ use http::{Request, Response};
 use levee::body::{self, Body};
 use levee::context::{Exchange, RequestContext, Scheme};
 use levee::respond::Shed;
-use levee::stack::{self, Innermost, RouteState};
+use levee::stack::{self, Innermost, Next, RouteState};
 use levee::store::Store;
 use levee::upstream::Upstream;
 
@@ -36,7 +36,7 @@ rate = "100000/h"
 "#;
 
 /// The route of `config` built on a no-op upstream.
-fn route_stack(config: &str) -> stack::RouteService {
+fn route_stack(config: &str) -> impl Next + 'static {
     let config = levee::config::parse(config, Path::new("."), &|_| None).unwrap();
     let route = &config.routes[0];
     let store = Store::start(config.store.clone());
@@ -64,8 +64,8 @@ fn arriving(ctx: &RequestContext) -> RequestContext {
 
 /// Thread `t` of [`two_threads`] serves `routes[t]` on a runtime of its own,
 /// each thread taking every other client of `ids`.
-fn serve<'a>(
-    routes: [&'a stack::RouteService; 2],
+fn serve<'a, S: Next>(
+    routes: [&'a S; 2],
     ids: &'a [http::HeaderValue],
     ctx: &'a RequestContext,
 ) -> impl Fn(usize, u64) + Sync + 'a {
@@ -75,7 +75,7 @@ fn serve<'a>(
             let mut req = Request::get("/v1/device/status").body(body::empty()).unwrap();
             req.headers_mut().insert("x-device-id", ids[(n * 2 + t) % ids.len()].clone());
             req.extensions_mut().insert(arriving(ctx));
-            let rsp = rt.block_on(routes[t].call(req));
+            let rsp = rt.block_on(routes[t].run(req));
             black_box(rsp.map(|r| r.status()).ok());
         }
     }
@@ -119,7 +119,7 @@ pub fn bench(c: &mut Criterion) {
             let mut req = Request::get("/v1/device/status").body(body::empty()).unwrap();
             req.headers_mut().insert("x-device-id", ids[i].clone());
             req.extensions_mut().insert(arriving(&ctx));
-            let rsp = rt.block_on(svc.call(req));
+            let rsp = rt.block_on(svc.run(req));
             black_box(rsp.map(|r| r.status()).ok())
         })
     });
@@ -186,14 +186,14 @@ pub fn per_client(c: &mut Criterion) {
         let svc = route_stack(&per_client_config(stages));
         // Every client once first: the tables hold a million entries.
         for id in &ids {
-            let rsp = rt.block_on(svc.call(request(id)));
+            let rsp = rt.block_on(svc.run(request(id)));
             assert_eq!(rsp.map(|r| r.status().as_u16()).ok(), Some(200), "{name}: a client was refused");
         }
         let (mut i, mut refused) = (0usize, 0u64);
         g.bench_function(format!("{name}_1M_clients_zipf"), |b| {
             b.iter(|| {
                 i = (i + 1) & ((1 << 20) - 1);
-                let rsp = rt.block_on(svc.call(request(&ids[order[i]])));
+                let rsp = rt.block_on(svc.run(request(&ids[order[i]])));
                 let ok = matches!(&rsp, Ok(r) if r.status() == 200);
                 refused += u64::from(!ok);
                 black_box(ok)

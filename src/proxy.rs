@@ -2,6 +2,7 @@
 //! policy, the route's stack, and levee's answer and metrics. This is the
 //! outermost frame of the request path drawn in `lib.rs`.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -19,10 +20,10 @@ use crate::listener::{plain_http, ConnInfo, ConnLimits, Handler};
 use crate::metrics::CounterCache;
 use crate::respond::{Reason, Shed};
 use crate::runtime::{record, Label, Route, Runtime};
+use crate::stack::Next;
 use crate::stats::ShedSamples;
 use crate::upstream::forward::X_REQUEST_ID;
 use crate::websocket::Slot;
-use crate::BoxFuture;
 use tokio::sync::watch;
 
 /// The proxy listener's handler.
@@ -57,27 +58,93 @@ impl Proxy {
         }
     }
 
-    async fn serve(self: Arc<Self>, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
+    /// Answers one request. What needs no waiting (the head's bounds,
+    /// routing, the context) is done here, when hyper hands the request
+    /// over; the future keeps only what its waits need: the routed request,
+    /// then the stack's future. As an `async fn`, it kept its arguments, two
+    /// more copies of the request and every routing local for its whole
+    /// life (2.2 KB), and hyper copies the future whole into its box on
+    /// every request.
+    fn serve(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> impl Future<Output = Response<Body>> + Send + 'static {
         let started = Instant::now();
         let rt = self.runtime.load_full();
+        let (request_id, grpc, admitted) = self.admit(&rt, req, &conn, started);
+        async move {
+            let rt = &*rt;
+            let server = &rt.config.server;
+            let route_at = |index: usize| rt.router.routes().get(index);
+            let dispatched: Dispatched<'_> = match admitted {
+                Err((index, shed)) => Err((index.and_then(route_at), shed)),
+                Ok(admitted) => 'run: {
+                    let Routed { index, req, upgrade, exchange } = match admitted {
+                        Admitted::Ready(routed) => routed,
+                        // Boxed: a request without a body carries none of the read's state.
+                        Admitted::Buffer(buffering) => match Box::pin(buffering.read(server)).await {
+                            Ok(routed) => routed,
+                            Err((index, shed)) => break 'run Err((route_at(index), shed)),
+                        },
+                    };
+                    let Some(route) = route_at(index) else {
+                        break 'run Err((None, Shed::new(Reason::NoRoute)));
+                    };
+                    match route.service.run(req).await {
+                        Ok(mut rsp) => {
+                            if let Some((slot, client_side)) = upgrade {
+                                if rsp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                                    let upstream_side = hyper::upgrade::on(&mut rsp);
+                                    crate::websocket::relay(
+                                        client_side,
+                                        upstream_side,
+                                        slot,
+                                        self.shutdown.clone(),
+                                        server.shutdown_grace,
+                                    );
+                                }
+                            }
+                            Ok((route, rsp))
+                        }
+                        // The upstream try failed because of the client's body: its fault.
+                        Err(shed) => Err((
+                            Some(route),
+                            exchange.body_fault().map_or(shed, |f| client_fault(f, server)),
+                        )),
+                    }
+                }
+            };
+            self.answer(dispatched, request_id, grpc, started)
+        }
+    }
+
+    /// Everything [`serve`](Self::serve) decides before its first wait: the
+    /// head's bounds, the route, the plain-HTTP policy, an upgrade's slot,
+    /// the body's handling and the request's context. `Err` carries levee's
+    /// own answer and the index of the route it concerns, if one matched.
+    /// Also the request's id (the client's, or a new one) and whether it is
+    /// a gRPC call, which every answer needs.
+    fn admit(
+        &self,
+        rt: &Runtime,
+        req: Request<Incoming>,
+        conn: &ConnInfo,
+        started: Instant,
+    ) -> (HeaderValue, bool, Result<Admitted, Refused>) {
         let head = Head::scan(&req);
         let request_id = head
             .request_id
             .filter(|v| !v.is_empty() && v.len() <= 128)
             .cloned()
             .unwrap_or_else(new_request_id);
-
         let grpc = head.grpc;
-        // Routes and runs the request; `Err` carries levee's own answer and
-        // the route it concerns, if one matched. A block, not an async fn of
-        // its own: each nested future level is copied into the one around it,
-        // and the request's arguments were held twice.
-        let rt = &*rt;
-        let dispatched: Dispatched<'_> = 'dispatch: {
-            let request_id = request_id.clone();
-            let server = &rt.config.server;
+        let server = &rt.config.server;
+        // A block, not a function of its own: the head borrows the request
+        // until the request is taken apart.
+        let admitted = 'admit: {
             if head.bytes > server.max_header_bytes {
-                break 'dispatch Err((
+                break 'admit Err((
                     None,
                     Shed::new(Reason::HeadersTooLarge)
                         .detail(format!("request head exceeds {} bytes", server.max_header_bytes)),
@@ -85,25 +152,26 @@ impl Proxy {
             }
             let host = match authority(&req, &head) {
                 Ok(host) => host,
-                Err(shed) => break 'dispatch Err((None, shed)),
+                Err(shed) => break 'admit Err((None, shed)),
             };
             let path = match crate::path::normalize(req.uri().path()) {
                 Ok(path) => path,
-                Err(e) => break 'dispatch Err((None, Shed::new(Reason::BadRequest).detail(e.to_string()))),
+                Err(e) => break 'admit Err((None, Shed::new(Reason::BadRequest).detail(e.to_string()))),
             };
-            let Some(route) = rt.router.find(host, &path) else {
-                break 'dispatch Err((None, Shed::new(Reason::NoRoute)));
+            let Some(index) = rt.router.find_index(host, &path) else {
+                break 'admit Err((None, Shed::new(Reason::NoRoute)));
             };
-            let declared = head.content_length.map(|v| v.to_str().ok().and_then(|s| s.parse::<u64>().ok()));
-            let declared = match declared {
+            let refused = |shed: Shed| (Some(index), shed);
+            let route = &rt.router.routes()[index];
+            let declared = match head
+                .content_length
+                .map(|v| v.to_str().ok().and_then(|s| s.parse::<u64>().ok()))
+            {
                 Some(None) => {
-                    break 'dispatch Err((
-                        Some(route),
-                        Shed::new(Reason::BadRequest).detail("invalid Content-Length"),
-                    ))
+                    break 'admit Err(refused(Shed::new(Reason::BadRequest).detail("invalid Content-Length")))
                 }
                 Some(Some(n)) if n > server.max_body_bytes => {
-                    break 'dispatch Err((Some(route), body_too_large(server.max_body_bytes)));
+                    break 'admit Err(refused(body_too_large(server.max_body_bytes)));
                 }
                 Some(Some(n)) => Some(n),
                 None => None,
@@ -112,7 +180,7 @@ impl Proxy {
                 if let Some(tls) = &rt.config.tls {
                     let port = self.https_port.unwrap_or(tls.listen.port());
                     if let Some(answer) = plain_http::decide(tls.plain_http, &req, host, port) {
-                        break 'dispatch Err((Some(route), answer));
+                        break 'admit Err(refused(answer));
                     }
                 }
             }
@@ -128,7 +196,7 @@ impl Proxy {
                 false => None,
                 true => match self.upgrade_slot(route, &req, client_ip) {
                     Ok(slot) => Some((slot, hyper::upgrade::on(&mut req))),
-                    Err(shed) => break 'dispatch Err((Some(route), shed)),
+                    Err(shed) => break 'admit Err(refused(shed)),
                 },
             };
             let (mut parts, incoming) = req.into_parts();
@@ -138,72 +206,60 @@ impl Proxy {
             }
             let exchange = Arc::new(Exchange::new(started));
             let bodiless = incoming.is_end_stream();
-            let (body, buffered) = if bodiless {
-                (body::empty(), true)
-            } else {
-                let body = ClientBody::new(
-                    body::boxed(incoming),
-                    server.max_body_bytes,
-                    server.body_read_timeout,
-                    exchange.clone(),
-                );
-                match declared {
+            let (body, read_whole) = match bodiless {
+                true => (body::empty(), false),
+                false => {
+                    let body = ClientBody::new(
+                        body::boxed(incoming),
+                        server.max_body_bytes,
+                        server.body_read_timeout,
+                        exchange.clone(),
+                    );
                     // Read a small body whole before it takes an admission slot or a
                     // breaker probe (NGINX's request buffering): a client that stalls
-                    // it holds its own connection, never anyone else's slot. The
-                    // read is boxed: a request without a body carries none of its state.
-                    Some(n) if n <= server.buffer_body_bytes => match Box::pin(body.collect()).await {
-                        Ok(collected) => (body::full(collected.to_bytes()), true),
-                        Err(_) => {
-                            let f = exchange.body_fault().unwrap_or(Fault::CutOff);
-                            break 'dispatch Err((Some(route), client_fault(f, server)));
-                        }
-                    },
-                    _ => (body::boxed(body), false),
+                    // it holds its own connection, never anyone else's slot.
+                    (body::boxed(body), declared.is_some_and(|n| n <= server.buffer_body_bytes))
                 }
             };
-            // A body read whole took time since the head came (`RequestContext::whole`).
-            let whole = if buffered && !bodiless { Instant::now() } else { started };
-            parts.extensions.insert(RequestContext {
+            let context = RequestContext {
                 peer: conn.peer,
                 peer_header: conn.peer_header.clone(),
                 client_ip,
                 peer_trusted: server.trusted_proxies.contains(conn.peer.ip()),
                 scheme: conn.scheme,
-                request_id,
+                request_id: request_id.clone(),
                 route: route.name.clone(),
                 started,
-                whole,
+                // A body read whole took time since the head came (`Buffering::read`).
+                whole: started,
                 exchange: exchange.clone(),
-                body_buffered: buffered,
+                body_buffered: bodiless || read_whole,
                 upgrade: upgrade.is_some(),
                 grpc,
-            });
+            };
             let req = Request::from_parts(parts, body);
-
-            match route.service.call(req).await {
-                Ok(mut rsp) => {
-                    if let Some((slot, client_side)) = upgrade {
-                        if rsp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-                            let upstream_side = hyper::upgrade::on(&mut rsp);
-                            let grace = rt.config.server.shutdown_grace;
-                            crate::websocket::relay(
-                                client_side,
-                                upstream_side,
-                                slot,
-                                self.shutdown.clone(),
-                                grace,
-                            );
-                        }
-                    }
-                    Ok((route, rsp))
+            let routed = Routed { index, req, upgrade, exchange };
+            Ok(match read_whole {
+                false => {
+                    let mut routed = routed;
+                    routed.req.extensions_mut().insert(context);
+                    Admitted::Ready(routed)
                 }
-                // The upstream try failed because of the client's body: its fault.
-                Err(shed) => {
-                    Err((Some(route), exchange.body_fault().map_or(shed, |f| client_fault(f, server))))
-                }
-            }
+                true => Admitted::Buffer(Box::new(Buffering { routed, context })),
+            })
         };
+        (request_id, grpc, admitted)
+    }
+
+    /// levee's answer: the upstream's response with the request id, or
+    /// levee's own; and the request counted for its route.
+    fn answer(
+        &self,
+        dispatched: Dispatched<'_>,
+        request_id: HeaderValue,
+        grpc: bool,
+        started: Instant,
+    ) -> Response<Body> {
         match dispatched {
             Ok((route, mut rsp)) => {
                 route.count(rsp.status().as_u16(), Label::Forwarded);
@@ -236,6 +292,58 @@ impl Proxy {
                     None => record(&self.unrouted, &self.unrouted_name, rsp.status().as_u16(), outcome),
                 }
                 rsp
+            }
+        }
+    }
+}
+
+/// A request ready for its route's stack: routed, its context set.
+struct Routed {
+    /// The route's place in the runtime's router.
+    index: usize,
+    req: Request<Body>,
+    /// The upgraded-connection slot and the client's side of the upgrade.
+    upgrade: Option<(Slot, hyper::upgrade::OnUpgrade)>,
+    exchange: Arc<Exchange>,
+}
+
+/// levee's own answer before the stack, and the index of the route it
+/// concerns (if one matched).
+type Refused = (Option<usize>, Shed);
+
+/// What [`Proxy::admit`] hands the wait: the request, or first its body.
+/// The common request (no body to read) is held inline; boxing it would
+/// cost the allocation this layout saves.
+#[allow(clippy::large_enum_variant)]
+enum Admitted {
+    Ready(Routed),
+    /// A small body to read whole first (boxed: a request without one
+    /// carries none of this).
+    Buffer(Box<Buffering>),
+}
+
+/// A routed request whose body is read whole before the stack; its context
+/// is set once the body is in, the time it became whole.
+struct Buffering {
+    routed: Routed,
+    context: RequestContext,
+}
+
+impl Buffering {
+    async fn read(self: Box<Self>, server: &crate::config::Server) -> Result<Routed, (usize, Shed)> {
+        let Buffering { routed, mut context } = *self;
+        let Routed { index, req, upgrade, exchange } = routed;
+        let (mut parts, body) = req.into_parts();
+        match body.collect().await {
+            Ok(collected) => {
+                context.whole = Instant::now();
+                parts.extensions.insert(context);
+                let req = Request::from_parts(parts, body::full(collected.to_bytes()));
+                Ok(Routed { index, req, upgrade, exchange })
+            }
+            Err(_) => {
+                let fault = exchange.body_fault().unwrap_or(Fault::CutOff);
+                Err((index, client_fault(fault, server)))
             }
         }
     }
@@ -398,8 +506,12 @@ impl Handler for Proxy {
         }
     }
 
-    fn handle(self: Arc<Self>, req: Request<Incoming>, conn: ConnInfo) -> BoxFuture<Response<Body>> {
-        Box::pin(self.serve(req, conn))
+    fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> impl Future<Output = Response<Body>> + Send + 'static {
+        self.serve(req, conn)
     }
 }
 

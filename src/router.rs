@@ -70,6 +70,12 @@ impl<T> Router<T> {
 
     /// The route for `host` (with or without port) and `path`.
     pub fn find(&self, host: Option<&str>, path: &str) -> Option<&T> {
+        self.find_index(host, path).and_then(|i| self.routes.get(i))
+    }
+
+    /// [`find`](Self::find)'s route as its place in [`routes`](Self::routes):
+    /// what a future that owns the table (not a borrow of it) can keep.
+    pub fn find_index(&self, host: Option<&str>, path: &str) -> Option<usize> {
         // Most configs route on paths alone: no host to parse then.
         let host = host.filter(|_| !self.by_host.is_empty());
         let exact = host.map(strip_port).and_then(|h| {
@@ -79,7 +85,7 @@ impl<T> Router<T> {
                 self.by_host.get(h)
             }
         });
-        exact.and_then(|g| g.find(path)).or_else(|| self.any_host.find(path)).and_then(|i| self.routes.get(i))
+        exact.and_then(|g| g.find(path)).or_else(|| self.any_host.find(path))
     }
 
     pub fn routes(&self) -> &[T] {

@@ -31,7 +31,6 @@ use crate::listener::certs::{self, CertInfo};
 use crate::listener::{ConnInfo, ConnLimits, Handler};
 use crate::stack::Registry;
 use crate::stats::ShedSamples;
-use crate::BoxFuture;
 
 mod clients;
 mod dashboard;
@@ -207,7 +206,7 @@ impl Handler for Admin {
         ConnLimits::admin()
     }
 
-    fn handle(self: Arc<Self>, req: Request<Incoming>, conn: ConnInfo) -> BoxFuture<Response<Body>> {
-        Box::pin(async move { self.serve(req, conn).await })
+    async fn handle(self: Arc<Self>, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
+        self.serve(req, conn).await
     }
 }

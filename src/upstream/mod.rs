@@ -17,6 +17,7 @@ pub mod pool;
 pub mod retry_budget;
 pub mod window;
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -27,7 +28,7 @@ use tokio::time::Instant;
 use crate::body::{Body, Guarded};
 use crate::classify::Outcome;
 use crate::config::UpstreamConfig;
-use crate::context::RequestContext;
+use crate::context::{Exchange, RequestContext};
 use crate::metrics::{self as m, CounterCache};
 use crate::respond::{Reason, Shed};
 use circuit_breaker::CircuitBreaker;
@@ -137,60 +138,75 @@ impl Upstream {
     }
 
     /// Sends the request to one endpoint and maps a failure to levee's answer.
-    pub async fn forward(self: Arc<Self>, req: Request<Body>) -> Result<Response<Body>, Shed> {
+    /// The endpoint is picked before the future exists; the future keeps the
+    /// request once, and of its context only the exchange.
+    pub fn forward(
+        self: Arc<Self>,
+        req: Request<Body>,
+    ) -> impl Future<Output = Result<Response<Body>, Shed>> + Send + 'static {
+        let picked = self.pick_for(&req);
+        async move {
+            let (idx, exchange) = picked?;
+            let endpoint = &self.endpoints[idx];
+            let guard = InFlight::enter(self.clone(), idx);
+            let start = Instant::now();
+            let result =
+                forward::send(&self.clients, idx, &self.config.endpoints[idx], req, self.config.timeout)
+                    .await;
+            let now = Instant::now();
+            exchange.answered_at(now);
+            self.duration.record(now.duration_since(start));
+            match result {
+                Ok(rsp) => {
+                    if let Some(failed) = Outcome::of_response(&rsp).upstream_failed() {
+                        self.outlier.record(idx, failed, now);
+                    }
+                    self.count(idx, rsp.status().as_u16());
+                    let (parts, body) = rsp.into_parts();
+                    Ok(Response::from_parts(parts, Guarded::wrap(body, guard)))
+                }
+                Err(e) => {
+                    // The try failed because the client's body did (too large,
+                    // stalled, cut off): the client's fault, never the endpoint's.
+                    if let Some(fault) = exchange.body_fault() {
+                        self.count(idx, error_code("client_fault"));
+                        return Err(Shed::new(Reason::from(fault)));
+                    }
+                    self.outlier.record(idx, true, now);
+                    let (label, reason) = match &e {
+                        ForwardError::Connect(_) => ("connect_error", Reason::UpstreamUnreachable),
+                        ForwardError::Timeout(_) => ("timeout", Reason::UpstreamTimeout),
+                        ForwardError::BadResponse(_) => ("bad_response", Reason::BadUpstreamResponse),
+                    };
+                    self.count(idx, error_code(label));
+                    if matches!(e, ForwardError::Connect(_)) && self.connect_warning_due(now) {
+                        // A refused connection or a certificate the upstream's TLS
+                        // config does not trust: an operator must see why, once in a while.
+                        tracing::warn!(upstream = %self.name, endpoint = %endpoint.authority, error = %error_chain(&e), "cannot connect to the upstream");
+                    } else {
+                        tracing::debug!(upstream = %self.name, endpoint = %endpoint.authority, error = %error_chain(&e), "upstream try failed");
+                    }
+                    Err(Shed::new(reason))
+                }
+            }
+        }
+    }
+
+    /// The endpoint for `req` (another than a retry's last, when one is
+    /// healthy), left in its hint for the retry stage; and the request's
+    /// exchange, where the answer's time is left for the stages above.
+    fn pick_for(&self, req: &Request<Body>) -> Result<(usize, Arc<Exchange>), Shed> {
         let hint = req.extensions().get::<EndpointHint>();
         let Some(idx) = self.pick(hint.and_then(|h| h.avoid)) else {
             return Err(Shed::new(Reason::UpstreamUnreachable).detail("the upstream has no endpoints"));
         };
-        let ctx = req.extensions().get::<RequestContext>().cloned();
-        let Some(ctx) = ctx else {
+        let Some(ctx) = req.extensions().get::<RequestContext>() else {
             return Err(Shed::new(Reason::BadRequest).detail("request without context"));
         };
         if let Some(hint) = hint {
             hint.picked.store(idx, Ordering::Relaxed);
         }
-        let endpoint = &self.endpoints[idx];
-        let guard = InFlight::enter(self.clone(), idx);
-        let start = Instant::now();
-        let result =
-            forward::send(&self.clients, idx, &self.config.endpoints[idx], req, &ctx, self.config.timeout)
-                .await;
-        let now = Instant::now();
-        ctx.exchange.answered_at(now);
-        self.duration.record(now.duration_since(start));
-        match result {
-            Ok(rsp) => {
-                if let Some(failed) = Outcome::of_response(&rsp).upstream_failed() {
-                    self.outlier.record(idx, failed, now);
-                }
-                self.count(idx, rsp.status().as_u16());
-                let (parts, body) = rsp.into_parts();
-                Ok(Response::from_parts(parts, Guarded::wrap(body, guard)))
-            }
-            Err(e) => {
-                // The try failed because the client's body did (too large,
-                // stalled, cut off): the client's fault, never the endpoint's.
-                if let Some(fault) = ctx.exchange.body_fault() {
-                    self.count(idx, error_code("client_fault"));
-                    return Err(Shed::new(Reason::from(fault)));
-                }
-                self.outlier.record(idx, true, now);
-                let (label, reason) = match &e {
-                    ForwardError::Connect(_) => ("connect_error", Reason::UpstreamUnreachable),
-                    ForwardError::Timeout(_) => ("timeout", Reason::UpstreamTimeout),
-                    ForwardError::BadResponse(_) => ("bad_response", Reason::BadUpstreamResponse),
-                };
-                self.count(idx, error_code(label));
-                if matches!(e, ForwardError::Connect(_)) && self.connect_warning_due(now) {
-                    // A refused connection or a certificate the upstream's TLS
-                    // config does not trust: an operator must see why, once in a while.
-                    tracing::warn!(upstream = %self.name, endpoint = %endpoint.authority, error = %error_chain(&e), "cannot connect to the upstream");
-                } else {
-                    tracing::debug!(upstream = %self.name, endpoint = %endpoint.authority, error = %error_chain(&e), "upstream try failed");
-                }
-                Err(Shed::new(reason))
-            }
-        }
+        Ok((idx, ctx.exchange.clone()))
     }
 
     /// Whether a connect failure may be logged at warn now: at most once per

@@ -16,6 +16,7 @@
 //! upstream's keep-alive timeout racing the reuse).
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -124,46 +125,54 @@ impl EndpointPool {
     /// as it was reused: an idempotent request is sent once more on a new
     /// connection (nginx does the same for its cached connections); any
     /// other gets the error, as it would from hyper's client once sent.
-    pub async fn send_buffered(self: &Arc<Self>, req: Request<Body>) -> Result<Response<Body>, PoolError> {
+    ///
+    /// The request is taken apart before the future exists: an `async fn`
+    /// kept it beside its parts.
+    pub fn send_buffered(
+        self: &Arc<Self>,
+        req: Request<Body>,
+    ) -> impl Future<Output = Result<Response<Body>, PoolError>> + Send + '_ {
         use http_body_util::BodyExt;
         let (parts, body) = req.into_parts();
-        // Empty or `Full`: ready at once.
-        let body = body
-            .collect()
-            .await
-            .map_err(|e| PoolError::Exchange(H1Error::Io(std::io::Error::other(e))))?
-            .to_bytes();
-        let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-        let head = h1::write_head(&parts.method, target, &parts.headers, body.len());
-        let mut retried = false;
-        loop {
-            let pooled = if retried { None } else { self.checkout_lean() };
-            let reused = pooled.is_some();
-            let mut conn = match pooled {
-                Some(conn) => conn,
-                None => Conn::new(self.connect_stream().await?),
-            };
-            match conn.exchange(&head, &body, &parts.method).await {
-                Ok(head) => {
-                    let mut lean = LeanBody {
-                        conn: Some(conn),
-                        framing: head.framing,
-                        reuse: head.reuse,
-                        pool: self.clone(),
-                    };
-                    if lean.framing == Framing::Done {
-                        // No body: the connection is free at once.
-                        lean.release();
+        async move {
+            // Empty or `Full`: ready at once.
+            let body = body
+                .collect()
+                .await
+                .map_err(|e| PoolError::Exchange(H1Error::Io(std::io::Error::other(e))))?
+                .to_bytes();
+            let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+            let head = h1::write_head(&parts.method, target, &parts.headers, body.len());
+            let mut retried = false;
+            loop {
+                let pooled = if retried { None } else { self.checkout_lean() };
+                let reused = pooled.is_some();
+                let mut conn = match pooled {
+                    Some(conn) => conn,
+                    None => Conn::new(self.connect_stream().await?),
+                };
+                match conn.exchange(&head, &body, &parts.method).await {
+                    Ok(head) => {
+                        let mut lean = LeanBody {
+                            conn: Some(conn),
+                            framing: head.framing,
+                            reuse: head.reuse,
+                            pool: self.clone(),
+                        };
+                        if lean.framing == Framing::Done {
+                            // No body: the connection is free at once.
+                            lean.release();
+                        }
+                        let mut rsp = Response::new(crate::body::boxed(lean));
+                        *rsp.status_mut() = head.status;
+                        *rsp.version_mut() = head.version;
+                        *rsp.headers_mut() = head.headers;
+                        return Ok(rsp);
                     }
-                    let mut rsp = Response::new(crate::body::boxed(lean));
-                    *rsp.status_mut() = head.status;
-                    *rsp.version_mut() = head.version;
-                    *rsp.headers_mut() = head.headers;
-                    return Ok(rsp);
+                    // (A reused connection is never a retry's: it takes a new one.)
+                    Err((_, false)) if reused && parts.method.is_idempotent() => retried = true,
+                    Err((error, _)) => return Err(PoolError::Exchange(error)),
                 }
-                // (A reused connection is never a retry's: it takes a new one.)
-                Err((_, false)) if reused && parts.method.is_idempotent() => retried = true,
-                Err((error, _)) => return Err(PoolError::Exchange(error)),
             }
         }
     }
