@@ -217,8 +217,15 @@ pub struct Guarded<G> {
 }
 
 impl<G: Unpin + Send + 'static> Guarded<G> {
+    /// As a [`Body`] again, for a stage's answer (one more box).
     pub fn wrap(inner: Body, guard: G) -> Body {
-        Body(Guarded { inner, _guard: guard }.boxed_unsync())
+        Body(Guarded::new(inner, guard).boxed_unsync())
+    }
+
+    /// As its own type, for whoever takes any body type (hyper's server):
+    /// no box of its own.
+    pub fn new(inner: Body, guard: G) -> Self {
+        Guarded { inner, _guard: guard }
     }
 }
 

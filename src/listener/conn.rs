@@ -262,7 +262,8 @@ where
                 let (parts, body) = rsp.into_parts();
                 Ok::<_, std::convert::Infallible>(http::Response::from_parts(
                     parts,
-                    Guarded::wrap(body, in_flight),
+                    // Unboxed: hyper takes any body type.
+                    Guarded::new(body, in_flight),
                 ))
             });
             if h2 {
