@@ -441,7 +441,8 @@ mode = "shadow"
     /// The upstream call's future is the one the request path still boxes,
     /// on every proxied request, so its size is paid in a cold allocation's
     /// cache lines: 2.6 KB while `forward` and `send` were `async fn`s that
-    /// kept the request twice each and `forward` a copy of the whole context.
+    /// kept the request twice each and `forward` a copy of the whole context,
+    /// 1.75 KB while they were async blocks around the send.
     #[tokio::test]
     async fn the_upstream_call_s_future_stays_small() {
         let config = crate::config::parse(
@@ -462,8 +463,8 @@ upstream = "backend"
         // Never polled: the future is only sized.
         let future = upstream.forward(Request::new(crate::body::empty()));
         let size = std::mem::size_of_val(&future);
-        // 1,752 bytes in a release build and 1,776 in a test build when written.
-        assert!(size <= 2048, "the upstream call's future is {size} bytes");
+        // 968 bytes in a test build when written.
+        assert!(size <= 1280, "the upstream call's future is {size} bytes");
     }
 
     /// Where a route's buckets live, and that a reload keeps them: in the

@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::time::Duration;
 
+use futures_util::future::{Either, FutureExt};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri, Version};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -137,13 +138,13 @@ where
 /// it held the request twice, and its caller a copy of the whole context to
 /// read beside the request it rewrote (the future, copied into a box on
 /// every request, was 2.6 KB).
-pub fn send<'a>(
-    clients: &'a Clients,
+pub fn send(
+    clients: &Clients,
     idx: usize,
     endpoint: &EndpointAddr,
     req: Request<Body>,
     timeout: Duration,
-) -> impl Future<Output = Result<Response<Body>, ForwardError>> + Send + 'a {
+) -> impl Future<Output = Result<Response<Body>, ForwardError>> + Send + 'static {
     let (mut head, body) = req.into_parts();
     // The listener always sets the context; without one, nothing is assumed
     // of the body (streamed, never replayed).
@@ -155,34 +156,24 @@ pub fn send<'a>(
     let version = if grpc { Version::HTTP_2 } else { Version::HTTP_11 };
     prepare_request(&mut head, endpoint, version, pool.is_none());
     let req = Request::from_parts(head, body);
-    async move {
-        let rsp = match pool {
-            Some(pool) => {
-                // A body in memory (none, or read whole) goes on the lean client;
-                // a streaming one on hyper's (`pool.rs`).
-                let sent = match buffered {
-                    true => tokio::time::timeout(timeout, pool.send_buffered(req)).await,
-                    false => tokio::time::timeout(timeout, pool.send(req)).await,
-                };
-                match sent {
-                    Err(_) => return Err(ForwardError::Timeout(timeout)),
-                    Ok(Err(PoolError::Connect(e))) => return Err(ForwardError::Connect(e)),
-                    Ok(Err(PoolError::Send(e))) => return Err(ForwardError::BadResponse(e.into())),
-                    Ok(Err(PoolError::Exchange(e))) => return Err(ForwardError::BadResponse(e.into())),
-                    Ok(Ok(rsp)) => rsp,
-                }
-            }
-            None => {
-                let client = if grpc { &clients.h2 } else { &clients.http1 };
-                match tokio::time::timeout(timeout, client.request(req)).await {
-                    Err(_) => return Err(ForwardError::Timeout(timeout)),
-                    Ok(Err(e)) if e.is_connect() => return Err(ForwardError::Connect(e.into())),
-                    Ok(Err(e)) => return Err(ForwardError::BadResponse(e.into())),
-                    Ok(Ok(rsp)) => rsp.map(body::boxed),
-                }
-            }
-        };
-        let (mut parts, body) = rsp.into_parts();
+    // Combinators, not an async block: each branch's future is made here and
+    // held once (an async block would keep the request beside the send that
+    // took it, in every state).
+    let sent = match pool.cloned() {
+        // A body in memory (none, or read whole) goes on the lean client;
+        // a streaming one on hyper's (`pool.rs`).
+        Some(pool) if buffered => {
+            Either::Left(Either::Left(tokio::time::timeout(timeout, pool.send_buffered(req)).map(pooled)))
+        }
+        Some(pool) => Either::Left(Either::Right(tokio::time::timeout(timeout, pool.send(req)).map(pooled))),
+        None => {
+            let client = if grpc { &clients.h2 } else { &clients.http1 };
+            Either::Right(tokio::time::timeout(timeout, client.request(req)).map(legacy))
+        }
+    };
+    sent.map(move |sent| {
+        let (mut parts, body) =
+            sent.map_err(|timed_out| timed_out.unwrap_or(ForwardError::Timeout(timeout)))?.into_parts();
         if grpc {
             classify::read_grpc_status(&mut parts);
         }
@@ -194,6 +185,36 @@ pub fn send<'a>(
         // upstream must not downgrade an HTTP/1.1 client).
         parts.version = Version::HTTP_11;
         Ok(Response::from_parts(parts, body))
+    })
+}
+
+/// A send that ended, or `Err(None)` when its time ran out.
+type Sent = Result<Response<Body>, Option<ForwardError>>;
+
+/// An [`EndpointPool`]'s answer, within the timeout or not.
+fn pooled(sent: Result<Result<Response<Body>, PoolError>, tokio::time::error::Elapsed>) -> Sent {
+    match sent {
+        Err(_) => Err(None),
+        Ok(Err(PoolError::Connect(e))) => Err(Some(ForwardError::Connect(e))),
+        Ok(Err(PoolError::Send(e))) => Err(Some(ForwardError::BadResponse(e.into()))),
+        Ok(Err(PoolError::Exchange(e))) => Err(Some(ForwardError::BadResponse(e.into()))),
+        Ok(Ok(rsp)) => Ok(rsp),
+    }
+}
+
+/// hyper-util's client's answer (TLS and gRPC upstreams, upgrades), within
+/// the timeout or not.
+fn legacy(
+    sent: Result<
+        Result<Response<hyper::body::Incoming>, hyper_util::client::legacy::Error>,
+        tokio::time::error::Elapsed,
+    >,
+) -> Sent {
+    match sent {
+        Err(_) => Err(None),
+        Ok(Err(e)) if e.is_connect() => Err(Some(ForwardError::Connect(e.into()))),
+        Ok(Err(e)) => Err(Some(ForwardError::BadResponse(e.into()))),
+        Ok(Ok(rsp)) => Ok(rsp.map(body::boxed)),
     }
 }
 

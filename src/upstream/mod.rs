@@ -21,6 +21,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use futures_util::future::{Either, FutureExt};
 use http::{Request, Response};
 use metrics::SharedString;
 use tokio::time::Instant;
@@ -138,56 +139,70 @@ impl Upstream {
     }
 
     /// Sends the request to one endpoint and maps a failure to levee's answer.
-    /// The endpoint is picked before the future exists; the future keeps the
-    /// request once, and of its context only the exchange.
+    /// The endpoint is picked and the send made before the future exists:
+    /// the future is the send and what [`answered`](Self::answered) needs,
+    /// held once. It is boxed on every proxied request (`stack::Forward`),
+    /// so its size is paid in a cold allocation's cache lines; as `async`
+    /// code it kept the request once per level and a copy of its context.
     pub fn forward(
         self: Arc<Self>,
         req: Request<Body>,
     ) -> impl Future<Output = Result<Response<Body>, Shed>> + Send + 'static {
-        let picked = self.pick_for(&req);
-        async move {
-            let (idx, exchange) = picked?;
-            let endpoint = &self.endpoints[idx];
-            let guard = InFlight::enter(self.clone(), idx);
-            let start = Instant::now();
-            let result =
-                forward::send(&self.clients, idx, &self.config.endpoints[idx], req, self.config.timeout)
-                    .await;
-            let now = Instant::now();
-            exchange.answered_at(now);
-            self.duration.record(now.duration_since(start));
-            match result {
-                Ok(rsp) => {
-                    if let Some(failed) = Outcome::of_response(&rsp).upstream_failed() {
-                        self.outlier.record(idx, failed, now);
-                    }
-                    self.count(idx, rsp.status().as_u16());
-                    let (parts, body) = rsp.into_parts();
-                    Ok(Response::from_parts(parts, Guarded::wrap(body, guard)))
+        let (idx, exchange) = match self.pick_for(&req) {
+            Ok(picked) => picked,
+            Err(shed) => return Either::Left(std::future::ready(Err(shed))),
+        };
+        let guard = InFlight::enter(self.clone(), idx);
+        let start = Instant::now();
+        let sent = forward::send(&self.clients, idx, &self.config.endpoints[idx], req, self.config.timeout);
+        Either::Right(sent.map(move |result| self.answered(idx, &exchange, guard, start, result)))
+    }
+
+    /// The try's outcome counted (metrics, outlier detection, the warning of
+    /// a refused connection) and turned into the stack's answer.
+    fn answered(
+        &self,
+        idx: usize,
+        exchange: &Exchange,
+        guard: InFlight,
+        start: Instant,
+        result: Result<Response<Body>, ForwardError>,
+    ) -> Result<Response<Body>, Shed> {
+        let now = Instant::now();
+        exchange.answered_at(now);
+        self.duration.record(now.duration_since(start));
+        let endpoint = &self.endpoints[idx];
+        match result {
+            Ok(rsp) => {
+                if let Some(failed) = Outcome::of_response(&rsp).upstream_failed() {
+                    self.outlier.record(idx, failed, now);
                 }
-                Err(e) => {
-                    // The try failed because the client's body did (too large,
-                    // stalled, cut off): the client's fault, never the endpoint's.
-                    if let Some(fault) = exchange.body_fault() {
-                        self.count(idx, error_code("client_fault"));
-                        return Err(Shed::new(Reason::from(fault)));
-                    }
-                    self.outlier.record(idx, true, now);
-                    let (label, reason) = match &e {
-                        ForwardError::Connect(_) => ("connect_error", Reason::UpstreamUnreachable),
-                        ForwardError::Timeout(_) => ("timeout", Reason::UpstreamTimeout),
-                        ForwardError::BadResponse(_) => ("bad_response", Reason::BadUpstreamResponse),
-                    };
-                    self.count(idx, error_code(label));
-                    if matches!(e, ForwardError::Connect(_)) && self.connect_warning_due(now) {
-                        // A refused connection or a certificate the upstream's TLS
-                        // config does not trust: an operator must see why, once in a while.
-                        tracing::warn!(upstream = %self.name, endpoint = %endpoint.authority, error = %error_chain(&e), "cannot connect to the upstream");
-                    } else {
-                        tracing::debug!(upstream = %self.name, endpoint = %endpoint.authority, error = %error_chain(&e), "upstream try failed");
-                    }
-                    Err(Shed::new(reason))
+                self.count(idx, rsp.status().as_u16());
+                let (parts, body) = rsp.into_parts();
+                Ok(Response::from_parts(parts, Guarded::wrap(body, guard)))
+            }
+            Err(e) => {
+                // The try failed because the client's body did (too large,
+                // stalled, cut off): the client's fault, never the endpoint's.
+                if let Some(fault) = exchange.body_fault() {
+                    self.count(idx, error_code("client_fault"));
+                    return Err(Shed::new(Reason::from(fault)));
                 }
+                self.outlier.record(idx, true, now);
+                let (label, reason) = match &e {
+                    ForwardError::Connect(_) => ("connect_error", Reason::UpstreamUnreachable),
+                    ForwardError::Timeout(_) => ("timeout", Reason::UpstreamTimeout),
+                    ForwardError::BadResponse(_) => ("bad_response", Reason::BadUpstreamResponse),
+                };
+                self.count(idx, error_code(label));
+                if matches!(e, ForwardError::Connect(_)) && self.connect_warning_due(now) {
+                    // A refused connection or a certificate the upstream's TLS
+                    // config does not trust: an operator must see why, once in a while.
+                    tracing::warn!(upstream = %self.name, endpoint = %endpoint.authority, error = %error_chain(&e), "cannot connect to the upstream");
+                } else {
+                    tracing::debug!(upstream = %self.name, endpoint = %endpoint.authority, error = %error_chain(&e), "upstream try failed");
+                }
+                Err(Shed::new(reason))
             }
         }
     }

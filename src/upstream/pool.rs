@@ -129,9 +129,9 @@ impl EndpointPool {
     /// The request is taken apart before the future exists: an `async fn`
     /// kept it beside its parts.
     pub fn send_buffered(
-        self: &Arc<Self>,
+        self: Arc<Self>,
         req: Request<Body>,
-    ) -> impl Future<Output = Result<Response<Body>, PoolError>> + Send + '_ {
+    ) -> impl Future<Output = Result<Response<Body>, PoolError>> + Send + 'static {
         use http_body_util::BodyExt;
         let (parts, body) = req.into_parts();
         async move {
@@ -193,38 +193,47 @@ impl EndpointPool {
     /// connection. The connection goes back to the pool when the response
     /// body has been read to its end; a body dropped before that closes it
     /// (HTTP/1.1 cannot skip the rest of a response).
-    pub async fn send(self: &Arc<Self>, mut req: Request<Body>) -> Result<Response<Body>, PoolError> {
-        let mut retried = false;
-        loop {
-            let pooled = if retried { None } else { self.checkout() };
-            let reused = pooled.is_some();
-            let mut sender = match pooled {
-                Some(sender) => sender,
-                None => self.connect().await?,
-            };
-            let sent = match sender.ready().await {
-                Ok(()) => sender.try_send_request(req).await.map_err(|mut e| {
-                    let unsent = e.take_message();
-                    (e.into_error(), unsent)
-                }),
-                // Closed while idle: the request was never handed over.
-                Err(error) => Err((error, Some(req))),
-            };
-            match sent {
-                Ok(rsp) => {
-                    let (parts, incoming) = rsp.into_parts();
-                    let body = PooledBody { inner: incoming, sender: Some(sender), pool: self.clone() };
-                    return Ok(Response::from_parts(parts, crate::body::boxed(body)));
-                }
-                Err((error, unsent)) => match unsent {
-                    // Never written: a pooled connection closed under it
-                    // (the upstream's keep-alive timeout). Once more, on a new one.
-                    Some(back) if reused && !retried => {
-                        req = back;
-                        retried = true;
+    ///
+    /// Not an `async fn`: one would keep the request twice (the argument and
+    /// the variable the loop takes it back into).
+    #[allow(clippy::manual_async_fn)]
+    pub fn send(
+        self: Arc<Self>,
+        mut req: Request<Body>,
+    ) -> impl Future<Output = Result<Response<Body>, PoolError>> + Send + 'static {
+        async move {
+            let mut retried = false;
+            loop {
+                let pooled = if retried { None } else { self.checkout() };
+                let reused = pooled.is_some();
+                let mut sender = match pooled {
+                    Some(sender) => sender,
+                    None => self.connect().await?,
+                };
+                let sent = match sender.ready().await {
+                    Ok(()) => sender.try_send_request(req).await.map_err(|mut e| {
+                        let unsent = e.take_message();
+                        (e.into_error(), unsent)
+                    }),
+                    // Closed while idle: the request was never handed over.
+                    Err(error) => Err((error, Some(req))),
+                };
+                match sent {
+                    Ok(rsp) => {
+                        let (parts, incoming) = rsp.into_parts();
+                        let body = PooledBody { inner: incoming, sender: Some(sender), pool: self.clone() };
+                        return Ok(Response::from_parts(parts, crate::body::boxed(body)));
                     }
-                    _ => return Err(PoolError::Send(error)),
-                },
+                    Err((error, unsent)) => match unsent {
+                        // Never written: a pooled connection closed under it
+                        // (the upstream's keep-alive timeout). Once more, on a new one.
+                        Some(back) if reused && !retried => {
+                            req = back;
+                            retried = true;
+                        }
+                        _ => return Err(PoolError::Send(error)),
+                    },
+                }
             }
         }
     }
