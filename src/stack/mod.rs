@@ -66,9 +66,9 @@ pub use crate::BoxFuture;
 /// What the stack answers: the upstream's response, or levee's own refusal.
 pub type Answer = Result<Response<Body>, Shed>;
 
-/// A stage's boxed future: the whole stack's, once per request, and a
-/// stage's slow path (a Redis round trip, a body to read, a retry loop),
-/// boxed so that the fast path does not carry its state.
+/// A stage's boxed future: a stage's slow path (a Redis round trip, a body
+/// to read, a retry loop), boxed so that the fast path does not carry its
+/// state.
 pub type StageFuture<'a> = Pin<Box<dyn Future<Output = Answer> + Send + 'a>>;
 
 /// The rest of the stack, as a stage sees it.
