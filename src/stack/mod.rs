@@ -394,6 +394,11 @@ impl<C: Check> Stage for Checked<C> {
 mod tests {
     use super::*;
 
+    /// The config of `toml` (the tests' configs are valid).
+    fn parsed(toml: &str) -> crate::config::Config {
+        crate::config::parse(toml, std::path::Path::new("."), &|_| None).unwrap()
+    }
+
     /// Every level of the request's future is moved when the one around it
     /// is built, so its size is paid in copies on every request: 4.2 KB
     /// before the Redis call, the storm detector's body read and the retry
@@ -401,7 +406,7 @@ mod tests {
     /// on the fast path adds the few words it keeps.
     #[tokio::test]
     async fn the_request_future_of_a_route_with_every_stage_stays_small() {
-        let config = crate::config::parse(
+        let config = parsed(
             r#"
 [upstreams.backend]
 endpoints = ["127.0.0.1:9"]
@@ -422,10 +427,7 @@ rate = "10/s"
 rate = "100/s"
 mode = "shadow"
 "#,
-            std::path::Path::new("."),
-            &|_| None,
-        )
-        .unwrap();
+        );
         let route = &config.routes[0];
         let state = RouteState::build(route, StoreKind::Memory, 1000, None, &Default::default());
         let upstream = Arc::new(Upstream::new(config.upstreams[0].clone()));
@@ -445,7 +447,7 @@ mode = "shadow"
     /// 1.75 KB while they were async blocks around the send.
     #[tokio::test]
     async fn the_upstream_call_s_future_stays_small() {
-        let config = crate::config::parse(
+        let config = parsed(
             r#"
 [upstreams.backend]
 endpoints = ["127.0.0.1:9"]
@@ -455,10 +457,7 @@ name = "sized-upstream"
 path_prefix = "/"
 upstream = "backend"
 "#,
-            std::path::Path::new("."),
-            &|_| None,
-        )
-        .unwrap();
+        );
         let upstream = Arc::new(Upstream::new(config.upstreams[0].clone()));
         // Never polled: the future is only sized.
         let future = upstream.forward(Request::new(crate::body::empty()));
@@ -569,7 +568,7 @@ upstream = "backend"
             toml += &format!("[[routes]]\nname = \"r{r}\"\npath_prefix = \"/r{r}\"\nupstream = \"u\"\n");
             toml += "[[routes.limits]]\nrate = \"10/s\"\n[[routes.limits]]\nrate = \"100/h\"\n";
         }
-        let config = crate::config::parse(&toml, std::path::Path::new("."), &|_| None).unwrap();
+        let config = parsed(&toml);
         let store = Store::start(config.store.clone());
         let shares = store.plan_budget(&config.routes);
         // Six routes, each with its client table (which holds the buckets of
