@@ -97,6 +97,7 @@ fn context() -> RequestContext {
         body_buffered: true,
         upgrade: false,
         grpc: false,
+        identity: None,
     }
 }
 

@@ -204,6 +204,20 @@ pub struct RequestContext {
     /// A gRPC call (`respond::is_grpc`): refused in gRPC's terms, forwarded
     /// over HTTP/2. Read once, when the request arrives.
     pub grpc: bool,
+    /// Who is asking, as the route's client-id stage (in every stack) found;
+    /// `None` before it. Held here, not as an extension of its own: that
+    /// cost an allocation and a map insert per request, and a lookup by
+    /// type for each of the four stages that read it.
+    pub identity: Option<Identity>,
+}
+
+/// Who is asking: the client key (and tenant) the route configures, so that
+/// every stage keys its state by the same identity (`stack::client_id`).
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub client: ClientKey,
+    pub tenant: Option<ClientKey>,
+    pub priority: crate::config::Priority,
 }
 
 /// What one request's parts tell each other after the request itself has

@@ -238,6 +238,7 @@ impl Proxy {
                 body_buffered: bodiless || read_whole,
                 upgrade: upgrade.is_some(),
                 grpc,
+                identity: None,
             };
             let req = Request::from_parts(parts, body);
             let routed = Routed { index, req, upgrade, exchange };

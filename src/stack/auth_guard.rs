@@ -172,8 +172,9 @@ impl Stage for Guard {
         req: Request<Body>,
         next: &'a N,
     ) -> impl Future<Output = Answer> + Send + 'a {
-        let client = super::identity(&req).ok().map(|i| i.client.clone());
-        let exchange = super::context(&req).ok().map(|c| c.exchange.clone());
+        let ctx = super::context(&req).ok();
+        let client = ctx.and_then(|c| c.identity.as_ref()).map(|i| i.client.clone());
+        let exchange = ctx.map(|c| c.exchange.clone());
         // `map`, not an async block: the block would hold the request beside
         // the next stage's future, which holds it too.
         next.run(req).map(move |answer| {

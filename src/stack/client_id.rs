@@ -14,18 +14,12 @@ use super::warm::Warm;
 use crate::body::Body;
 use crate::config::units::KeySource;
 use crate::config::{KeyFallback, Priority, RouteConfig};
+use crate::context::RequestContext;
 use crate::respond::{Reason, Shed};
 
-// The key type lives in `context.rs`, below both this stage and `respond.rs`.
-pub use crate::context::{ClientKey, MAX_KEY_BYTES};
-
-/// What stage 3a learned; later stages read it from the request's extensions.
-#[derive(Debug, Clone)]
-pub struct Identity {
-    pub client: ClientKey,
-    pub tenant: Option<ClientKey>,
-    pub priority: Priority,
-}
+// The key type and the identity live in `context.rs`, below both this stage
+// and `respond.rs`; later stages read the identity from the request's context.
+pub use crate::context::{ClientKey, Identity, MAX_KEY_BYTES};
 
 /// The route's identification rules.
 #[derive(Debug, Clone)]
@@ -85,7 +79,9 @@ impl super::Check for ClientId {
         if let Some(warm) = &self.warm {
             warm.client(&identity.client);
         }
-        req.extensions_mut().insert(identity);
+        if let Some(ctx) = req.extensions_mut().get_mut::<RequestContext>() {
+            ctx.identity = Some(identity);
+        }
         Ok(())
     }
 }

@@ -355,14 +355,24 @@ pub fn context<B>(req: &Request<B>) -> Result<&RequestContext, Shed> {
 /// stage. Nothing between that moment and them waits: admission refuses
 /// rather than queues.
 pub fn client_at<B>(req: &Request<B>) -> Result<(crate::context::ClientKey, tokio::time::Instant), Shed> {
-    Ok((identity(req)?.client.clone(), context(req)?.whole))
+    let (ctx, identity) = identified(req)?;
+    Ok((identity.client.clone(), ctx.whole))
 }
 
 /// Who is asking, as the client-id stage (in every stack) found.
 pub fn identity<B>(req: &Request<B>) -> Result<&client_id::Identity, Shed> {
-    req.extensions()
-        .get::<client_id::Identity>()
-        .ok_or_else(|| Shed::new(Reason::BadRequest).detail("request without identity"))
+    identified(req).map(|(_, identity)| identity)
+}
+
+/// The request's context and who is asking: one lookup for both (a lookup
+/// in the request's extensions is a hash probe and two dynamic calls).
+pub fn identified<B>(req: &Request<B>) -> Result<(&RequestContext, &client_id::Identity), Shed> {
+    let ctx = context(req)?;
+    let identity = ctx
+        .identity
+        .as_ref()
+        .ok_or_else(|| Shed::new(Reason::BadRequest).detail("request without identity"))?;
+    Ok((ctx, identity))
 }
 
 // === Check: a stage that only says yes or no ===
@@ -663,6 +673,7 @@ upstream = "backend"
                 body_buffered: true,
                 upgrade: false,
                 grpc: false,
+                identity: None,
             });
             let status = stack.run(req).await.expect("forwarded").status();
             assert_eq!(status, http::StatusCode::OK);

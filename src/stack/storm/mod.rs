@@ -341,7 +341,7 @@ impl Stage for Detect {
         next: &'a N,
     ) -> impl Future<Output = Answer> + Send + 'a {
         // Who and when (`stack::client_at`), and whether there is a body to hash.
-        let found = super::identity(&req).and_then(|id| Ok((id.client.clone(), super::context(&req)?)));
+        let found = super::identified(&req).map(|(ctx, id)| (id.client.clone(), ctx));
         let (client, arrived, buffered) = match found {
             Ok((client, ctx)) => (client, ctx.whole, ctx.body_buffered),
             Err(shed) => return Either::Left(Either::Left(ready(Err(shed)))),
