@@ -45,11 +45,9 @@ fn route_stack(config: &str) -> impl Next + 'static {
     let upstream = Arc::new(Upstream::new(config.upstreams[0].clone()));
     // As `Upstream::forward` does, the no-op upstream reads the clock when
     // it answers and leaves the time for the stages on the way back.
-    let noop = Innermost(|req: Request<Body>| async move {
-        if let Some(ctx) = req.extensions().get::<RequestContext>() {
-            ctx.exchange.answered_at(tokio::time::Instant::now());
-        }
-        Ok::<_, Shed>(Response::new(body::empty()))
+    let noop = Innermost(|_: Request<Body>, cx: &RequestContext| {
+        cx.exchange.answered_at(tokio::time::Instant::now());
+        std::future::ready(Ok::<_, Shed>(Response::new(body::empty())))
     });
     stack::build_on(route, upstream, &state, store, noop)
 }
@@ -74,8 +72,7 @@ fn serve<'a, S: Next>(
         for n in 0..iters as usize {
             let mut req = Request::get("/v1/device/status").body(body::empty()).unwrap();
             req.headers_mut().insert("x-device-id", ids[(n * 2 + t) % ids.len()].clone());
-            req.extensions_mut().insert(arriving(ctx));
-            let rsp = rt.block_on(routes[t].run(req));
+            let rsp = rt.block_on(routes[t].run(req, &arriving(ctx)));
             black_box(rsp.map(|r| r.status()).ok());
         }
     }
@@ -97,7 +94,7 @@ fn context() -> RequestContext {
         body_buffered: true,
         upgrade: false,
         grpc: false,
-        identity: None,
+        identity: Default::default(),
     }
 }
 
@@ -119,8 +116,7 @@ pub fn bench(c: &mut Criterion) {
             i = (i + 1) % ids.len();
             let mut req = Request::get("/v1/device/status").body(body::empty()).unwrap();
             req.headers_mut().insert("x-device-id", ids[i].clone());
-            req.extensions_mut().insert(arriving(&ctx));
-            let rsp = rt.block_on(svc.run(req));
+            let rsp = rt.block_on(svc.run(req, &arriving(&ctx)));
             black_box(rsp.map(|r| r.status()).ok())
         })
     });
@@ -178,7 +174,6 @@ pub fn per_client(c: &mut Criterion) {
     let request = |id: &http::HeaderValue| {
         let mut req = Request::get("/v1/device/status").body(body::empty()).unwrap();
         req.headers_mut().insert("x-device-id", id.clone());
-        req.extensions_mut().insert(arriving(&ctx));
         req
     };
     let mut g = c.benchmark_group("stack");
@@ -187,14 +182,14 @@ pub fn per_client(c: &mut Criterion) {
         let svc = route_stack(&per_client_config(stages));
         // Every client once first: the tables hold a million entries.
         for id in &ids {
-            let rsp = rt.block_on(svc.run(request(id)));
+            let rsp = rt.block_on(svc.run(request(id), &arriving(&ctx)));
             assert_eq!(rsp.map(|r| r.status().as_u16()).ok(), Some(200), "{name}: a client was refused");
         }
         let (mut i, mut refused) = (0usize, 0u64);
         g.bench_function(format!("{name}_1M_clients_zipf"), |b| {
             b.iter(|| {
                 i = (i + 1) & ((1 << 20) - 1);
-                let rsp = rt.block_on(svc.run(request(&ids[order[i]])));
+                let rsp = rt.block_on(svc.run(request(&ids[order[i]]), &arriving(&ctx)));
                 let ok = matches!(&rsp, Ok(r) if r.status() == 200);
                 refused += u64::from(!ok);
                 black_box(ok)

@@ -5,7 +5,7 @@
 use std::fmt;
 use std::hash::BuildHasher;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
@@ -166,6 +166,12 @@ impl Scheme {
     }
 }
 
+/// What levee knows of a request beside its head and body. The proxy holds
+/// it for the request's whole trip and lends it to every stage and the
+/// upstream call (`stack::Next::run`), next to the request rather than in
+/// its extensions: a lookup there is a hash probe and two dynamic calls, and
+/// the stages made eight of them per request, besides the map's and the
+/// box's allocations.
 #[derive(Debug, Clone)]
 pub struct RequestContext {
     /// The connection's peer: the socket's address, or the PROXY header's source.
@@ -205,10 +211,9 @@ pub struct RequestContext {
     /// over HTTP/2. Read once, when the request arrives.
     pub grpc: bool,
     /// Who is asking, as the route's client-id stage (in every stack) found;
-    /// `None` before it. Held here, not as an extension of its own: that
-    /// cost an allocation and a map insert per request, and a lookup by
-    /// type for each of the four stages that read it.
-    pub identity: Option<Identity>,
+    /// empty before it. Set once, through the shared reference every stage
+    /// holds.
+    pub identity: std::sync::OnceLock<Identity>,
 }
 
 /// Who is asking: the client key (and tenant) the route configures, so that
@@ -239,7 +244,14 @@ pub struct Exchange {
     answered: AtomicU64,
     /// `stack::clients::Authorized`, raw; 0: unknown.
     authorized: AtomicU32,
+    /// The endpoint the upstream picked for the last try ([`NO_ENDPOINT`]:
+    /// none yet), and the one the retry stage asks the next try to avoid.
+    picked: AtomicUsize,
+    avoid: AtomicUsize,
 }
+
+/// No endpoint, in [`Exchange`]'s endpoint fields.
+const NO_ENDPOINT: usize = usize::MAX;
 
 impl Exchange {
     pub fn new(started: Instant) -> Self {
@@ -248,6 +260,8 @@ impl Exchange {
             started,
             answered: AtomicU64::new(0),
             authorized: AtomicU32::new(0),
+            picked: AtomicUsize::new(NO_ENDPOINT),
+            avoid: AtomicUsize::new(NO_ENDPOINT),
         }
     }
 
@@ -269,6 +283,28 @@ impl Exchange {
     /// The upstream answered (or failed) at `at`. A retry's answer replaces the try's before it.
     pub fn answered_at(&self, at: Instant) {
         self.answered.store(crate::nanos_since(self.started, at).saturating_add(1), Ordering::Relaxed);
+    }
+
+    /// The upstream picked endpoint `idx` for this try.
+    pub fn picked(&self, idx: usize) {
+        self.picked.store(idx, Ordering::Relaxed);
+    }
+
+    /// The next try should avoid the endpoint of the last one, when another
+    /// is usable (the retry stage).
+    pub fn avoid_last_picked(&self) {
+        self.avoid.store(self.picked.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
+    /// The endpoint the upstream picked for the last try, if any.
+    #[cfg(test)]
+    pub fn last_picked(&self) -> Option<usize> {
+        Some(self.picked.load(Ordering::Relaxed)).filter(|&idx| idx != NO_ENDPOINT)
+    }
+
+    /// The endpoint this try should avoid, if any.
+    pub fn to_avoid(&self) -> Option<usize> {
+        Some(self.avoid.load(Ordering::Relaxed)).filter(|&idx| idx != NO_ENDPOINT)
     }
 
     /// When the upstream last answered; `None` when no try has ended (the

@@ -16,6 +16,7 @@ use http::Request;
 use super::{Answer, Next, Stage};
 use crate::body::{Body, Guarded};
 use crate::config::{Priority, RouteConfig};
+use crate::context::RequestContext;
 use crate::respond::{self, Reason, Shed};
 use crate::upstream::concurrency::{Concurrency, Refusal};
 use crate::upstream::Upstream;
@@ -44,13 +45,14 @@ impl Stage for Admission {
     fn call<'a, N: Next>(
         &'a self,
         req: Request<Body>,
+        cx: &'a RequestContext,
         next: &'a N,
     ) -> impl Future<Output = Answer> + Send + 'a {
-        let tenant = super::identity(&req).ok().and_then(|i| i.tenant.as_ref());
+        let tenant = super::identity(cx).ok().and_then(|i| i.tenant.as_ref());
         match self.concurrency.acquire(self.priority, tenant) {
             // `map`, not an async block: one level less to move the future below through.
             Ok(permit) => Either::Left(
-                next.run(req)
+                next.run(req, cx)
                     .map(move |answer| answer.map(|rsp| rsp.map(|body| Guarded::wrap(body, permit)))),
             ),
             Err(refusal) => Either::Right(std::future::ready(Err(overloaded(refusal)))),

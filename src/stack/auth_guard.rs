@@ -44,7 +44,7 @@ use super::shadow::Shadow;
 use super::{Answer, Next, Stage};
 use crate::body::Body;
 use crate::config::{AuthGuardConfig, Mode};
-use crate::context::ClientKey;
+use crate::context::{ClientKey, RequestContext};
 use crate::metrics as m;
 use crate::respond::{jitter, Reason, Shed};
 use crate::upstream::window::{Ring, BUCKETS};
@@ -170,26 +170,26 @@ impl Stage for Guard {
     fn call<'a, N: Next>(
         &'a self,
         req: Request<Body>,
+        cx: &'a RequestContext,
         next: &'a N,
     ) -> impl Future<Output = Answer> + Send + 'a {
-        let ctx = super::context(&req).ok();
-        let client = ctx.and_then(|c| c.identity.as_ref()).map(|i| i.client.clone());
-        let exchange = ctx.map(|c| c.exchange.clone());
         // `map`, not an async block: the block would hold the request beside
         // the next stage's future, which holds it too.
-        next.run(req).map(move |answer| {
+        next.run(req, cx).map(move |answer| {
             let rsp = answer?;
-            let Some(client) = client else { return Ok(rsp) };
+            let Ok(identity) = super::identity(cx) else { return Ok(rsp) };
+            let client = &identity.client;
             // When the upstream's answer came, which it read anyway (`context::Exchange`).
-            let at = exchange.as_ref().and_then(|e| e.answered()).unwrap_or_else(Instant::now);
-            let seen = Authorized::from_raw(exchange.map_or(0, |e| e.authorized_seen()));
-            if self.guard.observe_seen(&client, rsp.status(), at, seen) {
+            let exchange = &cx.exchange;
+            let at = exchange.answered().unwrap_or_else(Instant::now);
+            let seen = Authorized::from_raw(exchange.authorized_seen());
+            if self.guard.observe_seen(client, rsp.status(), at, seen) {
                 let retry = jitter(self.guard.config.window.max(Duration::from_secs(1)), 0.5);
                 let shed = Shed::new(Reason::UpstreamAuthAnomaly)
                     .retry_after(retry)
                     .detail("the upstream is refusing clients it accepted moments ago; keep your credentials and retry later");
                 if self.mode == Mode::Enforce {
-                    return Err(shed.client(client));
+                    return Err(shed.client(client.clone()));
                 }
                 self.report.record(&shed, client.as_str(), None);
             }

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use super::{Answer, Next, Stage};
 use crate::body::Body;
 use crate::classify::Outcome;
-use crate::context::Exchange;
+use crate::context::{Exchange, RequestContext};
 use crate::respond::{Reason, Shed};
 use crate::upstream::circuit_breaker::Ticket;
 use crate::upstream::Upstream;
@@ -57,20 +57,18 @@ impl Stage for Breaker {
     fn call<'a, N: Next>(
         &'a self,
         req: Request<Body>,
+        cx: &'a RequestContext,
         next: &'a N,
     ) -> impl Future<Output = Answer> + Send + 'a {
         let breaker = &self.upstream.breaker;
         // The moment the request was whole stands for "now": no stage before
         // this one waits, and it saves a clock read on every request.
-        let (arrived, exchange) = match super::context(&req) {
-            Ok(ctx) => (ctx.whole, ctx.exchange.clone()),
-            Err(shed) => return Either::Right(std::future::ready(Err(shed))),
-        };
-        match breaker.admit(arrived) {
+        match breaker.admit(cx.whole) {
             Ok(ticket) => {
-                let pending = Pending { upstream: &self.upstream, ticket: Some(ticket), exchange };
+                let pending =
+                    Pending { upstream: &self.upstream, ticket: Some(ticket), exchange: &cx.exchange };
                 // `map`, not an async block: see `Option<S>` in `stack/mod.rs`.
-                Either::Left(next.run(req).map(move |result| {
+                Either::Left(next.run(req, cx).map(move |result| {
                     pending.finish(failed(&result));
                     result
                 }))
@@ -88,7 +86,7 @@ struct Pending<'a> {
     upstream: &'a Upstream,
     ticket: Option<Ticket>,
     /// Where the upstream leaves the time of its answer, the outcome's "now".
-    exchange: Arc<Exchange>,
+    exchange: &'a Exchange,
 }
 
 impl Pending<'_> {

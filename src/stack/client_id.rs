@@ -73,15 +73,13 @@ impl ClientId {
 }
 
 impl super::Check for ClientId {
-    fn check(&self, req: &mut Request<Body>) -> Result<(), Shed> {
-        let client_ip = super::context(req)?.client_ip;
-        let identity = self.identify(req, client_ip)?;
+    fn check(&self, req: &mut Request<Body>, cx: &RequestContext) -> Result<(), Shed> {
+        let identity = self.identify(req, cx.client_ip)?;
         if let Some(warm) = &self.warm {
             warm.client(&identity.client);
         }
-        if let Some(ctx) = req.extensions_mut().get_mut::<RequestContext>() {
-            ctx.identity = Some(identity);
-        }
+        // One client-id stage per stack: the context's identity is empty here.
+        let _ = cx.identity.set(identity);
         Ok(())
     }
 }

@@ -43,7 +43,7 @@ use super::shadow::Shadow;
 use super::{Answer, Next, Stage};
 use crate::body::Body;
 use crate::config::Mode;
-use crate::context::ClientKey;
+use crate::context::{ClientKey, RequestContext};
 use crate::respond::{retry_after_secs, Reason, Shed};
 use crate::store::{Decision, RouteLimits, Store, StoreError};
 
@@ -91,10 +91,11 @@ impl Stage for RateLimit {
     fn call<'a, N: Next>(
         &'a self,
         req: Request<Body>,
+        cx: &'a RequestContext,
         next: &'a N,
     ) -> impl Future<Output = Answer> + Send + 'a {
         let mut req = req;
-        let (client, now) = match super::client_at(&req) {
+        let (client, now) = match super::client_at(cx) {
             Ok(found) => found,
             Err(shed) => return Either::Left(Either::Left(ready(Err(shed)))),
         };
@@ -105,16 +106,18 @@ impl Stage for RateLimit {
                     Ok(admitted) => admitted,
                     Err(shed) => return Either::Left(Either::Left(ready(Err(shed)))),
                 },
-                None => return Either::Right(Box::pin(self.ask_redis(req, client, None, next))),
+                None => return Either::Right(Box::pin(self.ask_redis(req, cx, client, None, next))),
             },
         };
         if let Some(limits) = &self.split.shadow {
             match self.store.check_now(limits, &client, now) {
                 Some(decided) => self.report(decided, &client, &mut req),
-                None => return Either::Right(Box::pin(self.ask_redis(req, client, Some(admitted), next))),
+                None => {
+                    return Either::Right(Box::pin(self.ask_redis(req, cx, client, Some(admitted), next)))
+                }
             }
         }
-        Either::Left(Either::Right(next.run(req).map(move |answer| with_headers(answer, admitted))))
+        Either::Left(Either::Right(next.run(req, cx).map(move |answer| with_headers(answer, admitted))))
     }
 }
 
@@ -128,6 +131,7 @@ impl RateLimit {
     async fn ask_redis<'a, N: Next>(
         &'a self,
         mut req: Request<Body>,
+        cx: &'a RequestContext,
         client: ClientKey,
         admitted: Option<Admitted<'a>>,
         next: &'a N,
@@ -148,7 +152,7 @@ impl RateLimit {
             };
             self.report(decided, &client, &mut req);
         }
-        with_headers(next.run(req).await, admitted)
+        with_headers(next.run(req, cx).await, admitted)
     }
 
     /// Records what the shadow limits would have done.

@@ -21,7 +21,6 @@
 //! withheld it to protect the upstream, and 503 says "come back later".
 
 use std::future::{ready, Future};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,7 +39,7 @@ use crate::config::RetryConfig;
 use crate::context::RequestContext;
 use crate::metrics as m;
 use crate::respond::{self, Reason, Shed};
-use crate::upstream::{EndpointHint, Upstream};
+use crate::upstream::Upstream;
 
 /// Whether a request with this method may be sent twice.
 pub fn idempotent(method: &Method) -> bool {
@@ -108,29 +107,24 @@ impl Stage for Retry {
     fn call<'a, N: Next>(
         &'a self,
         req: Request<Body>,
+        cx: &'a RequestContext,
         next: &'a N,
     ) -> impl Future<Output = Answer> + Send + 'a {
         // The request deposits at its arrival, a clock read the listener made already.
-        let ctx = match super::context(&req) {
-            Ok(ctx) => ctx,
-            Err(shed) => return Either::Left(Either::Left(ready(Err(shed)))),
-        };
-        self.upstream.budget.deposit(ctx.started);
-        if !(ctx.body_buffered && idempotent(req.method())) {
-            return Either::Left(Either::Right(next.run(req)));
+        self.upstream.budget.deposit(cx.started);
+        if !(cx.body_buffered && idempotent(req.method())) {
+            return Either::Left(next.run(req, cx));
         }
         if !req.body().is_end_stream() {
-            return Either::Right(Either::Right(Box::pin(self.with_body(req, next)) as StageFuture<'a>));
+            return Either::Right(Either::Right(Box::pin(self.with_body(req, cx, next)) as StageFuture<'a>));
         }
-        let (parts, _) = req.into_parts();
-        let hint = EndpointHint::default();
-        let head = Head::of(&parts);
-        let first = next.run(first_try(parts, &hint, &Bytes::new()));
+        let head = Head::of(&req);
+        let first = next.run(req, cx);
         Either::Right(Either::Left(first.then(move |result| {
             if !self.retries_after(1, &result) {
                 return Either::Left(ready(result));
             }
-            Either::Right(Box::pin(self.again(head, Bytes::new(), hint, result, next)) as StageFuture<'a>)
+            Either::Right(Box::pin(self.again(head, Bytes::new(), result, cx, next)) as StageFuture<'a>)
         })))
     }
 }
@@ -144,16 +138,16 @@ impl Retry {
     }
 
     /// Reads the body (in memory already) so every try can send it, then tries.
-    async fn with_body<N: Next>(&self, req: Request<Body>, next: &N) -> Answer {
+    async fn with_body<N: Next>(&self, req: Request<Body>, cx: &RequestContext, next: &N) -> Answer {
         let (parts, body) = req.into_parts();
         let bytes = match body.collect().await {
             Ok(collected) => collected.to_bytes(),
             Err(_) => return Err(Shed::new(Reason::BadRequest).detail("the request body could not be read")),
         };
-        let hint = EndpointHint::default();
-        let head = Head::of(&parts);
-        let first = next.run(first_try(parts, &hint, &bytes)).await;
-        self.again(head, bytes, hint, first, next).await
+        let req = Request::from_parts(parts, body::full(bytes.clone()));
+        let head = Head::of(&req);
+        let first = next.run(req, cx).await;
+        self.again(head, bytes, first, cx, next).await
     }
 
     /// The tries after the first, while its outcome is retryable and the
@@ -162,8 +156,8 @@ impl Retry {
         &self,
         head: Head,
         bytes: Bytes,
-        mut hint: EndpointHint,
         mut result: Answer,
+        cx: &RequestContext,
         next: &N,
     ) -> Answer {
         let policy = &self.upstream.config.retry;
@@ -176,57 +170,43 @@ impl Retry {
             self.retries.increment(1);
             // Let go of the failed response (and its endpoint's in-flight count) before waiting.
             drop(result);
-            hint.avoid = Some(hint.picked.load(Ordering::Relaxed));
+            cx.exchange.avoid_last_picked();
             tokio::time::sleep(backoff(policy.backoff, tries, fastrand::f64())).await;
             tries += 1;
-            result = next.run(head.request(&hint, &bytes)).await;
+            result = next.run(head.request(&bytes), cx).await;
         }
         result
     }
 }
 
-/// The first try's request: the request itself, all its extensions too, with
-/// the endpoint hint and the kept body.
-fn first_try(mut parts: http::request::Parts, hint: &EndpointHint, bytes: &Bytes) -> Request<Body> {
-    parts.extensions.insert(hint.clone());
-    Request::from_parts(parts, body::full(bytes.clone()))
-}
-
-/// What a retry sends again: the request's head, and its context (the one
-/// extension the stages below read). Kept for every request that may be
-/// retried, so it copies no more than that: the whole `Extensions` map was a
-/// map and a boxed copy of each value, ~600 instructions per request.
+/// What a retry sends again: the request's head, before the upstream
+/// rewrote it for its endpoint (`forward::prepare_request` is not
+/// idempotent). Kept for every request that may be retried; the context
+/// goes with every try as it is (`Next::run`).
 struct Head {
     method: Method,
     uri: http::Uri,
     version: http::Version,
     headers: http::HeaderMap,
-    ctx: Option<RequestContext>,
 }
 
 impl Head {
-    fn of(parts: &http::request::Parts) -> Head {
+    fn of<B>(req: &Request<B>) -> Head {
         Head {
-            method: parts.method.clone(),
-            uri: parts.uri.clone(),
-            version: parts.version,
-            headers: parts.headers.clone(),
-            ctx: parts.extensions.get::<RequestContext>().cloned(),
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
         }
     }
 
-    /// A retry's request: the head, the context, the endpoint hint as it
-    /// stands, and the kept body.
-    fn request(&self, hint: &EndpointHint, bytes: &Bytes) -> Request<Body> {
+    /// A retry's request: the head and the kept body.
+    fn request(&self, bytes: &Bytes) -> Request<Body> {
         let mut req = Request::new(body::full(bytes.clone()));
         *req.method_mut() = self.method.clone();
         *req.uri_mut() = self.uri.clone();
         *req.version_mut() = self.version;
         *req.headers_mut() = self.headers.clone();
-        if let Some(ctx) = &self.ctx {
-            req.extensions_mut().insert(ctx.clone());
-        }
-        req.extensions_mut().insert(hint.clone());
         req
     }
 }

@@ -26,6 +26,7 @@ use tokio::time::Instant;
 
 use super::Check;
 use crate::body::Body;
+use crate::context::RequestContext;
 use crate::metrics as m;
 use crate::respond::{Reason, Shed};
 use crate::stats::{RouteStats, ShedSamples};
@@ -103,7 +104,7 @@ impl Shadow {
 pub struct Strip;
 
 impl Check for Strip {
-    fn check(&self, req: &mut Request<Body>) -> Result<(), Shed> {
+    fn check(&self, req: &mut Request<Body>, _: &RequestContext) -> Result<(), Shed> {
         if req.headers().contains_key(X_LEVEE_SHADOW) {
             req.headers_mut().remove(X_LEVEE_SHADOW);
         }

@@ -143,18 +143,14 @@ pub fn send(
     idx: usize,
     endpoint: &EndpointAddr,
     req: Request<Body>,
+    cx: &RequestContext,
     timeout: Duration,
 ) -> impl Future<Output = Result<Response<Body>, ForwardError>> + Send + 'static {
     let (mut head, body) = req.into_parts();
-    // The listener always sets the context; without one, nothing is assumed
-    // of the body (streamed, never replayed).
-    let (grpc, upgrade, buffered) = head
-        .extensions
-        .get::<RequestContext>()
-        .map_or((false, false, false), |c| (c.grpc, c.upgrade, c.body_buffered));
+    let (grpc, upgrade, buffered) = (cx.grpc, cx.upgrade, cx.body_buffered);
     let pool = clients.pool(idx).filter(|_| !grpc && !upgrade);
     let version = if grpc { Version::HTTP_2 } else { Version::HTTP_11 };
-    prepare_request(&mut head, endpoint, version, pool.is_none());
+    prepare_request(&mut head, cx, endpoint, version, pool.is_none());
     let req = Request::from_parts(head, body);
     // Combinators, not an async block: each branch's future is made here and
     // held once (an async block would keep the request beside the send that
@@ -226,11 +222,12 @@ fn legacy(
 /// writes: no copy of it.
 fn prepare_request(
     head: &mut http::request::Parts,
+    ctx: &RequestContext,
     endpoint: &EndpointAddr,
     version: Version,
     absolute: bool,
 ) {
-    let http::request::Parts { uri: target, version: sent_version, headers, extensions, .. } = head;
+    let http::request::Parts { uri: target, version: sent_version, headers, .. } = head;
     // HTTP/2 clients carry the host in :authority; HTTP/1.1 upstreams need Host.
     if !headers.contains_key(header::HOST) {
         // An HTTP/1.0 request may have neither: the endpoint's, as hyper-util's client would.
@@ -257,9 +254,6 @@ fn prepare_request(
     *sent_version = version;
 
     remove_hop_by_hop(headers);
-    let Some(ctx) = extensions.get::<RequestContext>() else {
-        return;
-    };
     if ctx.upgrade {
         crate::websocket::restore_upgrade_headers(headers);
     }

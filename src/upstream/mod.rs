@@ -70,15 +70,6 @@ pub struct Upstream {
     origin: Instant,
 }
 
-/// Set by the `retry` stage in a request's extensions: which endpoint to avoid
-/// (the previous try's, when another one is usable), and where
-/// [`Upstream::forward`] reports the endpoint it picked.
-#[derive(Debug, Clone, Default)]
-pub struct EndpointHint {
-    pub avoid: Option<usize>,
-    pub picked: Arc<AtomicUsize>,
-}
-
 impl Upstream {
     pub fn new(config: UpstreamConfig) -> Self {
         if let Some(tls) = &config.tls {
@@ -147,14 +138,17 @@ impl Upstream {
     pub fn forward(
         self: Arc<Self>,
         req: Request<Body>,
+        cx: &RequestContext,
     ) -> impl Future<Output = Result<Response<Body>, Shed>> + Send + 'static {
-        let (idx, exchange) = match self.pick_for(&req) {
-            Ok(picked) => picked,
+        let idx = match self.pick_for(cx) {
+            Ok(idx) => idx,
             Err(shed) => return Either::Left(std::future::ready(Err(shed))),
         };
+        let exchange = cx.exchange.clone();
         let guard = InFlight::enter(self.clone(), idx);
         let start = Instant::now();
-        let sent = forward::send(&self.clients, idx, &self.config.endpoints[idx], req, self.config.timeout);
+        let sent =
+            forward::send(&self.clients, idx, &self.config.endpoints[idx], req, cx, self.config.timeout);
         Either::Right(sent.map(move |result| self.answered(idx, &exchange, guard, start, result)))
     }
 
@@ -207,21 +201,14 @@ impl Upstream {
         }
     }
 
-    /// The endpoint for `req` (another than a retry's last, when one is
-    /// healthy), left in its hint for the retry stage; and the request's
-    /// exchange, where the answer's time is left for the stages above.
-    fn pick_for(&self, req: &Request<Body>) -> Result<(usize, Arc<Exchange>), Shed> {
-        let hint = req.extensions().get::<EndpointHint>();
-        let Some(idx) = self.pick(hint.and_then(|h| h.avoid)) else {
+    /// The endpoint for a request (another than a retry's last, when one is
+    /// healthy), left in its exchange for the retry stage.
+    fn pick_for(&self, cx: &RequestContext) -> Result<usize, Shed> {
+        let Some(idx) = self.pick(cx.exchange.to_avoid()) else {
             return Err(Shed::new(Reason::UpstreamUnreachable).detail("the upstream has no endpoints"));
         };
-        let Some(ctx) = req.extensions().get::<RequestContext>() else {
-            return Err(Shed::new(Reason::BadRequest).detail("request without context"));
-        };
-        if let Some(hint) = hint {
-            hint.picked.store(idx, Ordering::Relaxed);
-        }
-        Ok((idx, ctx.exchange.clone()))
+        cx.exchange.picked(idx);
+        Ok(idx)
     }
 
     /// Whether a connect failure may be logged at warn now: at most once per

@@ -41,7 +41,7 @@ use super::{Answer, Next, Stage, StageFuture};
 use crate::body::{self, Body};
 use crate::classify::Outcome;
 use crate::config::{Mode, StormConfig};
-use crate::context::ClientKey;
+use crate::context::{ClientKey, RequestContext};
 use crate::metrics as m;
 use crate::respond::{Reason, Shed};
 use crate::store::budget::Tracked;
@@ -338,20 +338,20 @@ impl Stage for Detect {
     fn call<'a, N: Next>(
         &'a self,
         req: Request<Body>,
+        cx: &'a RequestContext,
         next: &'a N,
     ) -> impl Future<Output = Answer> + Send + 'a {
-        // Who and when (`stack::client_at`), and whether there is a body to hash.
-        let found = super::identified(&req).map(|(ctx, id)| (id.client.clone(), ctx));
-        let (client, arrived, buffered) = match found {
-            Ok((client, ctx)) => (client, ctx.whole, ctx.body_buffered),
+        // Who (and when: `stack::client_at`), and whether there is a body to hash.
+        let client = match super::identity(cx) {
+            Ok(identity) => &identity.client,
             Err(shed) => return Either::Left(Either::Left(ready(Err(shed)))),
         };
-        if !hashes_body(buffered, &req) {
-            return Either::Left(Either::Right(self.pass(req, client, arrived, None, next)));
+        if !hashes_body(cx.body_buffered, &req) {
+            return Either::Left(Either::Right(self.pass(req, cx, client, None, next)));
         }
         Either::Right(Box::pin(async move {
             let (req, body) = small_body(req).await?;
-            self.pass(req, client, arrived, Some(&body), next).await
+            self.pass(req, cx, client, Some(&body), next).await
         }) as StageFuture<'a>)
     }
 }
@@ -362,31 +362,31 @@ impl Detect {
     fn pass<'a, N: Next>(
         &'a self,
         mut req: Request<Body>,
-        client: ClientKey,
-        arrived: Instant,
+        cx: &'a RequestContext,
+        client: &ClientKey,
         body: Option<&[u8]>,
         next: &'a N,
     ) -> impl Future<Output = Answer> + Send + 'a {
-        let fingerprint = self.storm.fingerprint(&client, req.method(), req.uri(), body);
-        let in_flight = match self.storm.observe(&client, fingerprint, arrived) {
+        let fingerprint = self.storm.fingerprint(client, req.method(), req.uri(), body);
+        let in_flight = match self.storm.observe(client, fingerprint, cx.whole) {
             Ok(authorized) => {
                 // Nothing to hand on (no guard on the route, or a client it
                 // never saw): the exchange says unknown already.
                 if authorized != Authorized::UNKNOWN {
-                    if let Ok(ctx) = super::context(&req) {
-                        ctx.exchange.saw_authorized(authorized.raw());
-                    }
+                    cx.exchange.saw_authorized(authorized.raw());
                 }
                 Some(InFlight { storm: &self.storm, fingerprint, failed: true })
             }
-            Err(shed) if self.mode == Mode::Enforce => return Either::Left(ready(Err(shed.client(client)))),
+            Err(shed) if self.mode == Mode::Enforce => {
+                return Either::Left(ready(Err(shed.client(client.clone()))))
+            }
             Err(shed) => {
                 // Shadow: recorded, and the request goes on as if unseen.
                 self.report.record(&shed, client.as_str(), Some(&mut req));
                 None
             }
         };
-        Either::Right(next.run(req).map(move |result| {
+        Either::Right(next.run(req, cx).map(move |result| {
             if let Some(mut in_flight) = in_flight {
                 in_flight.failed = Outcome::of(&result).is_failure_for_client();
             }
