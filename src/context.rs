@@ -1,6 +1,8 @@
-//! What levee knows about a request besides the request itself. The listener
-//! creates a [`RequestContext`] and puts it in the request's extensions; stages
-//! read it and add what they learn (the client key) as extensions of their own.
+//! What levee knows about a request besides the request itself. The proxy
+//! creates a [`RequestContext`] when it routes the request and lends it to
+//! every stage beside the request (`stack::Next::run`); the client-id stage
+//! leaves the client's [`Identity`] in it, and the request's parts tell each
+//! other what happened through its [`Exchange`].
 
 use std::fmt;
 use std::hash::BuildHasher;

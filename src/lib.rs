@@ -33,15 +33,11 @@
 //! - `path.rs`: one path, one meaning: the normalization routing and limits rely on.
 //! - `classify.rs`: what an answer says about the upstream and the client, decided once.
 
-/// A boxed future that can move between threads: what a listener's handler
-/// returns (`listener::Handler`) and what a route stack's innermost call is.
-/// Here, at the root, so that the listener below the stack and the stack
-/// above it name one type without importing each other.
-pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
-
 /// Nanoseconds from `origin` to `now` (0 when `now` is earlier), saturating:
 /// the clock of every table and window that keeps times as integers. Here,
-/// at the root, for the same reason as [`BoxFuture`].
+/// at the root, so that the modules that keep such times (the store, the
+/// stages, the upstream's windows, the context) name one function without
+/// importing each other.
 pub fn nanos_since(origin: tokio::time::Instant, now: tokio::time::Instant) -> u64 {
     u64::try_from(now.saturating_duration_since(origin).as_nanos()).unwrap_or(u64::MAX)
 }

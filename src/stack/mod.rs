@@ -61,7 +61,9 @@ use storm::Storm;
 /// request into memory the cache had not seen.
 pub type RouteService = Arc<Stack<Forward>>;
 
-pub use crate::BoxFuture;
+/// A boxed future that can move between threads: what the innermost call
+/// of a route's stack, the upstream's, is boxed as ([`Forward`]).
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// What the stack answers: the upstream's response, or levee's own refusal.
 pub type Answer = Result<Response<Body>, Shed>;
@@ -413,6 +415,17 @@ mod tests {
         crate::config::parse(toml, std::path::Path::new("."), &|_| None).unwrap()
     }
 
+    /// An upstream `name` on `endpoints` (the tests make calls, never
+    /// polled: nothing connects).
+    fn upstream_on(name: &str, endpoints: &[&str]) -> Arc<Upstream> {
+        let endpoints: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+        let config = parsed(&format!(
+            "[upstreams.{name}]\nendpoints = [{}]\n[[routes]]\nname = \"{name}\"\npath_prefix = \"/\"\nupstream = \"{name}\"\n",
+            endpoints.join(", ")
+        ));
+        Arc::new(Upstream::new(config.upstreams[0].clone()))
+    }
+
     /// A bodiless request's context as `proxy.rs` makes it, arriving `now`.
     fn context_at(now: tokio::time::Instant, exchange: Arc<crate::context::Exchange>) -> RequestContext {
         RequestContext {
@@ -489,18 +502,7 @@ mode = "shadow"
     /// 1.75 KB while they were async blocks around the send.
     #[tokio::test]
     async fn the_upstream_call_s_future_stays_small() {
-        let config = parsed(
-            r#"
-[upstreams.backend]
-endpoints = ["127.0.0.1:9"]
-
-[[routes]]
-name = "sized-upstream"
-path_prefix = "/"
-upstream = "backend"
-"#,
-        );
-        let upstream = Arc::new(Upstream::new(config.upstreams[0].clone()));
+        let upstream = upstream_on("sized-upstream", &["127.0.0.1:9"]);
         // Never polled: the future is only sized.
         let future = upstream.forward(Request::new(crate::body::empty()), &context_now());
         let size = std::mem::size_of_val(&future);
@@ -513,18 +515,7 @@ upstream = "backend"
     /// the upstream leaves its pick in when the call is made.
     #[tokio::test]
     async fn a_retry_avoids_the_endpoint_of_the_try_before() {
-        let config = parsed(
-            r#"
-[upstreams.backend]
-endpoints = ["127.0.0.1:9", "127.0.0.1:10", "127.0.0.1:11"]
-
-[[routes]]
-name = "avoiding"
-path_prefix = "/"
-upstream = "backend"
-"#,
-        );
-        let upstream = Arc::new(Upstream::new(config.upstreams[0].clone()));
+        let upstream = upstream_on("avoiding", &["127.0.0.1:9", "127.0.0.1:10", "127.0.0.1:11"]);
         let cx = context_now();
         // Never polled: the endpoint is picked when the call is made.
         let call = || drop(upstream.clone().forward(Request::new(crate::body::empty()), &cx));
