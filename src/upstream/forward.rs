@@ -217,9 +217,7 @@ fn legacy(
 /// The request as the upstream gets it: `Host`, the target (absolute form for
 /// hyper-util's client, which picks its pool by it; origin form for an
 /// [`EndpointPool`], which writes it as is), version, hop-by-hop headers and
-/// the forwarding headers.
-/// It reads the request's context where it lies, beside the headers it
-/// writes: no copy of it.
+/// the forwarding headers, which come from the request's context.
 fn prepare_request(
     head: &mut http::request::Parts,
     ctx: &RequestContext,
