@@ -195,7 +195,7 @@ pub struct RequestContext {
     pub started: Instant,
     /// When the request was whole: `started`, or, for a body read whole
     /// before the stack (`body_buffered`), when its last byte came. The storm
-    /// detector, the limits (`stack::client_at`) and the circuit breaker
+    /// detector, the limits (`stack::identity`) and the circuit breaker
     /// decide at it, so they read no clock of their own. Not `started`: a body that trickles in for
     /// seconds would have them decide in the past, where a bucket's cap falls
     /// below what later requests left it at and a client's interval rolls back.

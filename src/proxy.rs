@@ -79,8 +79,9 @@ impl Proxy {
             Ok(Admitted::Ready(routed)) => Either::Left(self.dispatch(rt, routed, request_id, grpc, started)),
             // Boxed: a request without a body carries none of the read's state.
             Ok(Admitted::Buffer(buffering)) => Either::Right(Either::Left(Box::pin(async move {
-                match buffering.read(&rt.config.server).await {
-                    Ok(routed) => self.dispatch(rt.clone(), routed, request_id, grpc, started).await,
+                let read = buffering.read(&rt.config.server).await;
+                match read {
+                    Ok(routed) => self.dispatch(rt, routed, request_id, grpc, started).await,
                     Err((index, shed)) => {
                         let route = rt.router.routes().get(index);
                         self.answer(Err((route, shed)), request_id, grpc, started)

@@ -366,16 +366,11 @@ pub(crate) fn flipped(flag: &std::sync::atomic::AtomicBool, to: bool) -> bool {
     flag.load(Relaxed) != to && flag.swap(to, Relaxed) != to
 }
 
-/// Who is asking, and when the request was whole (`RequestContext::whole`):
-/// what the stages that decide on arrival (the storm detector, the limits)
-/// decide on, so a request reads the clock once for them, not once per
-/// stage. Nothing between that moment and them waits: admission refuses
-/// rather than queues.
-pub fn client_at(cx: &RequestContext) -> Result<(crate::context::ClientKey, tokio::time::Instant), Shed> {
-    Ok((identity(cx)?.client.clone(), cx.whole))
-}
-
-/// Who is asking, as the client-id stage (in every stack) found.
+/// Who is asking, as the client-id stage (in every stack) found. The stages
+/// that decide on arrival (the storm detector, the limits) key on it and
+/// decide at `RequestContext::whole`, so a request reads the clock once for
+/// them, not once per stage; nothing between that moment and them waits
+/// (admission refuses rather than queues).
 pub fn identity(cx: &RequestContext) -> Result<&client_id::Identity, Shed> {
     cx.identity.get().ok_or_else(|| Shed::new(Reason::BadRequest).detail("request without identity"))
 }

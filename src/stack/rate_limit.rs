@@ -95,14 +95,15 @@ impl Stage for RateLimit {
         next: &'a N,
     ) -> impl Future<Output = Answer> + Send + 'a {
         let mut req = req;
-        let (client, now) = match super::client_at(cx) {
-            Ok(found) => found,
+        // Who, borrowed from the context; and when (`stack::identity`).
+        let (client, now) = match super::identity(cx) {
+            Ok(identity) => (&identity.client, cx.whole),
             Err(shed) => return Either::Left(Either::Left(ready(Err(shed)))),
         };
         let admitted = match &self.split.enforce {
             None => None,
-            Some(limits) => match self.store.check_now(limits, &client, now) {
-                Some(decided) => match verdict(limits, decided, &client) {
+            Some(limits) => match self.store.check_now(limits, client, now) {
+                Some(decided) => match verdict(limits, decided, client) {
                     Ok(admitted) => admitted,
                     Err(shed) => return Either::Left(Either::Left(ready(Err(shed)))),
                 },
@@ -110,8 +111,8 @@ impl Stage for RateLimit {
             },
         };
         if let Some(limits) = &self.split.shadow {
-            match self.store.check_now(limits, &client, now) {
-                Some(decided) => self.report(decided, &client, &mut req),
+            match self.store.check_now(limits, client, now) {
+                Some(decided) => self.report(decided, client, &mut req),
                 None => {
                     return Either::Right(Box::pin(self.ask_redis(req, cx, client, Some(admitted), next)))
                 }
@@ -132,7 +133,7 @@ impl RateLimit {
         &'a self,
         mut req: Request<Body>,
         cx: &'a RequestContext,
-        client: ClientKey,
+        client: &'a ClientKey,
         admitted: Option<Admitted<'a>>,
         next: &'a N,
     ) -> Answer {
@@ -140,17 +141,17 @@ impl RateLimit {
             (Some(admitted), _) => (admitted, true),
             (None, None) => (None, false),
             (None, Some(limits)) => {
-                let decided = self.store.check_redis(limits, &client, Instant::now()).await;
-                (verdict(limits, decided, &client)?, false)
+                let decided = self.store.check_redis(limits, client, Instant::now()).await;
+                (verdict(limits, decided, client)?, false)
             }
         };
         if let Some(limits) = &self.split.shadow {
             let now = Instant::now();
             let decided = match shadow_handed_on {
-                true => self.store.check_redis(limits, &client, now).await,
-                false => self.store.check(limits, &client, now).await,
+                true => self.store.check_redis(limits, client, now).await,
+                false => self.store.check(limits, client, now).await,
             };
-            self.report(decided, &client, &mut req);
+            self.report(decided, client, &mut req);
         }
         with_headers(next.run(req, cx).await, admitted)
     }

@@ -341,7 +341,7 @@ impl Stage for Detect {
         cx: &'a RequestContext,
         next: &'a N,
     ) -> impl Future<Output = Answer> + Send + 'a {
-        // Who (and when: `stack::client_at`), and whether there is a body to hash.
+        // Who (and when: `stack::identity`), and whether there is a body to hash.
         let client = match super::identity(cx) {
             Ok(identity) => &identity.client,
             Err(shed) => return Either::Left(Either::Left(ready(Err(shed)))),
