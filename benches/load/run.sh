@@ -32,7 +32,12 @@
 #            shared load core they never delay the process that measures the fleet.
 #            SIEGE_ARGS passes more options to siege.py (e.g. "--rr-rate 0" to leave one
 #            attack out, "--no-sched-idle" for the attackers at nice +5 as before 2026-12-04;
-#            `python3 siege.py --help` lists them)
+#            `python3 siege.py --help` lists them). SIEGE_CAPTURE=1 also records, with tcpdump
+#            on the load core, 20 s of the quiet run and 20 s of the siege's second minute
+#            (the packets carrying data to and from levee and the backend) and splits the
+#            steady fleet's time by where the kernel saw it go (wire.py): levee, the backend,
+#            and what is left, the load generator's own delays. The capture costs both cores
+#            kernel time on every packet: take the verdicts from a run without it
 #   cluster  levee only, three replicas (LEVEE_WORKERS=1 each, all on PROXY_CPU) sharing
 #            a throwaway Redis Cluster (3 masters + 3 replicas, on LOAD_CPU) with
 #            store.urls = all six nodes, on_failure = "local"; three wrk in parallel, one
@@ -113,6 +118,7 @@ STORM_SECONDS=${STORM_SECONDS:-12}
 SIEGE_SECONDS=${SIEGE_SECONDS:-300}
 SIEGE_QUIET=${SIEGE_QUIET:-60}
 SIEGE_ARGS=${SIEGE_ARGS:-}
+SIEGE_CAPTURE=${SIEGE_CAPTURE:-0}
 CLUSTER_CONNECTIONS=${CLUSTER_CONNECTIONS:-22}
 PROFILES=${PROFILES:-}
 CACHE_SIM=${CACHE_SIM:-0}
@@ -141,6 +147,7 @@ command -v python3 >/dev/null 2>&1 || need+=(python3-minimal)
 if want redis || want cluster; then command -v redis-server >/dev/null 2>&1 || need+=(redis-server); fi
 if [ "$PERF" = 1 ]; then command -v perf >/dev/null 2>&1 || need+=(linux-perf); fi
 if want instructions; then command -v callgrind_control >/dev/null 2>&1 || need+=(valgrind); fi
+if want siege && [ "$SIEGE_CAPTURE" = 1 ]; then command -v tcpdump >/dev/null 2>&1 || need+=(tcpdump); fi
 if [ ${#need[@]} -gt 0 ]; then
   [ "$(id -u)" -eq 0 ] || die "missing ${need[*]}; run as root or install them (apt-get install ${need[*]})"
   say "installing ${need[*]} (apt-get)"
@@ -412,6 +419,17 @@ siege_conf() { # FILE PORT ADMIN_PORT
     done
     printf '[[routes]]\nname = "default"\npath_prefix = "/"\nupstream = "backend"\nclient_key = "ip"\n'
   } >"$file"
+}
+
+# SIEGE_CAPTURE=1: once siege.py says a phase began (its stderr, $TMP/siege.err), wait
+# AFTER seconds and record SECS seconds of levee's and the backend's data packets.
+siege_capture() { # PHASE_PREFIX AFTER SECS FILE LEVEE_PORT
+  local i
+  for i in $(seq 1 900); do grep -q "^\[siege\] $1" "$TMP/siege.err" 2>/dev/null && break; sleep 1; done
+  sleep "$2"
+  timeout "$3" taskset -c "$LOAD_CPU" tcpdump -i lo -n -s 200 -B 65536 -w "$4" \
+    "tcp and (port $5 or port $SIEGE_BACKEND_PORT) and ((ip[2:2] - ((ip[0]&0xf)<<2) - ((tcp[12]&0xf0)>>2)) != 0)" \
+    >"$4.log" 2>&1 || true  # timeout ends it: 124
 }
 
 # ---------------------------------------------------------------------------- wrk
@@ -1276,6 +1294,15 @@ for mode in "${MODES[@]}"; do
     : >"$TMP/backend/siege.log"
     wait_idle
     say "  siege.py on core $LOAD_CPU (attackers under SCHED_IDLE, or at nice +5 with --no-sched-idle); levee pid $SPID"
+    CAPTURE_PID=""
+    if [ "$SIEGE_CAPTURE" = 1 ]; then
+      [ "${SIEGE_QUIET%.*}" -ge 45 ] && [ "${SIEGE_SECONDS%.*}" -ge 95 ] || die "SIEGE_CAPTURE needs SIEGE_QUIET >= 45 and SIEGE_SECONDS >= 95"
+      : >"$TMP/siege.err"
+      { siege_capture "quiet run:" 20 20 "$TMP/quiet.pcap" "$SP"; siege_capture "siege:" 70 20 "$TMP/siege.pcap" "$SP"; } &
+      CAPTURE_PID=$!
+      PIDS+=("$CAPTURE_PID")
+      say "  SIEGE_CAPTURE=1: tcpdump on core $LOAD_CPU for 20 s of the quiet run and 20 s of the siege's second minute"
+    fi
     timeout $(( ${SIEGE_SECONDS%.*} + ${SIEGE_QUIET%.*} + 240 )) taskset -c "$LOAD_CPU" \
       python3 "$HERE/siege.py" "$SP" --pid "$SPID" --admin "$SA" --log "$TMP/levee.log" \
         --backend-log "$TMP/backend/siege.log" --seconds "$SIEGE_SECONDS" --quiet "$SIEGE_QUIET" \
@@ -1289,6 +1316,15 @@ for mode in "${MODES[@]}"; do
     out "Config: max_connections $SIEGE_MAX_CONNECTIONS, header_read_timeout 10s, idle_timeout 60s, body_read_timeout 15s (other server keys as shipped), upstream max_concurrency 200, store.max_clients $SIEGE_MAX_CLIENTS; 6 routes \`/v1/{device,account,orders,feed,search,media}\` keyed on x-device-id, 10/s burst 20 + 5000/h, storm and auth guard as shipped, plus an unlimited \`default\` route. Load (\`siege.py\`, on core $LOAD_CPU, its attackers under SCHED_IDLE unless SIEGE_ARGS has --no-sched-idle; levee alone on core $PROXY_CPU, LEVEE_WORKERS=1): 1,000 steady clients at 1/s over 100 keep-alive connections; $((SIEGE_MAX_CONNECTIONS * 9 / 10)) idle sockets (silent, \`P\`, a partial head, the h2 preface + SETTINGS) reopened as levee closes them; 36 PUTs announcing 20000 body bytes and sending 100; rapid reset on h2c (1000 HEADERS+RST_STREAM pairs/s, a new x-device-id per stream, reconnecting after GOAWAY); one device sending \`//v1/device/..\`, \`/v1/%64evice/..\`, \`/v1/x/../device/..\` at 100/s; a new x-device-id per request at min(5000, 1,000,000 / ${SIEGE_SECONDS})/s over the 6 routes. Nobody reads /metrics until the end. Latency is from send to the whole answer; \"from schedule\" counts from when the request was due (a stall shows there). \"Waiting for a CPU\" is the run-queue delay of levee's threads (schedstat): when other work shares levee's core it inflates latency that levee did not cause. Client connections: ESTABLISHED sockets on levee's port less its accept queue (/proc/net/tcp, sampled each second while connections churn, so approximate)."
     out ""
     tee -a "$REPORT" <"$TMP/siege.md"
+    if [ -n "$CAPTURE_PID" ]; then
+      wait "$CAPTURE_PID" 2>/dev/null || true
+      forget "$CAPTURE_PID"
+      out ""
+      out "Where the steady fleet's time goes (SIEGE_CAPTURE=1, \`wire.py\`): tcpdump on core $LOAD_CPU recorded 20 s of the quiet run and 20 s of the siege's second minute; each steady request is followed by its path through levee's socket, the backend's and back, as the kernel stamped the packets. \"wire\" is levee and the backend together; the client's own measure above adds its wake-ups on the busy load core. The capture costs every packet some kernel time on both cores, so this run's verdicts above are not a clean measurement."
+      out ""
+      python3 "$HERE/wire.py" "$TMP/quiet.pcap" "$SP" "$SIEGE_BACKEND_PORT" --label quiet --header | tee -a "$REPORT"
+      python3 "$HERE/wire.py" "$TMP/siege.pcap" "$SP" "$SIEGE_BACKEND_PORT" --label "siege, 2nd minute" | tee -a "$REPORT"
+    fi
     [ -n "$NOTES" ] && { out ""; printf '%s' "$NOTES" | tee -a "$REPORT"; NOTES=""; }
     forget "$SPID"
     ;;
